@@ -1,0 +1,87 @@
+"""The `moekit` command.
+
+Subcommands live in `moekit.commands.<name>` and are imported only when they run, so `moekit --help`
+stays fast and does not import torch. This is the only module that exits: library code raises
+`MoekitError`, which is printed here as one message with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from moekit import __version__
+from moekit.errors import MoekitError
+
+# name -> (module under moekit.commands, one-line help shown by `moekit --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("build", "Assemble an MoE from dense checkpoints described by a recipe."),
+    "finetune": ("finetune", "QLoRA fine-tune an MoE (attention, chosen experts and/or routers)."),
+    "export": ("export", "Merge a fine-tuned adapter and routers into a standard checkpoint."),
+    "eval": ("eval", "Evaluate an MoE against its source models, with routing statistics."),
+    "plan": ("plan", "Predict the GPU memory of a fine-tune before loading anything."),
+    "publish": ("publish", "Upload a model to the Hugging Face Hub with a generated model card."),
+    "demo": ("demo", "The whole pipeline offline on a tiny zoo of trained domain experts."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _) in COMMANDS.items() if _module_exists(module)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _module_exists(COMMANDS[name][0]):
+            return None
+        module = importlib.import_module(f"moekit.commands.{COMMANDS[name][0]}")
+        return getattr(module, "command")
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _module_exists(module: str) -> bool:
+    return importlib.util.find_spec(f"moekit.commands.{module}") is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="moekit")
+def cli() -> None:
+    """moekit: build mixture-of-experts models out of dense checkpoints, fine-tune them with QLoRA,
+    evaluate them against their sources and publish them to the Hugging Face Hub.
+
+    \b
+    Start with `moekit demo` (offline, CPU, a few minutes), then `moekit build recipes/4x7b.yaml`.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning MoekitError and Ctrl-C into a message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="moekit", standalone_mode=False)
+    except MoekitError as err:
+        click.secho(f"error: {err.message}", fg="red", err=True)
+        if err.hint:
+            click.echo(f"  hint: {err.hint}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

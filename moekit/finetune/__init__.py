@@ -1,0 +1,1 @@
+"""Fine-tuning of merged MoEs with (Q)LoRA."""

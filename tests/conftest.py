@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny local checkpoints made once per test session (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from moekit.testing import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """A tiny Llama base and three fine-tunes of it (MLPs perturbed): {'base', 'e0', 'e1', 'e2'}."""
+    from moekit.testing import make_dense_checkpoint
+
+    root = tmp_path_factory.mktemp("llama")
+    base = make_dense_checkpoint(root / "base", "llama", seed=0, tokenizer=tiny_tokenizer)
+    models = {"base": base}
+    for i in range(3):
+        models[f"e{i}"] = make_dense_checkpoint(root / f"e{i}", base=base, seed=i + 1, mlp_noise=0.5)
+    return models
+
+
+@pytest.fixture(scope="session")
+def mistral_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    from moekit.testing import make_dense_checkpoint
+
+    root = tmp_path_factory.mktemp("mistral")
+    base = make_dense_checkpoint(root / "base", "mistral", seed=10, tokenizer=tiny_tokenizer)
+    return {"base": base, "e0": make_dense_checkpoint(root / "e0", base=base, seed=11, mlp_noise=0.5)}
