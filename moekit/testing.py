@@ -128,3 +128,21 @@ def make_dense_checkpoint(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def populate_hub_cache(cache_dir: str | Path, repo_id: str, source: str | Path, revision: str = "main") -> Path:
+    """Place a local checkpoint in a Hugging Face cache as if `repo_id@revision` had been downloaded.
+
+    With HF_HUB_CACHE=cache_dir and HF_HUB_OFFLINE=1, huggingface_hub's real `snapshot_download`
+    then resolves `repo_id` to it, so Hub-id recipes run offline through the real loading code.
+    """
+    import hashlib
+    import shutil
+
+    repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(source, snapshot, dirs_exist_ok=True)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    return snapshot

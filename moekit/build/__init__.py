@@ -1,0 +1,257 @@
+"""`moekit build`: assemble an MoE from dense checkpoints described by a recipe.
+
+    build(recipe, out, BuildOptions()) -> BuildResult
+
+Validation happens before any tensor is read; the output is written to a temporary sibling of
+OUT and renamed into place only when complete, so a failure or Ctrl-C leaves nothing at OUT.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+
+from moekit import __version__
+from moekit.build.arch import ARCHITECTURES, choose_architecture
+from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
+from moekit.build.families import family_of
+from moekit.build.sources import SourceModel, copy_tokenizer_files, open_source
+from moekit.errors import IncompatibleModelsError, OutputError
+from moekit.recipe import Recipe
+from moekit.units import parse_size
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Settings that must match between every expert and the base for their layers to be interchangeable.
+MATCHING_SETTINGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")
+
+
+class BuildOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="Device for the gate forward passes (auto: cuda when available).")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="Output dtype; overrides the recipe's `dtype`.")
+    shard_size: int = Field(default=2 * 10**9, description="Largest safetensors shard in bytes (accepts '2GB', '500MB').")
+    allow_same_experts: bool = Field(default=False, description="Allow every expert to be the same model (useful only before training).")
+    allow_pickle: bool = Field(default=False, description="Read checkpoints stored only as pickle `.bin` files.")
+    trust_remote_code: bool = Field(default=False, description="Allow custom model code from the sources' repositories.")
+    overwrite: bool = Field(default=False, description="Replace OUT if it exists and is not empty.")
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _parse_shard_size(cls, value):
+        return parse_size(value)
+
+
+@dataclass
+class BuildPlan:
+    architecture: str
+    config: object
+    tensors: list[PlannedTensor]
+    parameters_total: int
+    parameters_active: int
+
+    @property
+    def output_bytes(self) -> int:
+        size = DTYPES[str(self.config.dtype).removeprefix("torch.")].itemsize
+        return sum(_numel(t.shape) for t in self.tensors) * size
+
+    def sources_summary(self) -> list[tuple[str, str, int]]:
+        """(tensor name pattern, source, count) with layer and expert indices replaced by '*'."""
+        import re
+
+        groups: dict[tuple[str, str], int] = {}
+        for tensor in self.tensors:
+            pattern = re.sub(r"\.\d+\.", ".*.", re.sub(r"\.\d+\.", ".*.", tensor.name))
+            source = re.sub(r"^expert \d+ .*", "each expert's MLP", tensor.source)
+            groups[(pattern, source)] = groups.get((pattern, source), 0) + 1
+        return [(pattern, source, count) for (pattern, source), count in groups.items()]
+
+
+@dataclass
+class BuildResult:
+    out: Path | None  # None for a dry run
+    plan: BuildPlan
+    routing: dict | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def prepare(recipe: Recipe, options: BuildOptions) -> tuple[BuildInputs, OutputArchitecture]:
+    """Open and cross-check every source and pick the output architecture; reads configs only."""
+    experts_refs = [e.source_model for e in recipe.experts]
+    if not options.allow_same_experts and len(experts_refs) > 1 and len(set(experts_refs)) == 1:
+        raise IncompatibleModelsError(
+            f"all {len(experts_refs)} experts are the same model ({experts_refs[0]}): the MoE would cost more and compute the same",
+            hint="pass --allow-same-experts if you will train it afterwards",
+        )
+    opened: dict[str, SourceModel] = {}
+    for ref in recipe.source_models:
+        opened[ref] = open_source(ref, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    base = opened[recipe.base_model]
+    experts = [opened[ref] for ref in experts_refs]
+    for index, expert in enumerate(experts):
+        _check_compatible(base, expert, index)
+    dtype_name = options.dtype or recipe.dtype or _config_dtype(base.config)
+    inputs = BuildInputs(recipe=recipe, base=base, experts=experts, family=family_of(base), dtype=DTYPES[dtype_name])
+    return inputs, choose_architecture(inputs, recipe.architecture)
+
+
+def _config_dtype(config) -> str:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "bfloat16"
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPES else "bfloat16"
+
+
+def _check_compatible(base: SourceModel, expert: SourceModel, index: int) -> None:
+    where = f"expert {index} ({expert.ref})"
+    if expert.architecture != base.architecture:
+        raise IncompatibleModelsError(f"{where} is a {expert.architecture} but the base model ({base.ref}) is a {base.architecture}; all models of one MoE must share an architecture")
+    for key in MATCHING_SETTINGS:
+        ours, theirs = getattr(base.config, key, None), getattr(expert.config, key, None)
+        if ours != theirs:
+            raise IncompatibleModelsError(f"{where} has {key}={theirs} but the base model ({base.ref}) has {key}={ours}; experts must have the base's shape")
+
+
+def plan(recipe: Recipe, options: BuildOptions | None = None) -> BuildPlan:
+    """What `build` would write, without reading any tensor."""
+    inputs, arch = prepare(recipe, options or BuildOptions())
+    return _plan(inputs, arch, routers=lambda layer: None)
+
+
+def _plan(inputs: BuildInputs, arch: OutputArchitecture, routers) -> BuildPlan:
+    config = arch.output_config(inputs)
+    total, active = arch.active_parameters(config)
+    return BuildPlan(arch.name, config, list(arch.tensors(inputs, routers)), total, active)
+
+
+def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, recipe_text: str | None = None) -> BuildResult:
+    """Build the MoE described by `recipe` into `out`. `recipe_text` is saved as written, if given."""
+    options = options or BuildOptions()
+    out = Path(out)
+    _check_output(out, options.overwrite)
+    inputs, arch = prepare(recipe, options)
+    torch.manual_seed(recipe.moekit.seed)  # expert noise_scale draws from the global generator (mergekit's code)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(inputs.base.path, trust_remote_code=options.trust_remote_code)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+    from moekit.build import gates as gate_init
+
+    gate_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    routers, features, prompts = gate_init.router_weights(recipe, inputs.base, tokenizer, device=device, dtype=gate_dtype)
+    build_plan = _plan(inputs, arch, routers=lambda layer: routers[layer])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
+    try:
+        _write_weights(build_plan, staging, options.shard_size)
+        build_plan.config.save_pretrained(staging)
+        arch.write_extra_files(staging)
+        _write_generation_config(inputs.base.path, staging)
+        copy_tokenizer_files(inputs.base.path, staging)
+        (staging / "moekit-recipe.yaml").write_text(recipe_text if recipe_text is not None else _recipe_yaml(recipe), encoding="utf-8")
+        routing = None
+        if features is not None:
+            from moekit.build.report import write_routing_report
+
+            routing = write_routing_report(staging / "routing", features, prompts, routers, recipe)
+        _write_metadata(staging, inputs, build_plan, options)
+        from moekit.publish.card import write_model_card
+
+        write_model_card(staging, license=recipe.moekit.license)
+        _move_into_place(staging, out, options.overwrite)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise OutputError(f"the disk is full while writing {out}; nothing was written", hint="free space or choose another -o") from None
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildResult(out=out, plan=build_plan, routing=routing, files=sorted(p.name for p in out.iterdir()))
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output directory {out} exists and is not empty", hint="choose another -o or pass --overwrite")
+
+
+def _write_weights(build_plan: BuildPlan, staging: Path, shard_size: int) -> None:
+    from mergekit.io import TensorWriter
+
+    writer = TensorWriter(str(staging), max_shard_size=shard_size, safe_serialization=True)
+    for tensor in tqdm(build_plan.tensors, desc="writing tensors", unit="tensor"):
+        writer.save_tensor(tensor.name, tensor.load().contiguous())
+    writer.finalize()
+
+
+def _write_generation_config(base: Path, staging: Path) -> None:
+    if (base / "generation_config.json").is_file():
+        shutil.copy2(base / "generation_config.json", staging / "generation_config.json")
+
+
+def _recipe_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(exclude_defaults=True), sort_keys=False)
+
+
+def _write_metadata(staging: Path, inputs: BuildInputs, build_plan: BuildPlan, options: BuildOptions) -> None:
+    import mergekit.common  # noqa: F401  (version lookup below needs the package importable)
+    from importlib.metadata import version
+
+    recipe = inputs.recipe
+    sources = {}
+    for source in [inputs.base, *inputs.experts]:
+        sources[source.ref] = {"path": str(source.path), "license": source.license, "architecture": source.architecture}
+    metadata = {
+        "moekit_version": __version__,
+        "mergekit_version": version("mergekit"),
+        "kind": "build",
+        "architecture": build_plan.architecture,
+        "base_model": recipe.base_model,
+        "experts": [{"source_model": e.source_model, "positive_prompts": e.positive_prompts or [], "negative_prompts": e.negative_prompts or []} for e in recipe.experts],
+        "gate_mode": recipe.gate_mode,
+        "experts_per_token": recipe.experts_per_token,
+        "num_experts": len(recipe.experts),
+        "dtype": str(inputs.dtype).removeprefix("torch."),
+        "parameters": {"total": build_plan.parameters_total, "active": build_plan.parameters_active},
+        "sources": sources,
+        "trust_remote_code": build_plan.architecture not in ("mixtral",),
+    }
+    (staging / "moekit.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+
+
+def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished build onto OUT; an old OUT is removed only after the new one is in place."""
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise OutputError(f"output directory {out} appeared while building; nothing was replaced")
+        old = out.with_name(f".{out.name}.moekit-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+__all__ = ["ARCHITECTURES", "BuildOptions", "BuildPlan", "BuildResult", "build", "plan", "prepare"]

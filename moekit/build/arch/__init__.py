@@ -1,0 +1,31 @@
+"""Registry of output architectures."""
+
+from __future__ import annotations
+
+from moekit.build.arch.base import BuildInputs, OutputArchitecture
+from moekit.build.arch.mixtral import MixtralArchitecture
+
+ARCHITECTURES: dict[str, OutputArchitecture] = {arch.name: arch for arch in (MixtralArchitecture(),)}
+
+
+def register(arch: OutputArchitecture) -> None:
+    ARCHITECTURES[arch.name] = arch
+
+
+def choose_architecture(inputs: BuildInputs, requested: str | None = None) -> OutputArchitecture:
+    """The requested architecture, or the first that supports the inputs; raises with every reason."""
+    from moekit.build.families import supported_input_architectures
+    from moekit.errors import UnsupportedArchitectureError
+
+    candidates = [ARCHITECTURES[requested]] if requested else list(ARCHITECTURES.values())
+    reasons = {}
+    for arch in candidates:
+        reason = arch.supports(inputs)
+        if reason is None:
+            return arch
+        reasons[arch.name] = reason
+    details = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+    raise UnsupportedArchitectureError(
+        f"no output architecture can build from {inputs.base.architecture} ({details})",
+        hint=f"supported input architectures: {', '.join(supported_input_architectures())}",
+    )

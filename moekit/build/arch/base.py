@@ -1,0 +1,60 @@
+"""What an output architecture is: a small base class, one subclass per file (cf. mergekit's moe/arch.py).
+
+Unlike mergekit, `supports` returns the reason an input cannot be built (or None), and problems
+raise typed errors instead of logging and exiting.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moekit.build.families import DenseFamily
+from moekit.build.sources import SourceModel
+from moekit.recipe import Recipe
+
+
+@dataclass
+class BuildInputs:
+    recipe: Recipe
+    base: SourceModel
+    experts: list[SourceModel]  # in recipe order
+    family: DenseFamily | None  # None when no known family reads the base
+    dtype: torch.dtype
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: its name and shape, where it comes from, and how to make it."""
+
+    name: str
+    shape: tuple[int, ...]
+    source: str  # e.g. "base", "expert 2 (org/model)", "router (calibrated)"
+    load: Callable[[], torch.Tensor]
+
+
+class OutputArchitecture(ABC):
+    name: str
+
+    @abstractmethod
+    def supports(self, inputs: BuildInputs) -> str | None:
+        """None if these inputs can be written exactly in this architecture, else the reason why not."""
+
+    @abstractmethod
+    def output_config(self, inputs: BuildInputs):
+        """The transformers config of the output model."""
+
+    @abstractmethod
+    def tensors(self, inputs: BuildInputs, routers: Callable[[int], torch.Tensor]) -> Iterator[PlannedTensor]:
+        """Every output tensor, in write order; `routers(layer)` gives that layer's (experts, hidden) router."""
+
+    def write_extra_files(self, out: Path) -> None:
+        """Files besides config and weights (model code, for architectures transformers lacks)."""
+
+    def active_parameters(self, config) -> tuple[int, int]:
+        """(total, active per token) parameter counts of the output model, from its config alone."""
+        raise NotImplementedError

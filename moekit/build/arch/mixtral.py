@@ -1,0 +1,141 @@
+"""Mixtral output: Llama/Mistral-family experts in the Hub's standard Mixtral layout.
+
+Tensors are named as the Hub's Mixtral checkpoints and transformers' `save_pretrained` write them
+(`block_sparse_moe.experts.E.w1/w2/w3`, `block_sparse_moe.gate`), which every loader and converter
+reads; transformers 5 fuses them into `mlp.experts.gate_up_proj`/`down_proj` at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
+
+# Config keys of Llama-like models that Mixtral cannot express; a model using them is refused.
+UNSUPPORTED_SETTINGS = {
+    "attention_bias": "biases on the attention projections",
+    "mlp_bias": "biases on the MLP projections",
+}
+
+
+class MixtralArchitecture(OutputArchitecture):
+    name = "mixtral"
+
+    def supports(self, inputs: BuildInputs) -> str | None:
+        if inputs.family is None:
+            return f"{inputs.base.architecture} is not a Llama-like family that Mixtral can hold"
+        for key, what in UNSUPPORTED_SETTINGS.items():
+            if getattr(inputs.base.config, key, False):
+                return f"the base model uses {what} ({key}=true), which Mixtral has no place for"
+        if getattr(inputs.base.config, "hidden_act", "silu") not in ("silu", "swish"):
+            return f"the base model's MLP activation is {inputs.base.config.hidden_act}; Mixtral experts use silu"
+        return None
+
+    def output_config(self, inputs: BuildInputs):
+        from transformers import MixtralConfig
+
+        base = inputs.base.config
+        recipe = inputs.recipe
+        config = MixtralConfig(
+            vocab_size=base.vocab_size,
+            hidden_size=base.hidden_size,
+            intermediate_size=base.intermediate_size,
+            num_hidden_layers=base.num_hidden_layers,
+            num_attention_heads=base.num_attention_heads,
+            num_key_value_heads=getattr(base, "num_key_value_heads", None) or base.num_attention_heads,
+            head_dim=getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads,
+            hidden_act=base.hidden_act,
+            max_position_embeddings=base.max_position_embeddings,
+            initializer_range=getattr(base, "initializer_range", 0.02),
+            rms_norm_eps=base.rms_norm_eps,
+            pad_token_id=base.pad_token_id,
+            bos_token_id=base.bos_token_id,
+            eos_token_id=base.eos_token_id,
+            tie_word_embeddings=bool(getattr(base, "tie_word_embeddings", False)),
+            sliding_window=getattr(base, "sliding_window", None),
+            attention_dropout=getattr(base, "attention_dropout", 0.0) or 0.0,
+            rope_parameters=dict(base.rope_parameters) if getattr(base, "rope_parameters", None) else None,
+            num_local_experts=len(recipe.experts),
+            num_experts_per_tok=recipe.experts_per_token,
+            router_aux_loss_coef=recipe.moekit.router_aux_loss_coef,
+            router_jitter_noise=recipe.moekit.router_jitter_noise,
+        )
+        config.architectures = ["MixtralForCausalLM"]
+        config.dtype = inputs.dtype
+        return config
+
+    def tensors(self, inputs: BuildInputs, routers: Callable[[int], torch.Tensor]) -> Iterator[PlannedTensor]:
+        config = self.output_config(inputs)
+        family, base = inputs.family, inputs.base
+        hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+        q_dim = config.num_attention_heads * config.head_dim
+        kv_dim = config.num_key_value_heads * config.head_dim
+        cast = lambda t: t.to(inputs.dtype)  # noqa: E731
+
+        global_shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+        if not config.tie_word_embeddings:
+            global_shapes["lm_head.weight"] = (vocab, hidden)
+        globals_ = _once(lambda: family.global_tensors(base, config.tie_word_embeddings))
+        for name, shape in global_shapes.items():
+            yield PlannedTensor(name, shape, "base", lambda name=name: cast(globals_()[name]))
+
+        attention_shapes = {
+            "self_attn.q_proj.weight": (q_dim, hidden),
+            "self_attn.k_proj.weight": (kv_dim, hidden),
+            "self_attn.v_proj.weight": (kv_dim, hidden),
+            "self_attn.o_proj.weight": (hidden, q_dim),
+            "input_layernorm.weight": (hidden,),
+            "post_attention_layernorm.weight": (hidden,),
+        }
+        expert_shapes = {"w1": ((inter, hidden), "gate_proj"), "w2": ((hidden, inter), "down_proj"), "w3": ((inter, hidden), "up_proj")}
+        for layer in range(config.num_hidden_layers):
+            prefix = f"model.layers.{layer}."
+            attention = _once(lambda layer=layer: family.layer_attention(base, layer))
+            for name, shape in attention_shapes.items():
+                yield PlannedTensor(prefix + name, shape, "base", lambda name=name, attention=attention: cast(attention()[name]))
+            yield PlannedTensor(
+                prefix + "block_sparse_moe.gate.weight", (len(inputs.experts), hidden), f"router ({inputs.recipe.gate_mode})", lambda layer=layer: cast(routers(layer))
+            )
+            for index, (expert, spec) in enumerate(zip(inputs.experts, inputs.recipe.experts)):
+                mlp = _once(lambda expert=expert, layer=layer, spec=spec: _expert_mlp(family, expert, layer, spec))
+                for out_name, (shape, source_name) in expert_shapes.items():
+                    yield PlannedTensor(
+                        f"{prefix}block_sparse_moe.experts.{index}.{out_name}.weight",
+                        shape,
+                        f"expert {index} ({expert.ref})",
+                        lambda source_name=source_name, mlp=mlp: cast(mlp()[source_name]),
+                    )
+
+    def active_parameters(self, config) -> tuple[int, int]:
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_dim = config.num_attention_heads * config.head_dim
+        kv_dim = config.num_key_value_heads * config.head_dim
+        per_layer_shared = hidden * q_dim * 2 + hidden * kv_dim * 2 + 2 * hidden + config.num_local_experts * hidden
+        expert = 3 * hidden * inter
+        embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2) + hidden
+        layers = config.num_hidden_layers
+        total = embeddings + layers * (per_layer_shared + config.num_local_experts * expert)
+        active = embeddings + layers * (per_layer_shared + config.num_experts_per_tok * expert)
+        return total, active
+
+
+def _expert_mlp(family, expert, layer, spec) -> dict[str, torch.Tensor]:
+    """An expert's MLP for one layer, with the recipe's noise and residual scale (mergekit's code)."""
+    from mergekit.moe.common import noise_and_scale
+
+    mlp = family.layer_mlp(expert, layer)
+    return {name: noise_and_scale(tensor, spec, is_residual=name == "down_proj") for name, tensor in mlp.items()}
+
+
+def _once(make):
+    """Call `make` on first use and keep the result until the next layer asks for its own."""
+    cache = {}
+
+    def get():
+        if "value" not in cache:
+            cache["value"] = make()
+        return cache["value"]
+
+    return get

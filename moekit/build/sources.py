@@ -1,0 +1,159 @@
+"""Finding and opening source models: local directories, Hub ids (`org/name[@revision]`) and `zoo:NAME`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from moekit.errors import SourceError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Everything a build reads from a source; `*.bin` is added only where no safetensors exist.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "README.md"]
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); a local path is returned whole."""
+    if "@" in ref and not Path(ref).exists():
+        name, revision = ref.rsplit("@", 1)
+        return name, revision or None
+    return ref, None
+
+
+def resolve_model(ref: str, *, allow_pickle: bool = False) -> Path:
+    """Local directory for `ref`, fetching from the Hub (or its cache) when it is a Hub id."""
+    if ref.startswith("zoo:"):
+        from moekit import zoo
+
+        return zoo.resolve(ref.removeprefix("zoo:"))
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local
+    name, revision = split_revision(ref)
+    if local.exists() or not HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise SourceError(f"source model '{ref}' is not a directory and not a Hub id (org/name[@revision])")
+    return _fetch_from_hub(ref, name, revision, allow_pickle)
+
+
+def _fetch_from_hub(ref: str, repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        if allow_pickle and not any(path.glob("*.safetensors")):
+            path = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.bin"]))
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else "the Hub cannot be reached and it is not in the Hugging Face cache"
+        raise SourceError(
+            f"source model '{ref}' does not exist locally, and {why}",
+            hint="check the path, or download it once with `hf download " + repo_id + "` on a machine with network",
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise SourceError(f"source model '{ref}' was not found on the Hub: {type(err).__name__}", hint="check the name and revision; private repos need HF_TOKEN") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise SourceError(f"cannot fetch source model '{ref}' from the Hub: {err}") from None
+    return path
+
+
+@dataclass
+class SourceModel:
+    """A resolved source checkpoint: its reference as written, its local directory and its config."""
+
+    ref: str
+    path: Path
+    config: object = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return (getattr(self.config, "architectures", None) or ["unknown"])[0]
+
+    @cached_property
+    def loader(self):
+        """mergekit's lazy tensor loader: tensors are read one at a time, when asked for."""
+        from mergekit.io import LazyTensorLoader
+
+        return LazyTensorLoader.from_disk(str(self.path), lazy_unpickle=True)
+
+    @cached_property
+    def license(self) -> str | None:
+        return read_license(self.path)
+
+    def tensor(self, name: str):
+        return self.loader.get_tensor(name)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.loader.index.tensor_paths
+
+
+def open_source(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> SourceModel:
+    """Resolve `ref`, check that its weights are readable, and read its config."""
+    from transformers import AutoConfig
+
+    path = resolve_model(ref, allow_pickle=allow_pickle)
+    if not (path / "config.json").is_file():
+        raise SourceError(f"source model '{ref}' ({path}) has no config.json")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safetensors:
+        if not has_pickle:
+            raise SourceError(f"source model '{ref}' ({path}) has no weights (*.safetensors)")
+        if not allow_pickle:
+            raise SourceError(
+                f"source model '{ref}' has weights only in pickle format (.bin), which can run arbitrary code when loaded",
+                hint="convert it to safetensors, or pass --allow-pickle if you trust it",
+            )
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise SourceError(f"cannot read the config of source model '{ref}': {err}", hint="models with custom code need --trust-remote-code") from None
+    except OSError as err:
+        raise SourceError(f"cannot read the config of source model '{ref}': {err}") from None
+    return SourceModel(ref=ref, path=path, config=config)
+
+
+def read_license(path: Path) -> str | None:
+    """The `license:` of a model card's YAML header, if the directory has one."""
+    card = path / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub import metadata_load
+
+    try:
+        metadata = metadata_load(card) or {}
+    except Exception:  # a malformed card header is the source's problem, not a reason to fail the build
+        return None
+    license_ = metadata.get("license")
+    return str(license_) if license_ else None
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer files of `source` into `out`; returns the names copied."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
