@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def pytest_configure(config):
+    # Tiny models run many times faster on one intra-op thread than on two here (OpenMP
+    # synchronisation dominates), and pytest-xdist already runs one worker per core.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from moekit.testing import make_tokenizer
