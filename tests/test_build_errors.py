@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -163,7 +166,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, capsys, llama_family, monkey
     assert calls["n"] == 10
 
 
-def test_hub_recipe_resolves_through_the_hub_cache(tmp_path, capsys, llama_family, monkeypatch):
+def test_hub_recipe_resolves_through_the_hub_cache(tmp_path, llama_family):
     """recipes/4x7b.yaml runs unchanged through the real CLI, its Hub ids served from a local HF cache."""
     from moekit.recipe import load_recipe
     from moekit.testing import populate_hub_cache
@@ -174,11 +177,12 @@ def test_hub_recipe_resolves_through_the_hub_cache(tmp_path, capsys, llama_famil
     populate_hub_cache(cache, parsed.base_model, llama_family["base"])
     for i, expert in enumerate(parsed.experts):
         populate_hub_cache(cache, expert.source_model, llama_family[f"e{i % 3}"])
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1")
     out = tmp_path / "beyonder"
-    code, output = run_cli(["build", str(recipe), "-o", str(out), "--device", "cpu"], capsys)
-    assert code == 0, output
+    done = subprocess.run([sys.executable, "-m", "moekit", "build", str(recipe), "-o", str(out), "--device", "cpu"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["num_local_experts"] == 4 and config["torch_dtype" if "torch_dtype" in config else "dtype"] == "bfloat16"
+    assert config["num_local_experts"] == 4 and config["dtype"] == "bfloat16"
     assert (out / "moekit-recipe.yaml").read_text() == recipe.read_text()
+    metadata = json.loads((out / "moekit.json").read_text())
+    assert metadata["sources"]["WizardLM/WizardMath-7B-V1.1"]["path"].startswith(str(cache))

@@ -154,6 +154,9 @@ def calibrated_gate(features: LayerFeatures, prompts: PromptBatch, num_experts: 
 
     generator = torch.Generator().manual_seed(seed)
     weight = (torch.randn(num_experts, x.shape[1], generator=generator) * 0.01).requires_grad_()
+    threads = torch.get_num_threads()
+    if x.numel() < 2**22:
+        torch.set_num_threads(1)  # small fits are dominated by thread synchronisation, not arithmetic
     optimizer = torch.optim.Adam([weight], lr=learning_rate)
     pos_x, pos_y = x[token_positive], token_expert[token_positive]
     neg_x, neg_y = x[~token_positive], token_expert[~token_positive]
@@ -168,6 +171,7 @@ def calibrated_gate(features: LayerFeatures, prompts: PromptBatch, num_experts: 
         loss = loss + weight_decay * weight.pow(2).sum()
         loss.backward()
         optimizer.step()
+    torch.set_num_threads(threads)
     return weight.detach() / scale
 
 
