@@ -31,6 +31,8 @@ class MixtralArchitecture(OutputArchitecture):
                 return f"the base model uses {what} ({key}=true), which Mixtral has no place for"
         if getattr(inputs.base.config, "hidden_act", "silu") not in ("silu", "swish"):
             return f"the base model's MLP activation is {inputs.base.config.hidden_act}; Mixtral experts use silu"
+        if (reason := inputs.family.unsupported_setting(inputs.base.config)) is not None:
+            return f"the base model ({inputs.base.architecture}) cannot be written exactly as Mixtral: {reason}"
         return None
 
     def output_config(self, inputs: BuildInputs):
