@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from moekit.build.arch.base import BuildInputs, OutputArchitecture
 from moekit.build.arch.mixtral import MixtralArchitecture
+from moekit.build.arch.phixtral import PhixtralArchitecture
 
-ARCHITECTURES: dict[str, OutputArchitecture] = {arch.name: arch for arch in (MixtralArchitecture(),)}
+ARCHITECTURES: dict[str, OutputArchitecture] = {arch.name: arch for arch in (MixtralArchitecture(), PhixtralArchitecture())}
 
 
 def register(arch: OutputArchitecture) -> None:
