@@ -119,6 +119,7 @@ def open_source(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool
                 f"source model '{ref}' has weights only in pickle format (.bin), which can run arbitrary code when loaded",
                 hint="convert it to safetensors, or pass --allow-pickle if you trust it",
             )
+    _refuse_legacy_layout(ref, path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as err:
@@ -126,6 +127,21 @@ def open_source(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool
     except OSError as err:
         raise SourceError(f"cannot read the config of source model '{ref}': {err}") from None
     return SourceModel(ref=ref, path=path, config=config)
+
+
+def _refuse_legacy_layout(ref: str, path: Path) -> None:
+    """Refuse checkpoints in layouts that transformers' own classes do not read (before their custom code runs)."""
+    try:
+        model_type = read_json(path / "config.json").get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # AutoConfig reports an unreadable config
+    if model_type == "phi-msft":
+        raise SourceError(
+            f"source model '{ref}' is a Phi checkpoint in the older 'phi-msft' layout (custom code; tensors like "
+            "transformer.h.N.mixer.Wqkv and layers.N.mlp.fc1), which moekit does not read",
+            hint="use a revision in the transformers PhiForCausalLM layout (model_type 'phi'; microsoft/phi-2 has been "
+            "published in it since January 2024), or convert the checkpoint with transformers' Phi conversion script",
+        )
 
 
 def read_license(path: Path) -> str | None:
