@@ -67,7 +67,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         self.pending: list = []
 
     def find_spec(self, fullname, path, target=None):
-        if fullname.partition(".")[0] != "transformers":
+        # moekit's own model modules are tracked too: they import transformers, which may trigger a registration
+        if fullname.partition(".")[0] != "transformers" and not fullname.startswith(__name__ + "."):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
