@@ -107,7 +107,3 @@ def family_of(source: SourceModel) -> DenseFamily | None:
         if source.architecture in family.architectures:
             return family
     return None
-
-
-def supported_input_architectures() -> list[str]:
-    return [arch for family in FAMILIES for arch in family.architectures]

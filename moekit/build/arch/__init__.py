@@ -15,7 +15,6 @@ def register(arch: OutputArchitecture) -> None:
 
 def choose_architecture(inputs: BuildInputs, requested: str | None = None) -> OutputArchitecture:
     """The requested architecture, or the first that supports the inputs; raises with every reason."""
-    from moekit.build.families import supported_input_architectures
     from moekit.errors import UnsupportedArchitectureError
 
     candidates = [ARCHITECTURES[requested]] if requested else list(ARCHITECTURES.values())
@@ -28,5 +27,5 @@ def choose_architecture(inputs: BuildInputs, requested: str | None = None) -> Ou
     details = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
     raise UnsupportedArchitectureError(
         f"no output architecture can build from {inputs.base.architecture} ({details})",
-        hint=f"supported input architectures: {', '.join(supported_input_architectures())}",
+        hint="supported input architectures: " + "; ".join(f"{a.name} from {', '.join(a.input_architectures)}" for a in ARCHITECTURES.values()),
     )

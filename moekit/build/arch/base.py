@@ -40,6 +40,11 @@ class PlannedTensor:
 class OutputArchitecture(ABC):
     name: str
 
+    @property
+    @abstractmethod
+    def input_architectures(self) -> tuple[str, ...]:
+        """The transformers architectures this output can be built from (for error messages)."""
+
     @abstractmethod
     def supports(self, inputs: BuildInputs) -> str | None:
         """None if these inputs can be written exactly in this architecture, else the reason why not."""

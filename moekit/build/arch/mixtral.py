@@ -23,6 +23,12 @@ UNSUPPORTED_SETTINGS = {
 class MixtralArchitecture(OutputArchitecture):
     name = "mixtral"
 
+    @property
+    def input_architectures(self) -> tuple[str, ...]:
+        from moekit.build.families import FAMILIES
+
+        return tuple(arch for family in FAMILIES for arch in family.architectures)
+
     def supports(self, inputs: BuildInputs) -> str | None:
         if inputs.family is None:
             return f"{inputs.base.architecture} is not a Llama-like family that Mixtral can hold"

@@ -25,6 +25,7 @@ ROUTER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 
 class PhixtralArchitecture(OutputArchitecture):
     name = "phixtral"
+    input_architectures = (PHI_ARCHITECTURE,)
 
     def supports(self, inputs: BuildInputs) -> str | None:
         if inputs.base.architecture != PHI_ARCHITECTURE:
