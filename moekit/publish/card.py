@@ -1,0 +1,503 @@
+"""Model cards (README.md) for what moekit writes: builds, fine-tunes, adapters.
+
+    write_model_card(model_dir, license=None, report=None) -> huggingface_hub.ModelCard
+
+The YAML header is made with huggingface_hub's `ModelCardData` (base_model, base_model_relation,
+library_name, pipeline_tag, tags, license, datasets, model-index) so the Hub links the model to its
+sources, shows its evaluation and files it under the right filters. The body is written from
+moekit.json, moekit-recipe.yaml, routing/, moekit-finetune.json and an eval report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from moekit.errors import PublishError
+
+# `license: other` is written when the sources' licenses disagree and nobody chose one; publishing then needs --license.
+UNDECIDED_LICENSE = "other"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+METADATA = "moekit.json"
+FINETUNE_METADATA = "moekit-finetune.json"
+RECIPE = "moekit-recipe.yaml"
+EVAL_DIR = "eval"
+
+
+@dataclass
+class LicenseDecision:
+    """The license a card states and why."""
+
+    license: str | None
+    source_licenses: dict[str, str | None] = field(default_factory=dict)
+    conflict: bool = False  # sources disagree and no license was chosen
+
+    @property
+    def note(self) -> str | None:
+        if self.conflict:
+            listed = ", ".join(f"`{ref}`: {lic or 'not stated'}" for ref, lic in self.source_licenses.items())
+            return (f"**License not decided.** The source models' licenses disagree ({listed}). "
+                    "Choose a license compatible with all of them and publish with `moekit publish --license LICENSE`.")
+        if self.license is None:
+            return "The source models state no license; check their terms before using or redistributing this model."
+        return None
+
+
+@dataclass
+class ModelDirectory:
+    """What a directory holds, as far as the card and the upload are concerned."""
+
+    path: Path
+    kind: str  # "build" (a merge), "adapter" (PEFT adapter, maybe inside a fine-tune output), "finetune" (merged fine-tune), "model"
+    metadata: dict[str, Any]  # moekit.json of the MoE (for fine-tunes: of the MoE they were trained on, when found)
+    finetune: dict[str, Any] | None
+    adapter_dir: Path | None
+    recipe_text: str | None
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("architecture")
+
+
+def inspect_directory(model_dir: Path) -> ModelDirectory:
+    """Classify `model_dir` and read the moekit metadata it carries."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise PublishError(f"{model_dir} is not a directory")
+    metadata = _read_json(model_dir / METADATA) or {}
+    finetune = _read_json(model_dir / FINETUNE_METADATA)
+    adapter_dir = None
+    if (model_dir / "adapter_config.json").is_file():
+        adapter_dir = model_dir
+    elif (model_dir / "adapter" / "adapter_config.json").is_file():
+        adapter_dir = model_dir / "adapter"
+    if adapter_dir is not None:
+        kind = "adapter"
+    elif finetune is not None or metadata.get("kind") in ("export", "finetune"):
+        kind = "finetune"
+    elif metadata.get("kind") == "build":
+        kind = "build"
+    else:
+        kind = "model"
+    if kind in ("adapter", "finetune") and not metadata:
+        # the MoE the fine-tune started from may be a local build whose moekit.json describes the experts
+        base = _finetune_base(finetune, adapter_dir)
+        if base and (Path(base) / METADATA).is_file():
+            metadata = _read_json(Path(base) / METADATA) or {}
+    recipe_path = model_dir / RECIPE
+    if not recipe_path.is_file() and metadata.get("sources"):
+        recipe_path = Path(_finetune_base(finetune, adapter_dir) or model_dir) / RECIPE
+    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else None
+    return ModelDirectory(model_dir, kind, metadata, finetune, adapter_dir, recipe_text)
+
+
+def decide_license(directory: ModelDirectory, license: str | None = None) -> LicenseDecision:
+    """The license to state: the one given, else the recipe's `moekit.license`, else the sources' common one."""
+    sources = {ref: (info or {}).get("license") for ref, info in directory.metadata.get("sources", {}).items()}
+    chosen = license or _recipe_license(directory.recipe_text)
+    if chosen:
+        return LicenseDecision(chosen, sources)
+    stated = {lic for lic in sources.values() if lic}
+    if len(stated) > 1:
+        return LicenseDecision(UNDECIDED_LICENSE, sources, conflict=True)
+    if directory.kind in ("adapter", "finetune") and not stated:
+        inherited = _adapter_base_license(directory)
+        if inherited:
+            return LicenseDecision(inherited, sources)
+    return LicenseDecision(stated.pop() if stated else None, sources)
+
+
+def model_card(model_dir: Path, *, license: str | None = None, report: dict | Path | None = None, repo_id: str | None = None,
+               base_model: str | None = None) -> ModelCard:
+    """The card for `model_dir`, without writing anything.
+
+    `report` is an eval report dict or a path to report.json (or its directory); by default
+    `model_dir/eval/report.json` is used when present. `repo_id` names the model in the usage snippet;
+    `base_model` is the Hub id of the model a fine-tune or adapter was trained on, when that was a local directory.
+    """
+    directory = inspect_directory(Path(model_dir))
+    decision = decide_license(directory, license)
+    report_dict, _ = _load_report(directory.path, report)
+    name = repo_id or directory.path.resolve().name
+    data = _card_data(directory, decision, report_dict, name, base_model)
+    body = _body(directory, decision, report_dict, name, base_model, _report_charts(directory.path, report))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return card
+
+
+def write_model_card(model_dir: Path, *, license: str | None = None, report: dict | Path | None = None, repo_id: str | None = None,
+                     base_model: str | None = None) -> ModelCard:
+    """Write README.md into `model_dir` (and copy a given eval report's JSON and charts to `model_dir/eval/`)."""
+    model_dir = Path(model_dir)
+    if isinstance(report, (str, Path)):
+        _copy_report(model_dir, Path(report))
+        report = None  # now read from model_dir/eval, so the card links to files that are uploaded with it
+    card = model_card(model_dir, license=license, report=report, repo_id=repo_id, base_model=base_model)
+    card.save(model_dir / "README.md")
+    return card
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def _card_data(directory: ModelDirectory, decision: LicenseDecision, report: dict | None, name: str, base_model: str | None) -> ModelCardData:
+    tags = ["moe", "moekit"]
+    if directory.kind == "build" or directory.metadata.get("kind") == "build":
+        tags.insert(1, "merge")
+    if directory.metadata.get("mergekit_version"):
+        tags.append("mergekit")
+    if directory.architecture:
+        tags.append(directory.architecture)
+    if directory.kind == "adapter":
+        tags += ["lora", "peft"]
+    datasets = _hub_ids(_finetune_datasets(directory.finetune)) or None
+    eval_results = _eval_results(report)
+    return ModelCardData(
+        base_model=_metadata_base_models(directory, base_model) or None,
+        base_model_relation={"build": "merge", "adapter": "adapter", "finetune": "finetune"}.get(directory.kind),
+        library_name="peft" if directory.kind == "adapter" else "transformers",
+        pipeline_tag="text-generation",
+        license=decision.license,
+        datasets=datasets,
+        tags=tags,
+        eval_results=eval_results or None,
+        model_name=name if eval_results else None,
+    )
+
+
+def _metadata_base_models(directory: ModelDirectory, base_model: str | None) -> list[str]:
+    """Hub ids only: the Hub rejects local paths in `base_model`."""
+    if directory.kind in ("adapter", "finetune"):
+        candidates = [base_model or _finetune_base(directory.finetune, directory.adapter_dir)]
+    else:
+        candidates = [directory.metadata.get("base_model"), *(e.get("source_model") for e in directory.metadata.get("experts", []))]
+    return _hub_ids(ref for ref in candidates if ref and _is_hub_ref(ref, directory.metadata))
+
+
+def _is_hub_ref(ref: str, metadata: dict) -> bool:
+    """A ref is a Hub id when it looks like `org/name[@rev]` and was not read as a local directory."""
+    if ref.startswith(("zoo:", ".", "/", "~")):
+        return False
+    local = (metadata.get("sources", {}).get(ref) or {}).get("path")
+    if local is not None and Path(local) == Path(ref).expanduser():
+        return False
+    if local is None and Path(ref).expanduser().exists():
+        return False
+    return bool(HUB_ID.match(ref.split("@", 1)[0]))
+
+
+def _hub_ids(refs) -> list[str]:
+    ids: list[str] = []
+    for ref in refs:
+        repo = str(ref).split("@", 1)[0]
+        if HUB_ID.match(repo) and not repo.startswith((".", "/", "~")) and not Path(repo).exists() and repo not in ids:
+            ids.append(repo)
+    return ids
+
+
+def _eval_results(report: dict | None) -> list[EvalResult]:
+    """The MoE's own results (role 'moe') as model-index entries: perplexity per evaluation set."""
+    results: list[EvalResult] = []
+    if not report:
+        return results
+    for model in report.get("models", []):
+        if model.get("role") != "moe":
+            continue
+        for set_name, metrics in (model.get("metrics") or {}).items():
+            for metric in ("perplexity", "loss"):
+                value = (metrics or {}).get(metric)
+                if isinstance(value, (int, float)):
+                    results.append(EvalResult(task_type="text-generation", task_name="Language modelling", dataset_type=set_name,
+                                              dataset_name=set_name, metric_type=metric, metric_name=metric.capitalize(),
+                                              metric_value=round(float(value), 4), source_name="moekit eval",
+                                              source_url="https://github.com/moekit/moekit"))
+        break
+    return results
+
+
+# ---------------------------------------------------------------- body
+
+
+def _body(directory: ModelDirectory, decision: LicenseDecision, report: dict | None, name: str, base_model: str | None, charts: list[str]) -> str:
+    meta = directory.metadata
+    parts = [f"# {name}\n"]
+    if directory.kind == "build":
+        parts.append(f"A {_arch_name(meta)} mixture of experts built with [moekit](https://github.com/moekit/moekit) "
+                     f"{meta.get('moekit_version', '')} from {meta.get('num_experts', '?')} dense checkpoints"
+                     + (f" (mergekit {meta['mergekit_version']})." if meta.get("mergekit_version") else ".") + "\n")
+    elif directory.kind == "adapter":
+        base = base_model or _finetune_base(directory.finetune, directory.adapter_dir) or "its base model"
+        parts.append(f"A PEFT (LoRA) adapter fine-tuned with moekit on the mixture of experts `{base}`. "
+                     f"Load it on top of that model (see Usage).\n")
+    elif directory.kind == "finetune":
+        base = base_model or _finetune_base(directory.finetune, None) or "a moekit MoE"
+        parts.append(f"A fine-tune of the mixture of experts `{base}` made with moekit, with the adapter merged into the weights.\n")
+    if decision.note:
+        parts.append(f"> {decision.note}\n")
+    parts += _sources_section(meta)
+    parts += _architecture_section(meta)
+    parts += _training_section(directory)
+    parts += _eval_section(report, charts)
+    parts += _routing_section(directory)
+    parts += _usage_section(directory, name, base_model)
+    if directory.recipe_text:
+        parts.append("## Recipe\n\n```yaml\n" + directory.recipe_text.rstrip() + "\n```\n")
+    if decision.license:
+        parts.append(f"## License\n\n`{decision.license}`" + (" (see the note above)." if decision.conflict else ", taken from the source models.\n"
+                     if not decision.note and decision.source_licenses and decision.license in decision.source_licenses.values() else ".\n"))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _arch_name(meta: dict) -> str:
+    return {"mixtral": "Mixtral", "phixtral": "Phixtral"}.get(meta.get("architecture", ""), meta.get("architecture", "mixture-of-experts"))
+
+
+def _sources_section(meta: dict) -> list[str]:
+    experts = meta.get("experts") or []
+    if not meta.get("base_model") and not experts:
+        return []
+    sources = meta.get("sources", {})
+    lines = ["## Source models\n", f"- Base (attention, norms, embeddings): `{meta.get('base_model')}`" + _license_suffix(sources, meta.get("base_model"))]
+    for index, expert in enumerate(experts):
+        ref = expert.get("source_model")
+        prompts = expert.get("positive_prompts") or []
+        shown = "; ".join(p.replace("\n", " ")[:60] for p in prompts[:3])
+        lines.append(f"- Expert {index}: `{ref}`" + _license_suffix(sources, ref) + (f" (positive prompts: {shown})" if shown else ""))
+    return ["\n".join(lines) + "\n"]
+
+
+def _license_suffix(sources: dict, ref: str | None) -> str:
+    lic = (sources.get(ref) or {}).get("license") if ref else None
+    return f", license {lic}" if lic else ""
+
+
+def _architecture_section(meta: dict) -> list[str]:
+    if not meta.get("num_experts"):
+        return []
+    params = meta.get("parameters") or {}
+    rows = [
+        ("Architecture", _arch_name(meta)),
+        ("Experts", meta.get("num_experts")),
+        ("Experts per token", meta.get("experts_per_token")),
+        ("Gate mode", f"`{meta.get('gate_mode')}`"),
+        ("Parameters (total)", _format_count(params.get("total"))),
+        ("Parameters (active per token)", _format_count(params.get("active"))),
+        ("dtype", meta.get("dtype")),
+    ]
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows if value not in (None, "`None`"))
+    return ["## Architecture\n\n" + table + "\n"]
+
+
+def _format_count(value) -> str | None:
+    if not isinstance(value, int):
+        return None
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if value >= scale:
+            return f"{value / scale:.2f}{suffix} ({value:,})"
+    return f"{value:,}"
+
+
+def _training_section(directory: ModelDirectory) -> list[str]:
+    finetune = directory.finetune
+    if not finetune:
+        return []
+    settings = finetune.get("options") if isinstance(finetune.get("options"), dict) else finetune
+    rows = [(key, value) for key, value in settings.items() if isinstance(value, (str, int, float, bool)) or (isinstance(value, list) and len(value) <= 12 and all(isinstance(v, (str, int, float)) for v in value))]
+    lines = ["## Training\n"]
+    if rows:
+        lines.append("| Setting | Value |\n|---|---|\n" + "\n".join(f"| {key} | {_cell(value)} |" for key, value in rows) + "\n")
+    datasets = _finetune_datasets(finetune)
+    if datasets:
+        lines.append("Datasets: " + ", ".join(f"`{d}`" for d in datasets) + "\n")
+    losses = _losses(finetune)
+    if losses:
+        lines.append(f"Training loss: {losses[0]:.4f} at the first step, {losses[1]:.4f} at the last.\n")
+    if (directory.path / "loss.png").is_file():
+        lines.append("![training loss](loss.png)\n")
+    return lines
+
+
+def _cell(value) -> str:
+    text = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _losses(finetune: dict) -> tuple[float, float] | None:
+    first, last = finetune.get("first_loss"), finetune.get("last_loss")
+    losses = finetune.get("losses")
+    if isinstance(losses, list) and losses and all(isinstance(v, (int, float)) for v in losses):
+        first, last = losses[0], losses[-1]
+    if isinstance(losses, dict):
+        first, last = losses.get("first", first), losses.get("last", last)
+    return (float(first), float(last)) if isinstance(first, (int, float)) and isinstance(last, (int, float)) else None
+
+
+def _eval_section(report: dict | None, charts: list[str]) -> list[str]:
+    if not report or not report.get("models"):
+        return []
+    sets = list(dict.fromkeys(s for model in report["models"] for s in (model.get("metrics") or {})))
+    header = "| Model | Role | " + " | ".join(f"{s} perplexity" for s in sets) + " |"
+    lines = [header, "|---|---|" + "---|" * len(sets)]
+    for model in report["models"]:
+        metrics = model.get("metrics") or {}
+        cells = []
+        for s in sets:
+            value = (metrics.get(s) or {}).get("perplexity")
+            cells.append(f"{value:.3f}" if isinstance(value, (int, float)) else "-")
+        lines.append(f"| {_cell(model.get('name', '?'))} | {model.get('role', '')} | " + " | ".join(cells) + " |")
+    section = ["## Evaluation\n", "Perplexity (lower is better) measured with `moekit eval`, on the same texts for the MoE and each source model.\n",
+               "\n".join(lines) + "\n"]
+    section += [f"![{Path(chart).stem}]({chart})\n" for chart in charts]
+    return section
+
+
+def _routing_section(directory: ModelDirectory) -> list[str]:
+    routing = _read_json(directory.path / "routing" / "routing.json")
+    if not routing:
+        return []
+    shares = (routing.get("own_expert_share") or {}).get("mean_per_expert") or []
+    lines = ["## Routing\n", "Share of each expert's own positive-prompt tokens that the initial routers send to it (mean over layers):\n"]
+    if shares:
+        lines.append("| Expert | Share |\n|---|---|\n" + "\n".join(f"| {i} | {s:.0%} |" for i, s in enumerate(shares)) + "\n")
+    if (directory.path / "routing" / "routing.png").is_file():
+        lines.append("![routing](routing/routing.png)\n")
+    return lines
+
+
+def _usage_section(directory: ModelDirectory, name: str, base_model: str | None) -> list[str]:
+    remote = ", trust_remote_code=True" if directory.architecture == "phixtral" else ""
+    if directory.kind == "adapter":
+        base = base_model or _finetune_base(directory.finetune, directory.adapter_dir) or "BASE_MOE"
+        subfolder = "" if directory.adapter_dir == directory.path else f', subfolder="{directory.adapter_dir.name}"'
+        code = (f'from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto"{remote})\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+                f'model = PeftModel.from_pretrained(base, "{name}"{subfolder})\n')
+        note = ""
+        if (directory.path / "routers.safetensors").is_file():
+            note = ("\nThe fine-tune also trained the routers; `routers.safetensors` holds them. With moekit installed, "
+                    "`moekit.finetune.export.load_finetuned(DIR)` loads the MoE, the adapter and the routers together, and "
+                    "`moekit export DIR` writes a merged checkpoint.\n")
+    else:
+        code = (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto"{remote})\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n')
+        note = "\nThe Phixtral model code ships with the checkpoint, hence `trust_remote_code=True`.\n" if remote else \
+            "\nIt loads with plain transformers; no custom code is needed.\n"
+    code += ('\ninputs = tokenizer("def fibonacci(n):", return_tensors="pt")\n'
+             'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n')
+    return ["## Usage\n", "```python\n" + code + "```\n" + note]
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PublishError(f"cannot read {path}: {err}") from None
+    return data if isinstance(data, dict) else None
+
+
+def _recipe_license(recipe_text: str | None) -> str | None:
+    if not recipe_text:
+        return None
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return None
+    settings = recipe.get("moekit") if isinstance(recipe, dict) else None
+    return settings.get("license") if isinstance(settings, dict) else None
+
+
+def _finetune_base(finetune: dict | None, adapter_dir: Path | None) -> str | None:
+    """The model a fine-tune started from: moekit-finetune.json, else the adapter's own config."""
+    for key in ("base_model", "model", "base_model_path", "model_path", "base"):
+        value = (finetune or {}).get(key)
+        if isinstance(value, str) and value:
+            return value
+    if adapter_dir is not None:
+        config = _read_json(adapter_dir / "adapter_config.json") or {}
+        return config.get("base_model_name_or_path") or None
+    return None
+
+
+def _adapter_base_license(directory: ModelDirectory) -> str | None:
+    base = _finetune_base(directory.finetune, directory.adapter_dir)
+    if base and (Path(base) / "README.md").is_file():
+        from huggingface_hub import metadata_load
+
+        try:
+            return (metadata_load(Path(base) / "README.md") or {}).get("license")
+        except ValueError:
+            return None
+    return None
+
+
+def _finetune_datasets(finetune: dict | None) -> list[str]:
+    if not finetune:
+        return []
+    for container in (finetune, finetune.get("options") if isinstance(finetune.get("options"), dict) else {}):
+        for key in ("datasets", "dataset_ids", "dataset", "data"):
+            value = container.get(key)
+            if isinstance(value, str):
+                return [value]
+            if isinstance(value, list):
+                return [str(v if not isinstance(v, dict) else v.get("id") or v.get("path") or v.get("name")) for v in value]
+    return []
+
+
+def _load_report(model_dir: Path, report: dict | Path | None) -> tuple[dict | None, Path | None]:
+    """(report dict, directory holding its charts)."""
+    if isinstance(report, dict):
+        return report, None
+    path = Path(report) if report is not None else model_dir / EVAL_DIR / "report.json"
+    if path.is_dir():
+        path = path / "report.json"
+    if not path.is_file():
+        if report is not None:
+            raise PublishError(f"eval report {path} does not exist", hint="pass the report.json written by `moekit eval`, or its directory")
+        return None, None
+    data = _read_json(path)
+    if data is None or not isinstance(data.get("models"), list):
+        raise PublishError(f"{path} is not a moekit eval report (no 'models' list)")
+    return data, path.parent
+
+
+def _report_charts(model_dir: Path, report: dict | Path | None) -> list[str]:
+    """Relative paths (inside model_dir) of the eval charts the card shows."""
+    if isinstance(report, dict):
+        return []
+    charts_dir = model_dir / EVAL_DIR
+    if report is not None:
+        path = Path(report)
+        charts_dir = path if path.is_dir() else path.parent
+    try:
+        relative = charts_dir.resolve().relative_to(model_dir.resolve())
+    except ValueError:
+        return []  # charts outside the folder would not be uploaded; write_model_card copies them in first
+    return [str(relative / png.name) for png in sorted(charts_dir.glob("*.png"))]
+
+
+def _copy_report(model_dir: Path, report: Path) -> None:
+    source = report if report.is_dir() else report.parent
+    if not (source / "report.json").is_file():
+        raise PublishError(f"eval report {report} does not exist", hint="pass the report.json written by `moekit eval`, or its directory")
+    target = model_dir / EVAL_DIR
+    if source.resolve() == target.resolve():
+        return
+    target.mkdir(exist_ok=True)
+    for item in [source / "report.json", source / "report.md", *sorted(source.glob("*.png"))]:
+        if item.is_file():
+            shutil.copy2(item, target / item.name)
