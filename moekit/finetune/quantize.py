@@ -1,0 +1,293 @@
+"""Loading an MoE for (Q)LoRA training with every expert really quantized.
+
+transformers 5 stores Mixtral experts as fused 3-D parameters (`mlp.experts.gate_up_proj` (E, 2I, H),
+`mlp.experts.down_proj` (E, H, I)). bitsandbytes only replaces `nn.Linear`, so a plain
+`BitsAndBytesConfig(load_in_4bit=True)` load leaves every expert in bf16. Here the fused experts are
+replaced by `MixtralExpertList`: one small MLP of three linear layers per expert
+(`mlp.experts.E.w_gate` / `w_up` / `w_down`), which bitsandbytes can quantize, with the same routing math
+(the router module itself is kept, so top-k, softmax and renormalisation are transformers' own).
+
+The per-expert names are chosen so that PEFT takes them literally: PEFT >= 0.18 rewrites the legacy Mixtral
+names `w1`/`w2`/`w3` (and `gate`), and for Qwen-MoE-like models `gate_proj`/`up_proj`/`down_proj`, into
+targets on the fused parameters (see `peft.utils.transformers_weight_conversion`), so per-expert modules
+named that way would silently get no adapter.
+
+Phixtral's experts are already `nn.ModuleList`s of `fc1`/`fc2` linear layers; only quantization is needed.
+Routers (`mlp.gate`) and `lm_head` stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.errors import DependencyError, SourceError, TrainingError
+
+# per-expert projection names of the unfused Mixtral experts -> legacy checkpoint names (`experts.E.w1` ...)
+MIXTRAL_EXPERT_PROJECTIONS: dict[str, str] = {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
+# module names never quantized: routers must stay precise, lm_head is conventionally kept (as bitsandbytes does)
+KEEP_FULL_PRECISION = ("lm_head",)
+
+
+class MixtralExpertMLP(nn.Module):
+    """One Mixtral expert: w_down(act(w_gate(x)) * w_up(x))."""
+
+    def __init__(self, w_gate: nn.Module, w_up: nn.Module, w_down: nn.Module, act_fn):
+        super().__init__()
+        self.w_gate = w_gate
+        self.w_up = w_up
+        self.w_down = w_down
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.w_down(self.act_fn(self.w_gate(hidden_states)) * self.w_up(hidden_states))
+
+
+class MixtralExpertList(nn.ModuleList):
+    """Drop-in for transformers' fused `MixtralExperts`: same call signature, one module per expert."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        # hidden_states (tokens, hidden); top_k_index / top_k_weights (tokens, top_k)
+        top_k = top_k_index.shape[-1]
+        final_hidden_states = torch.zeros_like(hidden_states)
+        flat_experts = top_k_index.reshape(-1)  # (tokens * top_k,)
+        # group the (token, slot) pairs by expert with one sort and one host sync per layer
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=len(self)).tolist()
+        token_index = order // top_k  # (tokens * top_k,) sorted by expert
+        weights = top_k_weights.reshape(-1)[order]
+        start = 0
+        for expert_idx, count in enumerate(counts):
+            if count == 0:
+                continue
+            chosen = token_index[start : start + count]
+            expert_output = self[expert_idx](hidden_states[chosen])  # (count, hidden)
+            expert_output = expert_output * weights[start : start + count, None]
+            final_hidden_states.index_add_(0, chosen, expert_output.to(final_hidden_states.dtype))
+            start += count
+        return final_hidden_states
+
+
+def _require_bitsandbytes(device: torch.device, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise DependencyError(
+            f"bitsandbytes is not installed ({err})", hint="pip install bitsandbytes, or use --bits 16"
+        ) from None
+    try:
+        bnb.functional.quantize_4bit(torch.zeros(64, dtype=compute_dtype, device=device), quant_type="nf4")
+    except Exception as err:  # any backend failure means the quantized path cannot run here
+        raise DependencyError(
+            f"bitsandbytes cannot quantize on {device.type} here: {err}", hint="use --bits 16, or a supported GPU"
+        ) from None
+    return bnb
+
+
+def _new_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    bits: int,
+    compute_dtype: torch.dtype,
+    quant_storage: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    """A linear layer holding `weight` (out, in) at `bits`, built on `device` (quantized there)."""
+    out_features, in_features = weight.shape
+    weight = weight.detach().to(compute_dtype)
+    bias = None if bias is None else nn.Parameter(bias.detach().to(device=device, dtype=compute_dtype), requires_grad=False)
+    if bits == 16:
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=compute_dtype)
+        # a copy: the slice of a fused expert tensor would otherwise keep the whole fused tensor alive
+        layer.weight = nn.Parameter(weight.to(device=device, copy=True), requires_grad=False)
+    elif bits == 4:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+            compress_statistics=True, quant_type="nf4", quant_storage=quant_storage, device="meta",
+        )  # fmt: skip
+        # moving a Params4bit to a device is what quantizes it (NF4, double-quantized absmax)
+        layer.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
+            quant_storage=quant_storage, module=layer,
+        ).to(device)  # fmt: skip
+    elif bits == 8:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta"
+        )
+        layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+    else:
+        raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    gate_up = getattr(module, "gate_up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+
+
+def _unfuse_experts(fused: nn.Module, make_linear) -> MixtralExpertList:
+    """Per-expert modules from fused (E, 2I, H) / (E, H, I) parameters, one expert at a time."""
+    if getattr(fused, "is_transposed", False) or not getattr(fused, "is_concatenated", True) or getattr(fused, "has_bias", False):
+        raise TrainingError(f"unsupported fused experts layout in {type(fused).__name__} (transposed, interleaved or biased)")
+    intermediate = fused.down_proj.shape[-1]
+    experts = MixtralExpertList()
+    for expert_idx in range(fused.gate_up_proj.shape[0]):
+        gate_up = fused.gate_up_proj[expert_idx]  # (2I, H): gate rows first, then up rows
+        experts.append(
+            MixtralExpertMLP(
+                w_gate=make_linear(gate_up[:intermediate], None),
+                w_up=make_linear(gate_up[intermediate:], None),
+                w_down=make_linear(fused.down_proj[expert_idx], None),  # (H, I)
+                act_fn=fused.act_fn,
+            )
+        )
+    return experts
+
+
+def is_router(name: str, module: nn.Module) -> bool:
+    """Routers are the `gate` of an MoE block (Mixtral `mlp.gate` / legacy `block_sparse_moe.gate`, Phixtral `mlp.gate`)."""
+    return name.rsplit(".", 1)[-1] == "gate" and not hasattr(module, "gate_up_proj")
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, dict):
+        if set(device) != {""}:
+            raise TrainingError("only single-device loading is supported (device_map={'': device} or a device name)")
+        device = device[""]
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    return torch.device(device)
+
+
+@torch.no_grad()
+def quantize_moe(
+    model: nn.Module,
+    bits: int = 4,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    quant_storage: torch.dtype = torch.uint8,
+    *,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Quantize `model` in place: every linear layer to `bits`, the fused Mixtral experts unfused first.
+
+    bits=4: NF4 with double quantization (bitsandbytes Linear4bit); bits=8: LLM.int8 (Linear8bitLt);
+    bits=16: plain `nn.Linear` in `compute_dtype` with the same per-expert structure, so adapter names
+    are the same for all bits. Routers and lm_head stay unquantized in `compute_dtype`. Modules are
+    converted one at a time and moved to `device` (default: where the model is), so a model loaded on the
+    CPU never has all its experts in bf16 on the GPU. Returns the model.
+    """
+    if bits not in (4, 8, 16):
+        raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
+    target = _resolve_device(device) if device is not None else next(model.parameters()).device
+    if bits != 16:
+        _require_bitsandbytes(target, compute_dtype)
+
+    def make_linear(weight, bias):
+        return _new_linear(weight, bias, bits=bits, compute_dtype=compute_dtype, quant_storage=quant_storage, device=target)
+
+    # children are replaced while walking, so list the parents first
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if _is_fused_experts(child):
+                setattr(parent, child_name, _unfuse_experts(child, make_linear))
+            elif _is_plain_linear(child) and not is_router(full_name, child) and child_name not in KEEP_FULL_PRECISION:
+                setattr(parent, child_name, make_linear(child.weight, child.bias))
+    # everything left (embeddings, norms, routers, lm_head) in the compute dtype on the target device;
+    # buffers such as rotary frequencies keep their dtype
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.__class__.__name__ in ("Params4bit", "Int8Params"):
+                continue
+            dtype = compute_dtype if param.is_floating_point() else param.dtype
+            if param.device != target or param.dtype != dtype:
+                module._parameters[name] = nn.Parameter(param.data.to(device=target, dtype=dtype), requires_grad=param.requires_grad)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.device != target:
+                module._buffers[name] = buffer.to(target)
+    model.is_loaded_in_4bit = bits == 4
+    model.is_loaded_in_8bit = bits == 8
+    model.moekit_bits = bits
+    return model
+
+
+def load_moe_for_training(
+    path: str | Path,
+    *,
+    bits: int,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device_map=None,
+    quant_storage: torch.dtype = torch.uint8,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a Mixtral/Phixtral (or dense) checkpoint for training with every linear layer at `bits`.
+
+    The checkpoint is read on the CPU in `compute_dtype`, then each layer is quantized while it moves to
+    the device (`device_map`: a device, {"": device} or None for the GPU if there is one), so the GPU
+    never holds the bf16 experts. `config.use_cache` is turned off for training; the router auxiliary
+    loss (`output_router_logits`) is left to the trainer.
+    """
+    import moekit  # noqa: F401  (registers the Phixtral auto classes)
+    from transformers import AutoModelForCausalLM
+
+    device = _resolve_device(device_map)
+    if bits != 16:
+        _require_bitsandbytes(device, compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=compute_dtype, device_map="cpu", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot load a causal LM from {path}: {err}") from None
+    quantize_moe(model, bits=bits, compute_dtype=compute_dtype, quant_storage=quant_storage, device=device)
+    model.config.use_cache = False
+    return model
+
+
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
+    """What `peft.prepare_model_for_kbit_training` does, minus upcasting weights to fp32.
+
+    Freezes every weight, and turns on non-reentrant gradient checkpointing (which needs no
+    `requires_grad` on the inputs, unlike the reentrant variant that frozen embeddings would break).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        # transformers >= 5.2x renamed it; the GPU image's 5.17 only has the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def count_quantized(model: nn.Module) -> dict[str, int]:
+    """Numbers of 4-bit, 8-bit and plain floating-point weight tensors, and the bytes of all parameters."""
+    counts = {"params4bit": 0, "int8": 0, "float": 0, "bytes": 0}
+    for param in model.parameters():
+        kind = param.__class__.__name__
+        if kind == "Params4bit":
+            counts["params4bit"] += 1
+        elif kind == "Int8Params":
+            counts["int8"] += 1
+        elif param.is_floating_point():
+            counts["float"] += 1
+        counts["bytes"] += param.numel() * param.element_size()
+    return counts
