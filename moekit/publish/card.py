@@ -28,6 +28,7 @@ METADATA = "moekit.json"
 FINETUNE_METADATA = "moekit-finetune.json"
 RECIPE = "moekit-recipe.yaml"
 EVAL_DIR = "eval"
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")  # the values the Hub accepts
 
 
 @dataclass
@@ -124,7 +125,7 @@ def model_card(model_dir: Path, *, license: str | None = None, report: dict | Pa
     directory = inspect_directory(Path(model_dir))
     decision = decide_license(directory, license)
     report_dict, _ = _load_report(directory.path, report)
-    name = repo_id or directory.path.resolve().name
+    name = repo_id or _directory_name(directory.path)
     data = _card_data(directory, decision, report_dict, name, base_model)
     body = _body(directory, decision, report_dict, name, base_model, _report_charts(directory.path, report))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -143,11 +144,33 @@ def write_model_card(model_dir: Path, *, license: str | None = None, report: dic
     return card
 
 
+def validate_card(card: ModelCard) -> None:
+    """Check the card with huggingface_hub's own parsers (the Hub's validate-yaml needs network; this does not).
+
+    The YAML header must parse back into the same `ModelCardData` (model-index included), `base_model`
+    must hold Hub ids only and `base_model_relation` one of the values the Hub accepts.
+    """
+    try:
+        reparsed = ModelCard(str(card))
+    except ValueError as err:
+        raise PublishError(f"the generated model card does not parse: {err}") from None
+    data = reparsed.data.to_dict()
+    if data != card.data.to_dict():
+        raise PublishError("the generated model card's metadata does not survive a round trip through huggingface_hub")
+    bases = data.get("base_model") or []
+    bad = [ref for ref in ([bases] if isinstance(bases, str) else bases) if not HUB_ID.match(ref)]
+    if bad:
+        raise PublishError(f"base_model holds entries that are not Hub ids: {bad}")
+    if data.get("base_model_relation") not in (None, *BASE_MODEL_RELATIONS):
+        raise PublishError(f"base_model_relation must be one of {BASE_MODEL_RELATIONS}, not {data['base_model_relation']!r}")
+
+
 # ---------------------------------------------------------------- metadata
 
 
 def _card_data(directory: ModelDirectory, decision: LicenseDecision, report: dict | None, name: str, base_model: str | None) -> ModelCardData:
-    tags = ["moe", "moekit"]
+    is_moe = bool(directory.metadata.get("num_experts")) or bool((_read_json(directory.path / "config.json") or {}).get("num_local_experts"))
+    tags = ["moe", "moekit"] if is_moe or directory.kind == "adapter" else ["moekit"]
     if directory.kind == "build" or directory.metadata.get("kind") == "build":
         tags.insert(1, "merge")
     if directory.metadata.get("mergekit_version"):
@@ -396,6 +419,13 @@ def _usage_section(directory: ModelDirectory, name: str, base_model: str | None)
 
 
 # ---------------------------------------------------------------- inputs
+
+
+def _directory_name(path: Path) -> str:
+    """The model's name: its directory's, also while the build writes into its temporary `.NAME.moekit-XXXX` sibling."""
+    name = path.resolve().name
+    staging = re.match(r"^\.(.+)\.moekit-\w+$", name)
+    return staging.group(1) if staging else name
 
 
 def _read_json(path: Path) -> dict | None:
