@@ -1,0 +1,463 @@
+"""`moekit finetune`: (Q)LoRA supervised fine-tuning of an MoE through TRL's SFTTrainer.
+
+    finetune(model, out, FinetuneOptions(data=...)) -> FinetuneResult
+
+Order of work, so that bad input fails before anything is loaded or written: targets are checked
+against the config, the data against its columns and the chat template, then the model is loaded
+(experts in 4-bit), adapted (`apply_targets`), trained, and checked (`verify_changed`).
+
+Output is atomic. Training runs in the sibling directory `OUT.partial`; only a finished run is renamed
+to OUT. A run that fails after saving a checkpoint leaves `OUT.partial` (checkpoints, log) in place
+for `--resume`; a run that fails earlier leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from moekit import __version__
+from moekit.errors import DataError, IncompatibleModelsError, MoekitError, OutputError, SourceError, TargetError, TrainingError
+from moekit.finetune.options import FinetuneOptions
+
+LOG_FILE = "training_log.jsonl"
+METADATA_FILE = "moekit-finetune.json"
+ROUTERS_FILE = "routers.safetensors"
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    adapter_dir: Path | None  # None for router-only training
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    trainable: object  # moekit.finetune.targets.TrainableTable
+    peak_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated on GPU, None on CPU
+    losses: dict = field(default_factory=dict)
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run of OUT keeps its checkpoints until it finishes."""
+    return out.with_name(out.name + ".partial")
+
+
+def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Fine-tune the MoE at `model` (path, Hub id or zoo:NAME) into `out`; `echo` receives progress lines."""
+    from moekit.build.sources import resolve_model
+    from moekit.finetune.data import load_training_data
+
+    echo = echo or (lambda _line: None)
+    out = Path(out)
+    staging = partial_dir(out)
+    checkpoint = _check_output(out, staging, options.resume)
+    model_path = resolve_model(str(model))
+    config = _load_config(model_path, options.trust_remote_code)
+    _check_targets(config, options)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
+    data = load_training_data(options.data, tokenizer)
+    echo(f"data: {data.describe()}")
+    plan_peak = _print_plan(model_path, options, echo)
+    teacher_path = resolve_model(options.teacher) if options.teacher else None
+    if teacher_path is not None:
+        _check_teacher(config, _load_config(teacher_path, options.trust_remote_code), options.teacher)
+
+    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.targets import apply_targets, snapshot_trainable
+
+    device = _device()
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    # FSDP flattens quantized and plain parameters together, so they must share one storage dtype.
+    quant_storage = compute_dtype if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else torch.uint8
+    device_map = {"": device} if device.type == "cuda" else None
+    base = load_moe_for_training(model_path, bits=options.bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=options.trust_remote_code)
+    peft_model, table = apply_targets(base, options)
+    echo(table.render())
+    teacher = _load_teacher(teacher_path, config, compute_dtype, device_map, options) if teacher_path is not None else None
+    snapshot = snapshot_trainable(peft_model)
+
+    created = not staging.exists()
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = _make_trainer(peft_model, tokenizer, data, staging, options, compute_dtype, teacher)
+        if len(trainer.train_dataset) == 0:
+            raise DataError(f"no example of {options.data} has a trainable token within --max-seq-len {options.max_seq_len}", hint="raise --max-seq-len or shorten the prompts")
+        if checkpoint is not None:
+            _trim_log(staging / LOG_FILE, _checkpoint_step(checkpoint))
+            echo(f"resuming from {checkpoint}")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except BaseException:
+        if created and not _checkpoints(staging):
+            shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
+        raise
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+    from moekit.finetune.targets import verify_changed
+
+    verify_changed(snapshot, peft_model)
+    if not trainer.is_world_process_zero():
+        return FinetuneResult(out, out / "adapter", trainer.state.global_step, None, None, table, peak)
+    log = _read_log(staging / LOG_FILE)
+    losses = _loss_summary(log)
+    _write_outputs(staging, peft_model, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
+    _move_into_place(staging, out)
+    adapter_dir = out / "adapter" if is_peft_model(peft_model) else None
+    return FinetuneResult(out, adapter_dir, trainer.state.global_step, losses.get("first"), losses.get("last"), table, peak, losses)
+
+
+# --- checks before loading -------------------------------------------------------------------
+
+
+def _check_output(out: Path, staging: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses unusable OUT / OUT.partial."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"output {out} exists and is not empty", hint="choose another -o")
+    if resume:
+        checkpoints = _checkpoints(staging)
+        if not checkpoints:
+            raise TrainingError(f"--resume: no checkpoint of an earlier run in {staging / 'checkpoints'}", hint="run without --resume to start a new fine-tune")
+        return checkpoints[-1]
+    if staging.exists():
+        raise OutputError(f"{staging} holds an unfinished run of {out}", hint="pass --resume to continue it, or delete it to start over")
+    return None
+
+
+def _checkpoints(staging: Path) -> list[Path]:
+    folder = staging / "checkpoints"
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=_checkpoint_step)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def _load_config(path: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot read the model config in {path}: {str(err).splitlines()[0]}") from None
+
+
+def _check_targets(config, options: FinetuneOptions) -> None:
+    """Refuse targets the config cannot have, before loading any weight."""
+    num_experts = getattr(config, "num_local_experts", None)
+    moe_targets = [t for t in options.target if t in ("experts", "gate")]
+    if moe_targets and not num_experts:
+        raise TargetError(
+            f"--target {','.join(moe_targets)} needs an MoE, but this model is a {config.architectures[0] if config.architectures else config.model_type} without experts",
+            hint="use --target attn for a dense model, or build an MoE first with `moekit build`",
+        )
+    if options.experts and num_experts and max(options.experts) >= num_experts:
+        raise TargetError(f"--experts {max(options.experts)} is out of range: the model has {num_experts} experts (0-{num_experts - 1})")
+    if options.experts and "experts" not in options.target:
+        raise TargetError("--experts chooses expert adapters, but --target does not include experts")
+    layers = config.num_hidden_layers
+    if options.layers and max(options.layers) >= layers:
+        raise TargetError(f"--layers {max(options.layers)} is out of range: the model has {layers} layers (0-{layers - 1})")
+
+
+def _check_teacher(config, teacher_config, ref: str) -> None:
+    if teacher_config.vocab_size != config.vocab_size:
+        raise IncompatibleModelsError(f"teacher {ref} has a vocabulary of {teacher_config.vocab_size} tokens, the model {config.vocab_size}; distillation needs the same tokenizer")
+
+
+def _print_plan(model_path: Path, options: FinetuneOptions, echo) -> int | None:
+    try:
+        from moekit.plan import estimate
+    except ImportError:  # moekit.plan is optional until it lands
+        return None
+    try:
+        plan = estimate(model_path, options)
+    except MoekitError as err:
+        echo(f"memory plan unavailable: {err.message}")
+        return None
+    echo(plan.render())
+    return plan.peak_bytes
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _load_teacher(path: Path, student_config, compute_dtype, device_map, options: FinetuneOptions):
+    """The teacher in 4-bit: an MoE through moekit's loader (experts included), a dense model through bitsandbytes."""
+    teacher_config = _load_config(path, options.trust_remote_code)
+    if getattr(teacher_config, "num_local_experts", None):
+        from moekit.finetune.quantize import load_moe_for_training
+
+        teacher = load_moe_for_training(path, bits=4, compute_dtype=compute_dtype, device_map=device_map, trust_remote_code=options.trust_remote_code)
+    else:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+        teacher = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype, device_map=device_map or {"": "cpu"}, trust_remote_code=options.trust_remote_code)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOptions, compute_dtype, teacher):
+    from trl import SFTConfig
+
+    text_config = model.config.get_text_config()
+    is_moe = hasattr(text_config, "output_router_logits")
+    args = SFTConfig(
+        output_dir=str(staging / "checkpoints"),
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.learning_rate,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        warmup_steps=options.warmup_ratio,  # a float below 1 is a share of the steps
+        lr_scheduler_type="cosine",
+        optim=options.optimizer,
+        gradient_checkpointing=options.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=options.max_seq_len,
+        packing=options.packing,
+        assistant_only_loss=data.format == "messages",
+        completion_only_loss=True if data.format == "prompt_completion" else None,
+        router_aux_loss_coef=options.router_aux_loss_coef if is_moe else None,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        report_to=[] if options.report_to == "none" else [options.report_to],
+        seed=options.seed,
+        data_seed=options.seed,
+        bf16=compute_dtype == torch.bfloat16,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    return MoeSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.dataset,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(staging / LOG_FILE)],
+        train_routers="gate" in options.target,
+        teacher=teacher,
+        kd_alpha=options.kd_alpha,
+        kd_temperature=options.kd_temperature,
+    )
+
+
+class MoeSFTTrainer(SFTTrainer):
+    """SFTTrainer that logs the LM loss apart from the router aux loss, and adds logit distillation.
+
+    Without a teacher the loss is TRL's (token-mean CE on assistant tokens + coef * aux loss). With one:
+    (1 - kd_alpha) * CE + kd_alpha * T^2 * KL(teacher_T || student_T) + coef * aux, both terms over
+    the same assistant tokens.
+    """
+
+    def __init__(self, *args, train_routers: bool = False, teacher=None, kd_alpha: float = 0.5, kd_temperature: float = 2.0, **kwargs):
+        model = kwargs["model"]
+        dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
+        super().__init__(*args, **kwargs)
+        # TRL casts the trainable parameters of a 4-bit model to bf16; keep them in the compute dtype
+        # instead, which routers need (their matmul takes the hidden states as they are).
+        for name, param in model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+        self.train_routers = train_routers
+        self.teacher = teacher
+        self.kd_alpha = kd_alpha
+        self.kd_temperature = kd_temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        import torch.nn.functional as F
+
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_inputs["output_router_logits"] = True
+        outputs = model(**model_inputs)
+        with torch.no_grad():
+            teacher_inputs = {k: v for k, v in model_inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+            teacher_logits = self.teacher(**teacher_inputs, use_cache=False).logits
+        shift_labels = labels[:, 1:]
+        mask = shift_labels != -100  # (batch, seq-1)
+        student = outputs.logits[:, :-1][mask].float()  # (tokens, vocab)
+        teacher = teacher_logits[:, :-1][mask].float().to(student.device)
+        temperature = self.kd_temperature
+        ce_sum = F.cross_entropy(student, shift_labels[mask], reduction="sum")
+        kl_sum = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1), log_target=True, reduction="sum") * temperature**2
+        tokens = mask.sum()
+        divisor = torch.as_tensor(num_items_in_batch if num_items_in_batch is not None else tokens).clamp(min=1)
+        loss = ((1 - self.kd_alpha) * ce_sum + self.kd_alpha * kl_sum) / divisor
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+        count = tokens.clamp(min=1)
+        self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics((ce_sum / count).detach()).mean().item())
+        self._metrics[mode]["kd_loss"].append(self.accelerator.gather_for_metrics((kl_sum / count).detach()).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # A checkpoint holds the adapter (PEFT) and the routers, which are trained in full outside it.
+        output_dir = output_dir or self.args.output_dir
+        if is_peft_model(self.model):
+            super()._save(output_dir, state_dict=state_dict)
+        if self.train_routers and self.args.should_save:
+            from moekit.finetune.targets import save_routers
+
+            os.makedirs(output_dir, exist_ok=True)
+            save_routers(self.model, Path(output_dir) / ROUTERS_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if is_peft_model(self.model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.train_routers:
+            from moekit.finetune.targets import load_routers
+
+            load_routers(self.model, Path(resume_from_checkpoint) / ROUTERS_FILE)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        if self.teacher is None and "loss" in logs:
+            # TRL's logged loss is CE + coef * aux (aux averaged over the same micro-batches); take the LM part out.
+            aux = self._metrics[mode].get("aux_loss") if self.aux_loss_enabled else None
+            aux_mean = sum(aux) / len(aux) if aux else 0.0
+            logs["lm_loss"] = logs["loss"] - self.router_aux_loss_coef * aux_mean if self.aux_loss_enabled else logs["loss"]
+        super().log(logs, start_time)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends each log record (step, loss, lm_loss, aux_loss, kd_loss, learning_rate, ...) to a JSONL file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log records past the checkpoint a resumed run restarts from (they will be logged again)."""
+    records = [r for r in _read_log(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def _loss_summary(log: list[dict]) -> dict:
+    steps = [r for r in log if "loss" in r]
+    summary: dict = {}
+    for key in ("loss", "lm_loss", "aux_loss", "kd_loss"):
+        values = [r[key] for r in steps if key in r and math.isfinite(r[key])]
+        if values:
+            prefix = "" if key == "loss" else key.removesuffix("_loss") + "_"
+            summary[prefix + "first"] = values[0]
+            summary[prefix + "last"] = values[-1]
+    return summary
+
+
+def _write_outputs(staging, model, tokenizer, options, model_ref, model_path, data, table, losses, steps, peak, plan_peak) -> None:
+    from moekit.finetune.targets import save_routers
+
+    if is_peft_model(model):
+        model.save_pretrained(staging / "adapter")
+        tokenizer.save_pretrained(staging / "adapter")  # carries the chat template used in training
+    else:
+        tokenizer.save_pretrained(staging / "tokenizer")  # router-only training has no adapter
+    if "gate" in options.target:
+        save_routers(model, staging / ROUTERS_FILE)
+    metadata = {
+        "moekit_version": __version__,
+        "kind": "finetune",
+        "base_model": str(model_ref),
+        "base_model_path": str(Path(model_path).resolve()),
+        "datasets": [options.data],
+        "data": {"format": data.format, "loss_on": data.loss_on, "examples": len(data.dataset), "dropped": data.dropped, "chat_template": data.template},
+        "teacher": options.teacher,
+        "options": options.model_dump(mode="json"),
+        "trainable": table.to_dict(),
+        "steps": steps,
+        "losses": losses,
+        "peak_memory_bytes": peak,
+        "planned_peak_bytes": plan_peak,
+        "routers": ROUTERS_FILE if "gate" in options.target else None,
+    }
+    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    plot_losses(_read_log(staging / LOG_FILE), staging / "loss.png")
+
+
+def plot_losses(log: list[dict], path: Path) -> None:
+    """Loss curves: total and LM (and distillation) loss on top, router aux loss below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in log if "loss" in r]
+    has_aux = any("aux_loss" in r for r in records)
+    fig, axes = plt.subplots(2 if has_aux else 1, 1, figsize=(7, 6 if has_aux else 3.5), sharex=True, squeeze=False)
+    top = axes[0][0]
+    for key, label in (("loss", "total loss"), ("lm_loss", "LM loss (assistant tokens)"), ("kd_loss", "distillation KL")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            top.plot(*zip(*points), label=label)
+    top.set_ylabel("loss")
+    top.legend()
+    top.grid(alpha=0.3)
+    if has_aux:
+        bottom = axes[1][0]
+        bottom.plot(*zip(*[(r["step"], r["aux_loss"]) for r in records if "aux_loss" in r]), color="tab:red", label="router load-balancing loss")
+        bottom.set_ylabel("aux loss")
+        bottom.legend()
+        bottom.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        if any(out.iterdir()):
+            raise OutputError(f"output directory {out} appeared while training; the run is kept in {staging}")
+        out.rmdir()
+    staging.rename(out)
+
+
+__all__ = ["FinetuneResult", "finetune", "partial_dir", "plot_losses"]
