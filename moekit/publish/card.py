@@ -28,6 +28,7 @@ METADATA = "moekit.json"
 FINETUNE_METADATA = "moekit-finetune.json"
 RECIPE = "moekit-recipe.yaml"
 EVAL_DIR = "eval"
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")  # `data/train.jsonl` is a file, not a Hub dataset
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")  # the values the Hub accepts
 
 
@@ -88,12 +89,13 @@ def inspect_directory(model_dir: Path) -> ModelDirectory:
         kind = "model"
     if kind in ("adapter", "finetune") and not metadata:
         # the MoE the fine-tune started from may be a local build whose moekit.json describes the experts
-        base = _finetune_base(finetune, adapter_dir)
-        if base and (Path(base) / METADATA).is_file():
-            metadata = _read_json(Path(base) / METADATA) or {}
+        for base in _finetune_base_dirs(finetune, adapter_dir):
+            if (base / METADATA).is_file():
+                metadata = _read_json(base / METADATA) or {}
+                break
     recipe_path = model_dir / RECIPE
-    if not recipe_path.is_file() and metadata.get("sources"):
-        recipe_path = Path(_finetune_base(finetune, adapter_dir) or model_dir) / RECIPE
+    if not recipe_path.is_file():
+        recipe_path = next((base / RECIPE for base in _finetune_base_dirs(finetune, adapter_dir) if (base / RECIPE).is_file()), recipe_path)
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else None
     return ModelDirectory(model_dir, kind, metadata, finetune, adapter_dir, recipe_text)
 
@@ -219,7 +221,7 @@ def _hub_ids(refs) -> list[str]:
     ids: list[str] = []
     for ref in refs:
         repo = str(ref).split("@", 1)[0]
-        if HUB_ID.match(repo) and not repo.startswith((".", "/", "~")) and not Path(repo).exists() and repo not in ids:
+        if HUB_ID.match(repo) and not repo.startswith((".", "/", "~")) and not Path(repo).exists() and not repo.endswith(FILE_SUFFIXES) and repo not in ids:
             ids.append(repo)
     return ids
 
@@ -463,15 +465,23 @@ def _finetune_base(finetune: dict | None, adapter_dir: Path | None) -> str | Non
     return None
 
 
-def _adapter_base_license(directory: ModelDirectory) -> str | None:
-    base = _finetune_base(directory.finetune, directory.adapter_dir)
-    if base and (Path(base) / "README.md").is_file():
-        from huggingface_hub import metadata_load
+def _finetune_base_dirs(finetune: dict | None, adapter_dir: Path | None) -> list[Path]:
+    """Local directories of the model a fine-tune started from (moekit-finetune.json records the ref and its path)."""
+    refs = [(finetune or {}).get("base_model_path"), _finetune_base(finetune, adapter_dir)]
+    return [Path(ref) for ref in refs if isinstance(ref, str) and ref and Path(ref).is_dir()]
 
-        try:
-            return (metadata_load(Path(base) / "README.md") or {}).get("license")
-        except ValueError:
-            return None
+
+def _adapter_base_license(directory: ModelDirectory) -> str | None:
+    from huggingface_hub import metadata_load
+
+    for base in _finetune_base_dirs(directory.finetune, directory.adapter_dir):
+        if (base / "README.md").is_file():
+            try:
+                license_ = (metadata_load(base / "README.md") or {}).get("license")
+            except ValueError:
+                continue
+            if license_ and license_ != UNDECIDED_LICENSE:
+                return license_
     return None
 
 
