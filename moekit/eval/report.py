@@ -1,0 +1,240 @@
+"""Writing an evaluation report: report.json, report.md and PNG charts, from a report dict.
+
+`write_report(report, out)` renders into a temporary sibling of `out` and renames it into place, so a
+failure leaves nothing half-written. The report dict is the report.json content; callers may add model
+entries (e.g. the demo's fine-tuned "moe+qlora") and render again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from moekit.errors import OutputError
+
+LOWER_IS_BETTER = {"perplexity", "loss", "bits_per_byte", "word_perplexity", "byte_perplexity"}
+PERPLEXITY_CHART = "perplexity.png"
+ROUTING_CHART = "routing.png"
+DIFFERENT_TOKENIZER_MARK = "†"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"report output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"report directory {out} exists and is not empty", hint="choose another -o or pass --overwrite")
+
+
+def write_report(report: dict, out: Path | str, *, overwrite: bool = False) -> list[str]:
+    """Render `report` into `out` atomically; returns the file names written."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
+    try:
+        render(report, staging)
+        if out.exists():
+            old = out.with_name(f".{out.name}.moekit-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted(p.name for p in out.iterdir())
+
+
+def render(report: dict, directory: Path) -> None:
+    """Write report.json, report.md and the charts into an existing `directory`."""
+    charts = [PERPLEXITY_CHART] if _sets(report) else []
+    if report.get("routing"):
+        charts.append(ROUTING_CHART)
+    report["charts"] = charts
+    (directory / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (directory / "report.md").write_text(markdown(report), encoding="utf-8")
+    if PERPLEXITY_CHART in charts:
+        plot_perplexity(report, directory / PERPLEXITY_CHART)
+    if ROUTING_CHART in charts:
+        plot_routing(report["routing"], directory / ROUTING_CHART)
+
+
+def _sets(report: dict) -> list[str]:
+    names = list(report.get("data", {}))
+    for model in report["models"]:
+        names += [name for name in model.get("metrics", {}) if name not in names]
+    return names
+
+
+def _columns(report: dict) -> list[tuple[str, str, str]]:
+    """(section, set or task, metric) for every table column."""
+    mixed_tokenizers = any(not model.get("same_tokenizer", True) for model in report["models"])
+    columns = []
+    for name in _sets(report):
+        columns.append(("metrics", name, "perplexity"))
+        if mixed_tokenizers:
+            columns.append(("metrics", name, "bits_per_byte"))
+    tasks: dict[str, list[str]] = {}
+    for model in report["models"]:
+        for task, values in model.get("tasks", {}).items():
+            tasks.setdefault(task, [])
+            tasks[task] += [m for m in values if "stderr" not in m and m not in tasks[task]]
+    columns += [("tasks", task, metric) for task, metrics in tasks.items() for metric in metrics]
+    return columns
+
+
+def _value(model: dict, column: tuple[str, str, str]) -> float | None:
+    section, name, metric = column
+    value = model.get(section, {}).get(name, {}).get(metric)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _best(values: list[float | None], metric: str) -> float | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return min(present) if metric in LOWER_IS_BETTER else max(present)
+
+
+def _format(value: float | None, metric: str) -> str:
+    if value is None:
+        return "–"
+    if metric == "perplexity" or metric.endswith("perplexity"):
+        return f"{value:.2f}" if value < 1000 else f"{value:.4g}"
+    return f"{value:.3f}"
+
+
+def _header(column: tuple[str, str, str]) -> str:
+    section, name, metric = column
+    short = {"perplexity": "ppl", "bits_per_byte": "bits/byte"}.get(metric, metric)
+    return f"{short} {name}" if section == "metrics" else f"{name} {short}"
+
+
+def markdown_table(report: dict) -> str:
+    """Rows = models, columns = metrics; the best value per column in bold; one row per MoE with its
+    difference to the best source model."""
+    columns = _columns(report)
+    models = report["models"]
+    lines = ["| model | role | " + " | ".join(_header(c) for c in columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    best = {c: _best([_value(m, c) for m in models], c[2]) for c in columns}
+    for model in models:
+        name = model["name"] + ("" if model.get("same_tokenizer", True) else f" {DIFFERENT_TOKENIZER_MARK}")
+        cells = []
+        for column in columns:
+            value = _value(model, column)
+            text = _format(value, column[2])
+            cells.append(f"**{text}**" if value is not None and value == best[column] else text)
+        lines.append(f"| {name} | {model['role']} | " + " | ".join(cells) + " |")
+    sources = [m for m in models if m["role"] == "source"]
+    for moe in (m for m in models if m["role"] == "moe"):
+        if not sources:
+            break
+        cells = []
+        for column in columns:
+            ours, theirs = _value(moe, column), _best([_value(s, column) for s in sources], column[2])
+            cells.append(_delta(ours, theirs, column[2]))
+        lines.append(f"| Δ {moe['name']} vs best source | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _delta(ours: float | None, theirs: float | None, metric: str) -> str:
+    if ours is None or theirs is None:
+        return "–"
+    difference = ours - theirs
+    relative = f" ({difference / theirs:+.1%})" if metric in LOWER_IS_BETTER and theirs else ""
+    return f"{difference:+.3g}{relative}"
+
+
+def markdown(report: dict) -> str:
+    """The whole report.md: results table, data, routing, notes."""
+    parts = [f"# Evaluation of {report['model']['name']}", "", markdown_table(report), ""]
+    parts += [
+        "Perplexity = exp(token-weighted mean loss over every scored token of the set); lower is better, "
+        "best per column in **bold**; the Δ rows give the MoE minus the best source model (relative change in brackets)."
+    ]
+    if any(not m.get("same_tokenizer", True) for m in report["models"]):
+        parts += ["", f"{DIFFERENT_TOKENIZER_MARK} evaluated with its own tokenizer, which differs from the MoE's: its perplexities are "
+                  "per token of a different tokenizer and not comparable; compare bits/byte instead."]
+    if report.get("data"):
+        parts += ["", "## Evaluation data", "", "| set | source | documents | tokens (MoE tokenizer) | bytes |", "|---|---|---:|---:|---:|"]
+        for name, info in report["data"].items():
+            parts.append(f"| {name} | {info['source']} | {info['documents']} | {info.get('tokens', '–')} | {info.get('bytes', '–')} |")
+        small = [name for name, info in report["data"].items() if info.get("small")]
+        if small:
+            parts += ["", f"Small sets ({', '.join(small)}): a sanity check only, not a benchmark; pass --data NAME=PATH for real numbers."]
+    routing = report.get("routing")
+    if routing:
+        parts += ["", f"## Routing of {routing.get('model', report['model']['name'])}", "", routing["note"], "",
+                  f"Mean router entropy {routing['mean_entropy']:.3f} nats (max {routing['max_entropy']:.3f}); "
+                  f"mean load-balance CV {routing['mean_load_cv']:.3f}; {routing['tokens']} tokens.", ""]
+        experts = routing["experts"]
+        parts += ["| layer | " + " | ".join(experts) + " | entropy | load CV |", "|---:|" + "---:|" * (len(experts) + 2)]
+        for layer in routing["layers"]:
+            parts.append(f"| {layer['layer']} | " + " | ".join(f"{s:.1%}" for s in layer["share"]) + f" | {layer['entropy']:.3f} | {layer['load_cv']:.3f} |")
+        if routing.get("own_expert_share"):
+            parts += ["", "Share of each expert-tied set routed to its own expert (mean over layers; "
+                      f"an even router gives {1 / len(experts):.0%}):", ""]
+            for name, own in routing["own_expert_share"].items():
+                parts.append(f"- {name} → {own['expert_name']}: {own['mean']:.1%}")
+    if report.get("notes"):
+        parts += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
+    if report.get("charts"):
+        parts += ["", "## Charts", ""] + [f"![{chart}]({chart})" for chart in report["charts"]]
+    return "\n".join(parts) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_perplexity(report: dict, path: Path) -> None:
+    """Grouped bars: one group per evaluation set, one bar per model (log scale)."""
+    plt = _pyplot()
+    sets, models = _sets(report), report["models"]
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(sets) * max(1, len(models)) * 0.5 + 2), 3.6))
+    for index, model in enumerate(models):
+        values = [model.get("metrics", {}).get(name, {}).get("perplexity", float("nan")) for name in sets]
+        label = model["name"] + ("" if model.get("same_tokenizer", True) else f" {DIFFERENT_TOKENIZER_MARK}")
+        hatch = None if model["role"] == "source" else "//"
+        ax.bar([s + (index - (len(models) - 1) / 2) * width for s in range(len(sets))], values, width, label=label, hatch=hatch)
+    ax.set_xticks(range(len(sets)))
+    ax.set_xticklabels(sets, rotation=20, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_title(f"Perplexity per evaluation set: {report['model']['name']} vs its sources", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_routing(routing: dict, path: Path) -> None:
+    """Expert utilisation heatmaps (layers x experts): all tokens, then each evaluation set."""
+    import numpy as np
+
+    plt = _pyplot()
+    panels = [("all sets", [layer["share"] for layer in routing["layers"]])]
+    panels += [(name, info["share"]) for name, info in routing.get("per_set", {}).items()]
+    experts = routing["experts"]
+    num_layers = len(routing["layers"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 0.5 * len(experts) * len(panels) + 1.5, 0.22 * num_layers + 2.2), sharey=True, squeeze=False)
+    for ax, (title, shares) in zip(axes[0], panels):
+        image = ax.imshow(np.array(shares), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(len(experts)))
+        ax.set_xticklabels(experts, rotation=45, ha="right", fontsize=7)
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of top-k slots")
+    fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']})", fontsize=10)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
