@@ -1,0 +1,55 @@
+"""`moekit finetune MODEL --data DATA -o OUT [options]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moekit.finetune.options import FinetuneOptions, click_options
+
+
+@click.command("finetune")
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory (adapter, routers, log, loss plot, checkpoints).")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
+@click_options(FinetuneOptions)
+def command(model: str, out: Path, push_to_hub: str | None, **options) -> None:
+    """QLoRA fine-tune the MoE at MODEL (a `moekit build` output, a Mixtral/Phixtral checkpoint, a Hub id
+    or zoo:NAME) on chat data, with every expert in 4-bit.
+
+    \b
+    Trains LoRA adapters on attention and/or chosen experts and the routers in full (--target),
+    with loss on assistant tokens only and the router load-balancing loss logged apart. Before
+    training it prints what is trainable; afterwards it checks that every target changed.
+    Checkpoints live in OUT.partial until the run finishes; --resume continues from the newest.
+    Multi-GPU: `accelerate launch -m moekit finetune ...` (DDP, or FSDP with an accelerate config).
+    """
+    from pydantic import ValidationError
+
+    from moekit.finetune.options import options_from_cli
+    from moekit.finetune.trainer import finetune
+
+    try:
+        parsed = options_from_cli(FinetuneOptions, options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        if first["type"] == "missing":
+            raise click.UsageError(f"missing option {flag}") from None
+        raise click.UsageError(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}") from None
+    result = finetune(model, out, parsed, echo=click.echo)
+    click.echo(f"trained {result.steps} steps: loss {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}"
+               + (f" (LM loss {_fmt(result.losses.get('lm_first'))} -> {_fmt(result.losses.get('lm_last'))})" if "lm_first" in result.losses else ""))
+    if result.peak_memory_bytes is not None:
+        click.echo(f"measured peak GPU memory: {result.peak_memory_bytes / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)")
+    click.echo(f"wrote {out}" + (f" (adapter: {result.adapter_dir})" if result.adapter_dir else " (routers only)"))
+    if push_to_hub:
+        from moekit.publish import publish
+
+        published = publish(out, push_to_hub)
+        click.echo(f"published to {published.url}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
