@@ -1,0 +1,246 @@
+"""Merging a fine-tune into a standard checkpoint, and loading a fine-tune for inference.
+
+    export(finetune_dir, out, dtype=None) -> out
+    load_finetuned(finetune_dir, dtype=..., device=...) -> (model, tokenizer)
+
+The MoE is loaded unquantized with the per-expert structure it was trained in
+(`load_moe_for_training(bits=16)`), the adapter is applied with plain PEFT and merged, the trained
+routers are copied in, and the weights are written under the base checkpoint's own tensor names
+(for Mixtral the Hub's legacy `block_sparse_moe.experts.E.w1/w2/w3` layout that `moekit build` writes),
+so the export loads with plain transformers. Before anything is renamed into place, every tensor is
+compared with the base: exactly the adapted modules and the routers must differ.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moekit import __version__
+from moekit.errors import OutputError, SourceError, TrainingError
+
+FINETUNE_METADATA = "moekit-finetune.json"
+ROUTERS_FILE = "routers.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_finetune(finetune_dir: str | Path) -> dict:
+    """moekit-finetune.json of a `moekit finetune` output; SourceError if it is not one."""
+    finetune_dir = Path(finetune_dir)
+    path = finetune_dir / FINETUNE_METADATA
+    if not path.is_file():
+        from moekit.finetune.trainer import partial_dir
+
+        unfinished = f" (an unfinished run is in {partial_dir(finetune_dir)}; finish it with --resume)" if partial_dir(finetune_dir).is_dir() else ""
+        raise SourceError(f"{finetune_dir} is not a moekit finetune output: {FINETUNE_METADATA} is missing{unfinished}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SourceError(f"{path} is not valid JSON: {err}") from None
+
+
+def base_model_path(metadata: dict) -> Path:
+    """The local directory of the MoE a fine-tune started from (its recorded path, else its ref resolved again)."""
+    recorded = metadata.get("base_model_path")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    from moekit.build.sources import resolve_model
+
+    return resolve_model(metadata["base_model"])
+
+
+def load_finetuned(finetune_dir: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cpu"):
+    """(model, tokenizer): the base MoE with the adapter merged in and the trained routers loaded, in eval mode."""
+    model, tokenizer, _adapted, _ = _load_merged(Path(finetune_dir), _dtype(dtype), device)
+    return model, tokenizer
+
+
+def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = None, shard_size: int = 2 * 10**9) -> Path:
+    """Write the merged fine-tune at `finetune_dir` to `out` in the base checkpoint's layout; returns `out`."""
+    from moekit.build import _check_output, _move_into_place
+    from moekit.build.sources import copy_tokenizer_files
+
+    finetune_dir, out = Path(finetune_dir), Path(out)
+    metadata = read_finetune(finetune_dir)
+    _check_output(out, overwrite=False)
+    base = base_model_path(metadata)
+    out_dtype = _dtype(dtype) if dtype is not None else _config_dtype(base)
+    model, tokenizer, adapted, routers_trained = _load_merged(finetune_dir, out_dtype, "cpu")
+
+    base_tensors = _checkpoint_tensor_names(base)
+    tensors = _checkpoint_state_dict(model, base_tensors)
+    expected = {_checkpoint_name(name + ".weight", model) for name in adapted}
+    if routers_trained:
+        from moekit.finetune.targets import _routers
+
+        expected |= set(_routers(model))
+    _verify_changes(tensors, base, expected)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
+    try:
+        _write_tensors(tensors, staging, shard_size)
+        config = model.config
+        config.dtype = out_dtype
+        config.use_cache = True
+        config.save_pretrained(staging)
+        for code in base.glob("*.py"):  # model code of remote-code architectures (Phixtral)
+            shutil.copy2(code, staging / code.name)
+        if (base / "generation_config.json").is_file():
+            shutil.copy2(base / "generation_config.json", staging / "generation_config.json")
+        copy_tokenizer_files(base, staging)
+        tokenizer.save_pretrained(staging)  # the fine-tune's tokenizer, with the chat template it was trained with
+        shutil.copy2(finetune_dir / FINETUNE_METADATA, staging / FINETUNE_METADATA)
+        if (finetune_dir / "loss.png").is_file():
+            shutil.copy2(finetune_dir / "loss.png", staging / "loss.png")
+        _write_metadata(staging, base, metadata, finetune_dir, out_dtype, sorted(expected))
+        from moekit.publish.card import write_model_card
+
+        write_model_card(staging)
+        _move_into_place(staging, out, overwrite=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise OutputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _config_dtype(base: Path) -> torch.dtype:
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    return DTYPES.get(name, torch.bfloat16)
+
+
+def _load_merged(finetune_dir: Path, dtype: torch.dtype, device):
+    """(merged model, tokenizer, names of the adapted modules, whether routers were loaded)."""
+    from transformers import AutoTokenizer
+
+    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.targets import load_routers
+
+    metadata = read_finetune(finetune_dir)
+    base = base_model_path(metadata)
+    trust_remote_code = bool(metadata.get("options", {}).get("trust_remote_code", False))
+    model = load_moe_for_training(base, bits=16, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
+    adapted: list[str] = []
+    adapter_dir = finetune_dir / "adapter"
+    if (adapter_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+        adapted = [name.removeprefix("base_model.model.") for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)]
+        model = peft_model.merge_and_unload()
+    routers_trained = (finetune_dir / ROUTERS_FILE).is_file()
+    if routers_trained:
+        load_routers(model, finetune_dir / ROUTERS_FILE)
+    model.eval()
+    model.config.use_cache = True  # the training loader turns it off
+    tokenizer_dir = next((d for d in (adapter_dir, finetune_dir / "tokenizer") if (d / "tokenizer_config.json").is_file()), base)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer, adapted, routers_trained
+
+
+# in-memory per-expert names (moekit.finetune.quantize) -> the Hub's legacy Mixtral checkpoint names
+_MIXTRAL_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(w_gate|w_up|w_down)\.weight$")
+_MIXTRAL_ROUTER = re.compile(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$")
+
+
+def _checkpoint_name(name: str, model) -> str:
+    if model.config.model_type != "mixtral":
+        return name  # Phixtral keeps its checkpoint names in memory
+    from moekit.finetune.quantize import MIXTRAL_EXPERT_PROJECTIONS
+
+    if match := _MIXTRAL_EXPERT.match(name):
+        return f"{match[1]}.block_sparse_moe.experts.{match[2]}.{MIXTRAL_EXPERT_PROJECTIONS[match[3]]}.weight"
+    if match := _MIXTRAL_ROUTER.match(name):
+        return f"{match[1]}.block_sparse_moe.gate.weight"
+    return name
+
+
+def _checkpoint_tensor_names(base: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of the base checkpoint's safetensors files."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(base.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    if not shapes:
+        raise SourceError(f"no safetensors weights in {base}")
+    return shapes
+
+
+def _checkpoint_state_dict(model, base_tensors: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The merged weights under the base checkpoint's names; the name sets and shapes must match exactly."""
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = _checkpoint_name(name, model)
+        if key not in base_tensors and key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            continue  # tied to the embeddings, not stored
+        tensors[key] = tensor
+    missing, extra = sorted(set(base_tensors) - set(tensors)), sorted(set(tensors) - set(base_tensors))
+    if missing or extra:
+        raise TrainingError(f"the merged model does not match the base checkpoint's layout (missing: {missing[:3]}, unexpected: {extra[:3]})")
+    for key, tensor in tensors.items():
+        if tuple(tensor.shape) != base_tensors[key]:
+            raise TrainingError(f"{key}: merged shape {tuple(tensor.shape)} differs from the base checkpoint's {base_tensors[key]}")
+    return tensors
+
+
+def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[str]) -> None:
+    """Exactly the tensors in `expected` differ from the base checkpoint (compared in the export dtype)."""
+    from safetensors import safe_open
+
+    changed = set()
+    for file in sorted(base.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                merged = tensors[key]
+                if not torch.equal(handle.get_tensor(key).to(merged.dtype), merged.cpu()):
+                    changed.add(key)
+    unchanged, unexpected = sorted(expected - changed), sorted(changed - expected)
+    if unchanged or unexpected:
+        raise TrainingError(
+            "the merged weights do not differ from the base exactly where the fine-tune trained"
+            + (f"; unchanged although trained: {', '.join(unchanged[:5])}" if unchanged else "")
+            + (f"; changed although not trained: {', '.join(unexpected[:5])}" if unexpected else ""),
+            hint="nothing was written",
+        )
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], staging: Path, shard_size: int) -> None:
+    from mergekit.io import TensorWriter
+    from tqdm.auto import tqdm
+
+    writer = TensorWriter(str(staging), max_shard_size=shard_size, safe_serialization=True)
+    for name, tensor in tqdm(tensors.items(), desc="writing tensors", unit="tensor"):
+        writer.save_tensor(name, tensor.detach().cpu().contiguous())
+    writer.finalize()
+
+
+def _write_metadata(staging: Path, base: Path, finetune: dict, finetune_dir: Path, dtype: torch.dtype, changed: list[str]) -> None:
+    base_meta_path = base / "moekit.json"
+    metadata = json.loads(base_meta_path.read_text(encoding="utf-8")) if base_meta_path.is_file() else {}
+    metadata.update(
+        {
+            "moekit_version": __version__,
+            "kind": "export",
+            "dtype": str(dtype).removeprefix("torch."),
+            "finetune": {"source": str(finetune_dir.resolve()), "base_moe": finetune.get("base_model"), "datasets": finetune.get("datasets"), "steps": finetune.get("steps"), "changed_tensors": len(changed)},
+        }
+    )
+    (staging / "moekit.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
