@@ -173,10 +173,10 @@ def validate_card(card: ModelCard) -> None:
 def _card_data(directory: ModelDirectory, decision: LicenseDecision, report: dict | None, name: str, base_model: str | None) -> ModelCardData:
     is_moe = bool(directory.metadata.get("num_experts")) or bool((_read_json(directory.path / "config.json") or {}).get("num_local_experts"))
     tags = ["moe", "moekit"] if is_moe or directory.kind == "adapter" else ["moekit"]
-    if directory.kind == "build" or directory.metadata.get("kind") == "build":
+    if directory.kind == "build":
         tags.insert(1, "merge")
-    if directory.metadata.get("mergekit_version"):
-        tags.append("mergekit")
+        if directory.metadata.get("mergekit_version"):
+            tags.append("mergekit")
     if directory.architecture:
         tags.append(directory.architecture)
     if directory.kind == "adapter":
@@ -265,7 +265,7 @@ def _body(directory: ModelDirectory, decision: LicenseDecision, report: dict | N
         parts.append(f"A fine-tune of the mixture of experts `{base}` made with moekit, with the adapter merged into the weights.\n")
     if decision.note:
         parts.append(f"> {decision.note}\n")
-    parts += _sources_section(meta)
+    parts += _sources_section(meta, "Source models" if directory.kind == "build" else "Source models of the base MoE")
     parts += _architecture_section(meta)
     parts += _training_section(directory)
     parts += _eval_section(report, charts)
@@ -283,12 +283,12 @@ def _arch_name(meta: dict) -> str:
     return {"mixtral": "Mixtral", "phixtral": "Phixtral"}.get(meta.get("architecture", ""), meta.get("architecture", "mixture-of-experts"))
 
 
-def _sources_section(meta: dict) -> list[str]:
+def _sources_section(meta: dict, title: str) -> list[str]:
     experts = meta.get("experts") or []
     if not meta.get("base_model") and not experts:
         return []
     sources = meta.get("sources", {})
-    lines = ["## Source models\n", f"- Base (attention, norms, embeddings): `{meta.get('base_model')}`" + _license_suffix(sources, meta.get("base_model"))]
+    lines = [f"## {title}\n", f"- Base (attention, norms, embeddings): `{meta.get('base_model')}`" + _license_suffix(sources, meta.get("base_model"))]
     for index, expert in enumerate(experts):
         ref = expert.get("source_model")
         prompts = expert.get("positive_prompts") or []
@@ -406,9 +406,9 @@ def _usage_section(directory: ModelDirectory, name: str, base_model: str | None)
                 f'model = PeftModel.from_pretrained(base, "{name}"{subfolder})\n')
         note = ""
         if (directory.path / "routers.safetensors").is_file():
-            note = ("\nThe fine-tune also trained the routers; `routers.safetensors` holds them. With moekit installed, "
-                    "`moekit.finetune.export.load_finetuned(DIR)` loads the MoE, the adapter and the routers together, and "
-                    "`moekit export DIR` writes a merged checkpoint.\n")
+            note = ("\nThe fine-tune also trained the routers: `routers.safetensors` holds them, and the adapter alone leaves "
+                    "the base's routers in place. `moekit export` on the fine-tune directory writes one checkpoint with the "
+                    "adapter and the routers merged in.\n")
     else:
         code = (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
                 f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto"{remote})\n'

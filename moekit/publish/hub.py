@@ -60,6 +60,9 @@ def publish(model_dir: Path | str, repo_id: str, *, private: bool = False, revis
         raise PublishError("--create-pr opens a pull request against the main branch; it cannot be combined with --revision")
     directory = inspect_directory(model_dir)
     missing = missing_files(directory)
+    if missing and directory.kind == "finetune" and not (model_dir / "config.json").is_file():
+        raise PublishError(f"{model_dir} is a fine-tune without an adapter (router-only training): it holds no model to upload",
+                           hint=f"merge it first with `moekit export {model_dir} -o OUT` and publish OUT")
     if missing:
         raise PublishError(f"{model_dir} is not a complete {_kind_name(directory)}: missing " + "; ".join(missing),
                            hint="publish the output directory of `moekit build`, `moekit finetune` or `moekit export`")
@@ -203,11 +206,13 @@ def _token() -> str:
 
 
 def _is_remote_error(err: Exception) -> bool:
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError
 
-    # ValueError: the Hub refused the card's metadata (validate-yaml) or answered malformed data
-    return isinstance(err, (HfHubHTTPError, httpx.HTTPError, ConnectionError, TimeoutError, ValueError))
+    # HfHubHTTPError's first base is the HTTP client's own HTTPError (httpx or its successor), which its
+    # connection and timeout errors also derive from. ValueError: the Hub refused the card (validate-yaml)
+    # or answered something malformed.
+    transport_error = HfHubHTTPError.__bases__[0]
+    return isinstance(err, (HfHubHTTPError, transport_error, ConnectionError, TimeoutError, ValueError))
 
 
 def _describe(err: Exception) -> str:
