@@ -198,7 +198,7 @@ def _pyplot():
 
 
 def plot_perplexity(report: dict, path: Path) -> None:
-    """Grouped bars: one group per evaluation set, one bar per model (log scale)."""
+    """Grouped bars: one group per evaluation set, one bar per model (MoE entries hatched)."""
     plt = _pyplot()
     sets, models = _sets(report), report["models"]
     width = 0.8 / max(len(models), 1)
@@ -207,11 +207,11 @@ def plot_perplexity(report: dict, path: Path) -> None:
         values = [model.get("metrics", {}).get(name, {}).get("perplexity", float("nan")) for name in sets]
         label = model["name"] + ("" if model.get("same_tokenizer", True) else f" {DIFFERENT_TOKENIZER_MARK}")
         hatch = None if model["role"] == "source" else "//"
-        ax.bar([s + (index - (len(models) - 1) / 2) * width for s in range(len(sets))], values, width, label=label, hatch=hatch)
+        bars = ax.bar([s + (index - (len(models) - 1) / 2) * width for s in range(len(sets))], values, width, label=label, hatch=hatch)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6)
     ax.set_xticks(range(len(sets)))
     ax.set_xticklabels(sets, rotation=20, ha="right", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("perplexity (log scale, lower is better)")
+    ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"Perplexity per evaluation set: {report['model']['name']} vs its sources", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.savefig(path, dpi=90, bbox_inches="tight")
@@ -234,7 +234,8 @@ def plot_routing(routing: dict, path: Path) -> None:
         ax.set_xticks(range(len(experts)))
         ax.set_xticklabels(experts, rotation=45, ha="right", fontsize=7)
     axes[0][0].set_ylabel("layer")
+    axes[0][0].set_yticks(range(num_layers))
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of top-k slots")
-    fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']})", fontsize=10)
+    fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']}) of {routing.get('model', 'the MoE')}", fontsize=10, y=1.04)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,206 @@
+"""`moekit eval` on tiny local models: numbers checked against direct transformers computations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.build import BuildOptions, build
+from moekit.eval import EvalOptions, evaluate
+from moekit.eval.data import load_set, render
+from moekit.eval.metrics import perplexity
+from moekit.eval.report import markdown_table, write_report
+from moekit.recipe import parse_recipe
+
+PROMPTS = {
+    "e0": ["def add(a, b): return a + b", "for i in range(10): pass"],
+    "e1": ["The quick brown fox jumps over the lazy dog.", "Write a poem about the sea."],
+    "e2": ["12 + 30 = 42", "7 * 6 = 42"],
+}
+CODE_TEXT = "def add(a, b):\n    return a + b\n\nimport os\nprint(os.getcwd())\n\nfor i in range(10):\n    print(i * 2)\n"
+CHATS = [
+    {"messages": [{"role": "user", "content": "Write a poem about the sea."}, {"role": "assistant", "content": "The sea and the sky."}]},
+    {"text": "The quick brown fox jumps over the lazy dog. 12 + 30 = 42"},
+]
+
+
+def recipe(models: dict, experts: list[str], top_k: int) -> str:
+    lines = [f"base_model: {models['base']}", "gate_mode: hidden", "dtype: float32", f"experts_per_token: {top_k}", "experts:"]
+    for index, name in enumerate(experts):
+        lines += [f"  - source_model: {models[name]}", f"    positive_prompts: {json.dumps(PROMPTS[list(PROMPTS)[index]])}"]
+    return "\n".join(lines) + "\n"
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def direct_loss(path, texts: list[str]) -> tuple[float, int]:
+    """Summed NLL and token count, one unpadded document at a time, with transformers' own loss."""
+    model, tokenizer = load(path)
+    total, tokens = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]  # the tiny tokenizer adds BOS itself
+        loss = model(ids, labels=ids).loss.item()  # mean over the len-1 predicted tokens
+        total += loss * (ids.shape[1] - 1)
+        tokens += ids.shape[1] - 1
+    return total, tokens
+
+
+@pytest.fixture(scope="module")
+def moe(llama_family, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "moe"
+    text = recipe(llama_family, ["e0", "e1", "e2"], top_k=2)
+    build(parse_recipe(text), out, BuildOptions(device="cpu"), recipe_text=text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(llama_family, tmp_path_factory) -> Path:
+    from moekit.testing import make_dense_checkpoint, make_tokenizer
+
+    tokenizer = make_tokenizer(vocab_size=300, corpus=["completely different text for a smaller vocabulary", CODE_TEXT])
+    return make_dense_checkpoint(tmp_path_factory.mktemp("other") / "other", "llama", seed=5, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("data")
+    (root / "code.txt").write_text(CODE_TEXT, encoding="utf-8")
+    (root / "mixed.jsonl").write_text("\n".join(json.dumps(c) for c in CHATS) + "\n", encoding="utf-8")
+    return {"e0": str(root / "code.txt"), "mixed": str(root / "mixed.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def report(moe, llama_family, other_tokenizer_model, data_files, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("reports") / "report"
+    options = EvalOptions(against=[str(llama_family["base"]), str(llama_family["e0"]), str(other_tokenizer_model)], data=data_files, batch_size=2, device="cpu")
+    result = evaluate(moe, out, options)
+    assert json.loads((out / "report.json").read_text()) == result.to_dict()
+    return result.to_dict() | {"_out": str(out)}
+
+
+def entry(report: dict, path) -> dict:
+    return next(m for m in report["models"] if m["path"] == str(path))
+
+
+def documents(spec: str, tokenizer) -> list[str]:
+    return [render(d, tokenizer) for d in load_set("x", spec).documents]
+
+
+def test_text_files_split_on_blank_lines_or_lines(tmp_path):
+    (tmp_path / "blocks.txt").write_text("a b\nc\n\n\nd e\n", encoding="utf-8")
+    (tmp_path / "lines.txt").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    assert load_set("b", str(tmp_path / "blocks.txt")).documents == ["a b\nc", "d e"]
+    assert load_set("l", str(tmp_path / "lines.txt"), limit=2).documents == ["one", "two"]
+
+
+def test_perplexity_equals_direct_transformers_computation(report, llama_family, data_files):
+    _, tokenizer = load(llama_family["e0"])
+    for name, spec in data_files.items():
+        texts = documents(spec, tokenizer)
+        total, tokens = direct_loss(llama_family["e0"], texts)
+        metrics = entry(report, llama_family["e0"])["metrics"][name]
+        assert metrics["tokens"] == tokens
+        assert metrics["loss"] == pytest.approx(total / tokens, rel=1e-5)
+        assert metrics["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
+        assert metrics["bits_per_byte"] == pytest.approx(total / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5)
+
+
+def test_chat_documents_use_the_chat_template(llama_family, data_files):
+    _, tokenizer = load(llama_family["base"])
+    rendered = documents(data_files["mixed"], tokenizer)
+    assert rendered[0] == "<|user|>\nWrite a poem about the sea.</s><|assistant|>\nThe sea and the sky.</s>"
+    assert rendered[1] == CHATS[1]["text"]
+
+
+def test_moe_perplexity_equals_direct_computation_and_batching_does_not_matter(report, moe, data_files):
+    model, tokenizer = load(moe)
+    texts = documents(data_files["mixed"], tokenizer) + documents(data_files["e0"], tokenizer)
+    total, tokens = direct_loss(moe, texts)
+    for batch_size in (1, 3):
+        assert perplexity(model, tokenizer, texts, batch_size=batch_size).loss == pytest.approx(total / tokens, rel=1e-5)
+    assert entry(report, moe)["role"] == "moe"
+
+
+def test_source_with_other_tokenizer_gets_its_own_tokenizer_and_a_mark(report, other_tokenizer_model, data_files):
+    other = entry(report, other_tokenizer_model)
+    assert other["same_tokenizer"] is False and all(m["same_tokenizer"] for m in report["models"] if m is not other)
+    _, tokenizer = load(other_tokenizer_model)
+    total, tokens = direct_loss(other_tokenizer_model, documents(data_files["e0"], tokenizer))
+    assert other["metrics"]["e0"]["tokens"] == tokens
+    assert other["metrics"]["e0"]["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    table = markdown_table(report)
+    assert "bits/byte e0" in table and "†" in table
+
+
+@torch.no_grad()
+def test_routing_shares_sum_to_one_and_match_router_hooks(report, moe, data_files):
+    routing = report["routing"]
+    assert routing["experts"] == ["e0", "e1", "e2"] and routing["experts_per_token"] == 2
+    for layer in routing["layers"]:
+        assert sum(layer["share"]) == pytest.approx(1, abs=1e-3)
+    model, tokenizer = load(moe)
+    router_inputs = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: router_inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        for name, spec in data_files.items():
+            router_inputs.clear()
+            for text in documents(spec, tokenizer):
+                model(tokenizer(text, return_tensors="pt")["input_ids"])
+            for layer_index, inputs in router_inputs.items():
+                gate = model.model.layers[layer_index].mlp.gate.weight
+                logits = torch.cat([x[1:] for x in inputs]) @ gate.T  # (tokens, experts), BOS excluded
+                counts = torch.bincount(logits.topk(2, dim=-1).indices.reshape(-1), minlength=3).float()
+                expected = (counts / counts.sum()).tolist()
+                assert routing["per_set"][name]["share"][layer_index] == pytest.approx(expected, abs=1e-4)
+                entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1).mean().item()
+                assert routing["per_set"][name]["entropy"][layer_index] == pytest.approx(entropy, abs=1e-4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    own = routing["own_expert_share"]["e0"]  # the --data set named like expert e0 is tied to it
+    assert own["expert"] == 0 and own["per_layer"] == [row[0] for row in routing["per_set"]["e0"]["share"]]
+
+
+def test_moe_of_identical_experts_has_the_base_perplexity(llama_family, data_files, tmp_path):
+    text = recipe(llama_family, ["base", "base"], top_k=1)
+    build(parse_recipe(text), tmp_path / "same", BuildOptions(device="cpu", allow_same_experts=True), recipe_text=text)
+    result = evaluate(tmp_path / "same", tmp_path / "report", EvalOptions(data=data_files, device="cpu")).to_dict()
+    moe_entry, base_entry = result["models"]
+    assert base_entry["base"] and base_entry["experts"] == [0, 1]  # one source filling both slots, evaluated once
+    for name in data_files:
+        assert moe_entry["metrics"][name]["perplexity"] == pytest.approx(base_entry["metrics"][name]["perplexity"], rel=1e-4)
+
+
+def test_default_sets_are_the_experts_prompts(moe, tmp_path):
+    result = evaluate(moe, tmp_path / "r", EvalOptions(device="cpu", limit=1)).to_dict()
+    assert list(result["data"]) == ["prompts:e0", "prompts:e1", "prompts:e2"]
+    assert all(info["small"] and info["documents"] == 1 for info in result["data"].values())
+    assert [m["name"] for m in result["models"]] == ["moe", "base", "e0", "e1", "e2"]  # sources from moekit.json
+    assert set(result["routing"]["own_expert_share"]) == {"prompts:e0", "prompts:e1", "prompts:e2"}
+    assert "sanity check" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_report_can_be_extended_and_rendered_again(report, tmp_path):
+    extended = json.loads(json.dumps({k: v for k, v in report.items() if k != "_out"}))
+    moe_entry = next(m for m in extended["models"] if m["role"] == "moe")
+    tuned = json.loads(json.dumps(moe_entry)) | {"name": "moe+qlora"}
+    for metrics in tuned["metrics"].values():
+        metrics["perplexity"] = 1.5  # better than every real model
+    extended["models"].append(tuned)
+    files = write_report(extended, tmp_path / "again")
+    assert {"report.json", "report.md", "perplexity.png", "routing.png"} <= set(files)
+    row = next(line for line in (tmp_path / "again" / "report.md").read_text().splitlines() if line.startswith("| moe+qlora "))
+    assert row.count("**1.50**") == len(tuned["metrics"])
+    assert "| Δ moe+qlora vs best source |" in markdown_table(extended)
+    assert all((tmp_path / "again" / name).stat().st_size > 1000 for name in ("perplexity.png", "routing.png"))
