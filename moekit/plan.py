@@ -9,8 +9,8 @@
 - trainable parameters (LoRA A/B per targeted module, expert and layer; routers in full), their
   gradients and optimizer states;
 - activations: checkpointed layer inputs, one layer's recomputed activations in the backward pass (or
-  every layer's without gradient checkpointing), the fp32 logits of the loss (batch * seq * vocab, often
-  the largest single term) and the router buffers of the load-balancing loss.
+  every layer's without gradient checkpointing), the loss (TRL's chunked LM head: one tile of logits at a
+  time rather than batch * seq * vocab fp32 logits) and the router buffers of the load-balancing loss.
 
 The predicted peak is the largest of three moments of a training step: the loss (forward end and loss
 backward), the backward pass through the last layer, and the optimizer step. It predicts what
@@ -41,11 +41,14 @@ ADAM8BIT_MIN_SIZE = 4096  # smaller tensors keep fp32 states (min_8bit_size)
 PAGED_MIN_SIZE = 100_000  # paged optimizers page only tensors at least this large (get_state_buffer)
 
 # --- what the moekit trainer does ------------------------------------------------------------------------
-COMPUTE_BYTES = 2  # bf16 compute and bf16 unquantized weights
-ROUTER_BYTES = 4  # routers are kept in fp32 (higher precision), trained in full
-LORA_BYTES = 4  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype)
-LOSS_LOGIT_BYTES = 12  # per logit during the loss backward: fp32 log-softmax kept + its fp32 gradient + the input gradient
-FORWARD_LOGIT_BYTES = 10  # per logit at the loss forward: bf16 logits + fp32 copy + fp32 log-softmax
+COMPUTE_BYTES = 2  # bf16 compute; embeddings, lm_head, norms and routers stay in bf16 (quantize_moe)
+ROUTER_BYTES = COMPUTE_BYTES  # routers are not quantized and are trained in full in the compute dtype
+LORA_BYTES = 4  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype); the trainer keeps them so
+# TRL's SFTTrainer scores tokens with a chunked ("fused") LM head: the (tokens, vocab) logits never exist
+# whole, only one bf16 tile of LOSS_TOKEN_CHUNK tokens x LOSS_VOCAB_CHUNK vocabulary entries at a time
+LOSS_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+LOSS_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+LOSS_PER_TOKEN_BYTES = 40  # fp32 running max, sums, target logit, log-probs, entropy per scored token
 
 # --- calibrated against measured peaks (benchmarks/plan_accuracy.py, H100) ------------------------------
 ALLOCATOR_OVERHEAD_BYTES = 64 * 2**20  # cuBLAS workspaces and small buffers counted by the allocator
@@ -459,10 +462,17 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
     h = shape.hidden
     layer = _layer_activation_bytes(shape, options, tokens, targets)
     checkpoint_input = tokens * h * COMPUTE_BYTES
-    logits = tokens * shape.vocab
-    # load-balancing loss: every layer's router logits concatenated, fp32 softmax, top-k one-hot (int64)
-    routing = shape.layers * tokens * (shape.experts * 4 * 2 + shape.top_k * shape.experts * 8) if shape.is_moe else 0
-    routing += shape.layers * tokens * shape.experts * COMPUTE_BYTES  # router logits kept for the aux loss
+    # the loss: TRL's chunked LM head over the scored tokens (every position but each sequence's last)
+    scored = batch * (seq - 1)
+    tile = min(scored, LOSS_TOKEN_CHUNK) * min(shape.vocab, LOSS_VOCAB_CHUNK) * COMPUTE_BYTES
+    final_hidden = tokens * h * (8 + COMPUTE_BYTES)  # final norm (fp32 input, bf16 output) and its output
+    loss_forward = final_hidden + tile + scored * (h * COMPUTE_BYTES + LOSS_PER_TOKEN_BYTES)
+    # backward: the fp32 hidden-state gradient, its bf16 copy, the saved scored hidden states, the tile
+    loss_backward = final_hidden + tile + scored * (h * (4 + 2 * COMPUTE_BYTES) + LOSS_PER_TOKEN_BYTES) + tokens * h * COMPUTE_BYTES
+    # load-balancing loss: every layer's router logits (kept), concatenated, fp32 softmax, top-k one-hot (int64)
+    routing = 0
+    if shape.is_moe:
+        routing = shape.layers * tokens * shape.experts * (2 * COMPUTE_BYTES + 2 * 4 + shape.top_k * 8)
     # transient in a layer's backward: the dequantized weight of the largest linear and the gradients of the
     # largest expert's intermediate activations
     largest = max(lin.weight_numel for lin in shape.attention + shape.expert_mlp)
@@ -472,9 +482,8 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
         "checkpoints": shape.layers * checkpoint_input if options.gradient_checkpointing else 0,
         "layer": layer,
         "all_layers": shape.layers * layer,
-        "final_norm": tokens * h * 10,
-        "loss_forward": logits * FORWARD_LOGIT_BYTES,
-        "loss_backward": logits * LOSS_LOGIT_BYTES,
+        "loss_forward": loss_forward,
+        "loss_backward": loss_backward,
         "routing": routing,
         "backward_transient": backward_transient,
         "checkpoint_input": checkpoint_input,
@@ -510,7 +519,7 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
             f"{bits}-bit, {layers} layers x {experts} experts" if shape.is_moe else f"{bits}-bit" if bits < 16 else "bf16"),
     ]
     if shape.is_moe:
-        rows.append(Row("weights", "routers", layers * router_numel * ROUTER_BYTES, "fp32, not quantized"))
+        rows.append(Row("weights", "routers", layers * router_numel * ROUTER_BYTES, "bf16, not quantized"))
     rows += [
         Row("weights", "embeddings + lm_head", (embed_numel + lm_head_numel + (vocab if shape.lm_head_bias else 0)) * COMPUTE_BYTES,
             "bf16, not quantized" + (", tied" if shape.tied_embeddings else "")),
@@ -533,7 +542,7 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
     trainable_count = sum(targets.by_kind.values())
     rows += [
         Row("training", "LoRA adapters", lora_params, f"fp32, r={options.lora_r}"),
-        Row("training", "gradients", gradients, "fp32, LoRA + routers"),
+        Row("training", "gradients", gradients, "same dtype as the parameters (LoRA fp32, routers bf16)"),
         Row("training", "optimizer states", states, options.optimizer + (f"; {format_size(paged)} more paged to CPU when short" if paged else "")),
     ]
     # the optimizer step's temporaries: torch's foreach AdamW takes one sqrt(exp_avg_sq) per parameter
@@ -550,7 +559,7 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
     else:
         rows.append(Row("activations", "all layers", act["all_layers"], "kept for the backward pass (no gradient checkpointing)"))
     rows += [
-        Row("activations", "logits + loss", act["loss_backward"], "fp32 log-softmax and its gradient over batch x seq x vocab"),
+        Row("activations", "final norm + loss", act["loss_backward"], "chunked LM head: one bf16 logits tile, fp32 hidden-state gradient"),
         Row("activations", "routing buffers", act["routing"], "router logits for the load-balancing loss") if shape.is_moe else None,
     ]
     rows = [r for r in rows if r is not None]
@@ -559,8 +568,8 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
     kept = act["checkpoints"] if options.gradient_checkpointing else act["all_layers"]
     per_layer_grads = gradients // max(len(options.layers or range(layers)), 1)
     phases = {
-        "loss forward": resident + autocast_cache + kept + act["routing"] + act["final_norm"] + act["loss_forward"],
-        "loss backward": resident + kept + act["routing"] + act["final_norm"] + act["loss_backward"],
+        "loss forward": resident + autocast_cache + kept + act["routing"] + act["loss_forward"],
+        "loss backward": resident + kept + act["routing"] + act["loss_backward"],
         "backward of the last layer": resident + act["routing"] + act["backward_transient"] + (
             kept + per_layer_grads + act["layer"] if options.gradient_checkpointing else kept + per_layer_grads),
         "optimizer step": resident + gradients + step_temporary,
@@ -673,7 +682,20 @@ def _advice(plan: MemoryPlan, gpu_memory: int) -> str:
     for text, change in candidates:
         if _needed(shape, options, **change) <= gpu_memory:
             return text
-    floor = _needed(shape, options, batch_size=1, max_seq_len=8, gradient_checkpointing=True, bits=4, optimizer="adamw_8bit")
-    if floor > gpu_memory:
-        return f"no setting fits: even batch 1 at 8 tokens in 4-bit needs {format_size(floor)}; use a larger GPU or fewer experts"
-    return "combine: --bits 4, --optimizer adamw_8bit, a smaller batch size and sequence length"
+    # no single change is enough: add the memory-only changes one by one, then shrink the batch, then the sequence
+    steps: list[str] = []
+    changes: dict = {}
+    for text, change in [("", {})] + candidates:
+        if "batch_size" in change or "max_seq_len" in change:
+            continue
+        changes.update(change)
+        if text:
+            steps.append(text.split(" (")[0])
+        current = options.model_copy(update=changes)
+        batch = _largest(lambda b: _needed(shape, current, batch_size=b) <= gpu_memory, 1, options.batch_size)
+        if batch:
+            return ", then ".join(steps + ([f"--batch-size {batch}"] if batch < options.batch_size else []))
+        seq = _largest(lambda s: _needed(shape, current, batch_size=1, max_seq_len=s) <= gpu_memory, 8, options.max_seq_len)
+        if seq:
+            return ", then ".join(steps + ["--batch-size 1", f"--max-seq-len {seq - seq % 64 if seq >= 64 else seq}"])
+    return "no setting fits, even batch 1 at 8 tokens with 8-bit optimizer states: use a larger GPU, or train fewer targets (--target gate, --layers)"
