@@ -84,6 +84,9 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     quant_storage = compute_dtype if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else torch.uint8
     device_map = {"": device} if device.type == "cuda" else None
     base = load_moe_for_training(model_path, bits=options.bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=options.trust_remote_code)
+    from transformers import set_seed
+
+    set_seed(options.seed)  # LoRA initialisation draws from the global generator
     peft_model, table = apply_targets(base, options)
     echo(table.render())
     teacher = _load_teacher(teacher_path, config, compute_dtype, device_map, options) if teacher_path is not None else None

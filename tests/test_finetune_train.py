@@ -1,0 +1,304 @@
+"""`moekit finetune` / `moekit export` on a tiny 3-expert MoE with NF4 experts (bitsandbytes on the CPU).
+
+Training runs are module-scoped and reused: one full run (all targets), one expert-1-only run, one
+router-only run; resume and distillation make short runs of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moekit.build import BuildOptions, build
+from moekit.cli import main
+from moekit.finetune.options import FinetuneOptions
+from moekit.finetune.trainer import finetune, partial_dir
+from moekit.recipe import parse_recipe
+
+from test_build import recipe_text
+
+QUICK = dict(batch_size=4, max_seq_len=64, lora_r=8, learning_rate=5e-3, save_steps=1000)
+
+
+def toy_conversations(count: int = 32) -> list[dict]:
+    """A learnable task: the reply is a fixed sentence after the sum of the two numbers asked."""
+    rows = []
+    for i in range(count):
+        a, b = i % 7, (i * 3) % 5
+        rows.append({"messages": [{"role": "user", "content": f"{a} + {b} ="}, {"role": "assistant", "content": f"{a + b}. The quick brown fox."}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("finetune")
+
+
+@pytest.fixture(scope="module")
+def moe(llama_family, workdir) -> Path:
+    out = workdir / "moe"
+    build(parse_recipe(recipe_text(llama_family, "random")), out, BuildOptions(device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_data(workdir) -> Path:
+    return write_jsonl(workdir / "chat.jsonl", toy_conversations())
+
+
+@pytest.fixture(scope="module")
+def trained(moe, chat_data, workdir):
+    """30 steps of QLoRA on attention, all experts and the routers."""
+    out = workdir / "full"
+    result = finetune(moe, out, FinetuneOptions(data=str(chat_data), max_steps=30, **QUICK))
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def expert1(moe, chat_data, workdir):
+    out = workdir / "expert1"
+    finetune(moe, out, FinetuneOptions(data=str(chat_data), max_steps=4, target="experts", experts="1", **QUICK))
+    return out
+
+
+def logits(model, input_ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def changed_tensors(base: Path, other: Path) -> set[str]:
+    """Names of the tensors whose values differ between two checkpoints of the same layout."""
+    def read(model_dir):
+        tensors = {}
+        for file in model_dir.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as handle:
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+        return tensors
+
+    a, b = read(base), read(other)
+    assert set(a) == set(b)
+    return {key for key in a if not torch.equal(a[key], b[key])}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_loss_goes_down_with_aux_loss_logged_apart(trained):
+    out, result = trained
+    assert result.steps == 30
+    assert result.losses["lm_last"] < 0.6 * result.losses["lm_first"], result.losses
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for record in steps:  # total = LM + coef * aux, each logged
+        assert record["aux_loss"] > 0
+        assert record["loss"] == pytest.approx(record["lm_loss"] + 0.02 * record["aux_loss"], rel=1e-5)
+
+
+def test_output_files_and_metadata(trained, moe, chat_data):
+    out, result = trained
+    assert {"adapter", "routers.safetensors", "moekit-finetune.json", "training_log.jsonl", "loss.png", "checkpoints"} <= {p.name for p in out.iterdir()}
+    assert not partial_dir(out).exists()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapter" / "chat_template.jinja").is_file()
+    metadata = json.loads((out / "moekit-finetune.json").read_text())
+    assert metadata["base_model_path"] == str(moe.resolve())
+    assert metadata["datasets"] == [str(chat_data)]
+    assert metadata["data"]["loss_on"] == "assistant turns"
+    assert metadata["trainable"]["by_kind"].keys() == {"attn", "experts", "gate"}
+    assert metadata["trainable"]["by_expert"].keys() == {"0", "1", "2"}
+    assert metadata["losses"]["last"] == result.last_loss
+
+
+def test_adapter_and_routers_load_with_plain_peft(trained, moe, tiny_tokenizer):
+    """PEFT's own loader on the MoE in moekit's per-expert layout reproduces load_finetuned."""
+    from peft import PeftModel
+
+    from moekit.finetune.export import load_finetuned
+    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.targets import load_routers
+
+    out, _ = trained
+    ids = tiny_tokenizer(["3 + 4 = 7. The quick brown fox."], return_tensors="pt").input_ids
+    base = load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu")
+    base_logits = logits(base, ids)
+    plain = PeftModel.from_pretrained(base, out / "adapter")
+    load_routers(plain, out / "routers.safetensors")
+    plain.eval()
+    merged, _tokenizer = load_finetuned(out, dtype=torch.float32, device="cpu")
+    assert torch.allclose(logits(plain, ids), logits(merged, ids), atol=1e-5)
+    assert not torch.allclose(logits(merged, ids), base_logits, atol=1e-3)
+
+
+def test_resume_continues_from_the_checkpoint(moe, chat_data, tmp_path, monkeypatch):
+    from moekit.finetune import trainer as trainer_module
+
+    options = dict(data=str(chat_data), max_steps=6, lora_dropout=0.0, **{**QUICK, "save_steps": 3})
+    reference = finetune(moe, tmp_path / "reference", FinetuneOptions(**options))
+
+    original_on_log = trainer_module.JsonlLogCallback.on_log
+
+    def crash_after_step_4(self, args, state, control, logs=None, **kwargs):
+        original_on_log(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == 4:
+            raise KeyboardInterrupt  # as if the run were killed after the checkpoint at step 3
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer_module.JsonlLogCallback, "on_log", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(moe, out, FinetuneOptions(**options))
+    monkeypatch.undo()
+    assert not out.exists()
+    assert (partial_dir(out) / "checkpoints" / "checkpoint-3").is_dir()
+
+    resumed = finetune(moe, out, FinetuneOptions(**options, resume=True))
+    assert resumed.steps == 6
+    assert not partial_dir(out).exists()
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if "loss" in line]
+    reference_log = [json.loads(line) for line in (tmp_path / "reference" / "training_log.jsonl").read_text().splitlines() if "loss" in line]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    ours = [r["loss"] for r in log if "loss" in r]
+    theirs = [r["loss"] for r in reference_log if "loss" in r]
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert resumed.last_loss == pytest.approx(reference.last_loss, rel=1e-4)
+
+
+def test_router_only_training(moe, chat_data, tmp_path):
+    out = tmp_path / "routers"
+    result = finetune(moe, out, FinetuneOptions(data=str(chat_data), max_steps=3, target="gate", **QUICK))
+    assert result.adapter_dir is None and not (out / "adapter").exists()
+    assert result.trainable.to_dict()["by_kind"].keys() == {"gate"}
+    exported = tmp_path / "exported"
+    from moekit.finetune.export import export
+
+    export(out, exported)
+    assert changed_tensors(moe, exported) == {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}
+
+
+def test_distillation_from_a_dense_teacher(moe, chat_data, llama_family, tmp_path):
+    out = tmp_path / "kd"
+    result = finetune(moe, out, FinetuneOptions(data=str(chat_data), max_steps=3, teacher=str(llama_family["e0"]), kd_alpha=0.5, target="attn", **QUICK))
+    steps = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert all(r["kd_loss"] > 0 and "lm_loss" in r and "aux_loss" in r for r in steps)
+    assert result.losses["kd_first"] > 0
+    assert json.loads((out / "moekit-finetune.json").read_text())["teacher"] == str(llama_family["e0"])
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_export_changes_only_expert_1(expert1, moe, tmp_path, capsys, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.finetune.export import load_finetuned
+
+    out = tmp_path / "merged"
+    code, output = run_cli(["export", str(expert1), "-o", str(out)], capsys)
+    assert code == 0, output
+    assert changed_tensors(moe, out) == {f"model.layers.{layer}.block_sparse_moe.experts.1.{w}.weight" for layer in range(2) for w in ("w1", "w2", "w3")}
+    metadata = json.loads((out / "moekit.json").read_text())
+    assert metadata["kind"] == "export" and metadata["architecture"] == "mixtral"
+    assert (out / "moekit-finetune.json").is_file() and (out / "README.md").is_file()
+
+    ids = tiny_tokenizer(["1 + 2 = 3. The quick brown fox."], return_tensors="pt").input_ids
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    merged, _ = load_finetuned(expert1, dtype=torch.float32, device="cpu")
+    assert torch.allclose(logits(exported, ids), logits(merged, ids), atol=1e-5)
+
+
+def test_export_refuses_an_adapter_that_did_not_train(expert1, tmp_path, capsys):
+    """Zeroing the saved LoRA B matrices makes the merge a no-op: export must refuse and write nothing."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(expert1, broken)
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, str(weights))
+    out = tmp_path / "merged"
+    code, output = run_cli(["export", str(broken), "-o", str(out)], capsys)
+    assert code != 0 and "unchanged although trained" in output and "experts.1.w1" in output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+# --- bad input through the CLI -------------------------------------------------------------------
+
+
+def assert_refused(args: list[str], out: Path, capsys, *expected: str) -> str:
+    code, output = run_cli(["finetune", *args, "-o", str(out), "--max-seq-len", "64", "--max-steps", "2"], capsys)
+    assert code != 0
+    assert "Traceback" not in output
+    for fragment in expected:
+        assert fragment in output, output
+    assert not out.exists() and not partial_dir(out).exists()
+    return output
+
+
+def test_refuses_expert_targets_on_a_dense_model(llama_family, chat_data, tmp_path, capsys):
+    assert_refused([str(llama_family["base"]), "--data", str(chat_data), "--target", "experts"], tmp_path / "o", capsys, "needs an MoE")
+
+
+def test_refuses_expert_index_out_of_range(moe, chat_data, tmp_path, capsys):
+    assert_refused([str(moe), "--data", str(chat_data), "--experts", "0,3"], tmp_path / "o", capsys, "--experts 3 is out of range", "3 experts")
+
+
+def test_refuses_dataset_without_expected_columns(moe, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello", "label": 1}])
+    assert_refused([str(moe), "--data", str(data)], tmp_path / "o", capsys, "['text', 'label']", "`messages`", "`prompt` + `completion`")
+
+
+def test_refuses_missing_dataset(moe, tmp_path, capsys):
+    assert_refused([str(moe), "--data", str(tmp_path / "nope.jsonl")], tmp_path / "o", capsys, "does not exist")
+
+
+def test_refuses_dataset_empty_after_length_filter(moe, tmp_path, capsys):
+    long_prompt = " ".join(["the quick brown fox"] * 40)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": long_prompt, "completion": "ok"}] * 4)
+    assert_refused([str(moe), "--data", str(data)], tmp_path / "o", capsys, "no example", "--max-seq-len 64")
+
+
+def test_refuses_a_chat_template_that_cannot_be_applied(moe, chat_data, tmp_path, capsys):
+    broken = tmp_path / "moe"
+    shutil.copytree(moe, broken)
+    (broken / "chat_template.jinja").write_text("{{ raise_exception('only user turns, please') }}")
+    assert_refused([str(broken), "--data", str(chat_data)], tmp_path / "o", capsys, "chat template cannot be applied", "only user turns")
+
+
+def test_refuses_resume_without_checkpoint(moe, chat_data, tmp_path, capsys):
+    assert_refused([str(moe), "--data", str(chat_data), "--resume"], tmp_path / "o", capsys, "--resume: no checkpoint")
+
+
+def test_refuses_unfinished_run_without_resume(moe, chat_data, tmp_path, capsys):
+    (tmp_path / "o.partial" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o")], capsys)
+    assert code != 0 and "--resume" in output and not (tmp_path / "o").exists()
+
+
+def test_refuses_without_bitsandbytes(moe, chat_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
+    assert_refused([str(moe), "--data", str(chat_data)], tmp_path / "o", capsys, "bitsandbytes is not installed", "--bits 16")
+
+
+def test_export_refuses_a_directory_that_is_not_a_finetune(moe, tmp_path, capsys):
+    code, output = run_cli(["export", str(moe), "-o", str(tmp_path / "x")], capsys)
+    assert code != 0 and "not a moekit finetune output" in output and not (tmp_path / "x").exists()
