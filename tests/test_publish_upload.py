@@ -353,3 +353,27 @@ def test_bad_repo_id_and_pr_with_branch_are_refused(moe_dir, tmp_path):
         publish(moe_dir, "no-namespace", dry_run=True)
     with pytest.raises(PublishError, match="create-pr"):
         publish(moe_dir, "me/x", revision="dev", create_pr=True, dry_run=True)
+
+
+def test_dry_run_lists_exactly_what_the_upload_sends_with_a_report(hub, moe_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "moe"
+    shutil.copytree(moe_dir, model_dir)
+    report_dir = tmp_path / "eval-out"
+    report_dir.mkdir()
+    (report_dir / "report.json").write_text(json.dumps({"models": [{"name": "moe", "path": str(model_dir), "role": "moe", "metrics": {"code": {"perplexity": 9.5, "loss": 2.25, "tokens": 10}}}]}))
+    (report_dir / "perplexity.png").write_bytes(b"\x89PNG not really")
+    args = [str(model_dir), "--repo-id", "me/evaluated", "--report", str(report_dir)]
+    dry = run_publish([*args, "--dry-run"], hub.endpoint, tmp_path)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    lines = dry.stdout.splitlines()
+    listed = [line.split()[0] for line in lines[1:lines.index("")]]
+    assert not (model_dir / "eval").exists()  # a dry run copies nothing
+    done = run_publish(args, hub.endpoint, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored = hub.repos["me/evaluated"]["branches"]["main"]
+    assert sorted(stored) == sorted(listed) and {"eval/report.json", "eval/perplexity.png"} <= set(stored)
+    card = stored["README.md"][1].decode()
+    assert card in dry.stdout  # the printed card is the uploaded one
+    assert "model-index" in card and "value: 9.5" in card and "![perplexity](eval/perplexity.png)" in card

@@ -516,7 +516,8 @@ def _load_report(model_dir: Path, report: dict | Path | None) -> tuple[dict | No
 
 
 def _report_charts(model_dir: Path, report: dict | Path | None) -> list[str]:
-    """Relative paths (inside model_dir) of the eval charts the card shows."""
+    """Paths (inside model_dir) of the eval charts the card shows; a report outside the folder is shown
+    where `write_model_card` copies it (eval/), so that the card only links to files uploaded with it."""
     if isinstance(report, dict):
         return []
     charts_dir = model_dir / EVAL_DIR
@@ -526,18 +527,24 @@ def _report_charts(model_dir: Path, report: dict | Path | None) -> list[str]:
     try:
         relative = charts_dir.resolve().relative_to(model_dir.resolve())
     except ValueError:
-        return []  # charts outside the folder would not be uploaded; write_model_card copies them in first
-    return [str(relative / png.name) for png in sorted(charts_dir.glob("*.png"))]
+        relative = Path(EVAL_DIR)
+    return [(relative / png.name).as_posix() for png in sorted(charts_dir.glob("*.png"))]
+
+
+def report_files(model_dir: Path, report: Path | None) -> dict[str, Path]:
+    """{path inside model_dir: source file} that `write_model_card` copies for an eval report outside the folder."""
+    if report is None:
+        return {}
+    source = Path(report) if Path(report).is_dir() else Path(report).parent
+    if not (source / "report.json").is_file():
+        raise PublishError(f"eval report {report} does not exist", hint="pass the report.json written by `moekit eval`, or its directory")
+    if source.resolve() == (model_dir / EVAL_DIR).resolve():
+        return {}
+    items = [source / "report.json", source / "report.md", *sorted(source.glob("*.png"))]
+    return {f"{EVAL_DIR}/{item.name}": item for item in items if item.is_file()}
 
 
 def _copy_report(model_dir: Path, report: Path) -> None:
-    source = report if report.is_dir() else report.parent
-    if not (source / "report.json").is_file():
-        raise PublishError(f"eval report {report} does not exist", hint="pass the report.json written by `moekit eval`, or its directory")
-    target = model_dir / EVAL_DIR
-    if source.resolve() == target.resolve():
-        return
-    target.mkdir(exist_ok=True)
-    for item in [source / "report.json", source / "report.md", *sorted(source.glob("*.png"))]:
-        if item.is_file():
-            shutil.copy2(item, target / item.name)
+    for target, source in report_files(model_dir, report).items():
+        (model_dir / target).parent.mkdir(exist_ok=True)
+        shutil.copy2(source, model_dir / target)

@@ -17,7 +17,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from moekit.errors import PublishError
-from moekit.publish.card import ModelDirectory, _is_hub_ref, decide_license, inspect_directory, model_card, validate_card
+from moekit.publish.card import (
+    ModelDirectory, _is_hub_ref, decide_license, inspect_directory, model_card, report_files, validate_card, write_model_card,
+)
 
 # Never uploaded: trainer checkpoints (optimizer states, often larger than the model), caches, hidden files.
 IGNORE_PATTERNS = [
@@ -75,16 +77,14 @@ def publish(model_dir: Path | str, repo_id: str, *, private: bool = False, revis
         _check_base_model(directory, base_model)
     card = model_card(model_dir, license=decision.license, report=report, repo_id=repo_id, base_model=base_model)
     validate_card(card)
-    files = planned_files(model_dir, card)
+    files = planned_files(model_dir, card, report)
     result = PublishResult(repo_id, files, card, dry_run, revision=revision)
     if decision.license is None:
         result.warnings.append("the sources state no license, so the card has none; pass --license to set one")
     if dry_run:
         return result
     token = _token()
-    from moekit.publish.card import write_model_card
-
-    write_model_card(model_dir, license=decision.license, report=report, repo_id=repo_id, base_model=base_model)
+    result.card = write_model_card(model_dir, license=decision.license, report=report, repo_id=repo_id, base_model=base_model)
     try:
         _upload(result, model_dir, token, private=private, create_pr=create_pr, commit_message=commit_message)
     except PublishError:
@@ -118,15 +118,16 @@ def _upload(result: PublishResult, model_dir: Path, token: str, *, private: bool
     result.url = info.pr_url or str(repo_url)
 
 
-def planned_files(model_dir: Path, card: ModelCard) -> list[tuple[str, int]]:
-    """What `upload_folder` will send, with the same filter it applies, and the card's size for README.md."""
+def planned_files(model_dir: Path, card: ModelCard, report: Path | None = None) -> list[tuple[str, int]]:
+    """What `upload_folder` will send, with the same filter it applies: the folder's files, the card about to be
+    written as README.md and the eval report files about to be copied in."""
     from huggingface_hub.utils import filter_repo_objects
 
-    paths = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
-    kept = set(filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS + _default_ignore_patterns()))
-    files = [(path, (model_dir / path).stat().st_size) for path in paths if path in kept and path != "README.md"]
-    files.append(("README.md", len(str(card).encode("utf-8"))))
-    return sorted(files)
+    sizes = {p.relative_to(model_dir).as_posix(): p.stat().st_size for p in model_dir.rglob("*") if p.is_file()}
+    sizes.update({path: source.stat().st_size for path, source in report_files(model_dir, report).items()})
+    sizes["README.md"] = len(str(card).encode("utf-8"))
+    kept = set(filter_repo_objects(sorted(sizes), ignore_patterns=IGNORE_PATTERNS + _default_ignore_patterns()))
+    return sorted((path, size) for path, size in sizes.items() if path in kept)
 
 
 def _default_ignore_patterns() -> list[str]:
