@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -162,27 +159,5 @@ def test_interrupted_write_leaves_nothing(tmp_path, capsys, llama_family, monkey
         return original(self, name, tensor, clone)
 
     monkeypatch.setattr(TensorWriter, "save_tensor", failing_save)
-    output = assert_refused(tmp_path, recipe_text(llama_family, "random"), capsys, "nothing was written" if failure is KeyboardInterrupt else "disk is full")
+    assert_refused(tmp_path, recipe_text(llama_family, "random"), capsys, "nothing was written" if failure is KeyboardInterrupt else "disk is full")
     assert calls["n"] == 10
-
-
-def test_hub_recipe_resolves_through_the_hub_cache(tmp_path, llama_family):
-    """recipes/4x7b.yaml runs unchanged through the real CLI, its Hub ids served from a local HF cache."""
-    from moekit.recipe import load_recipe
-    from moekit.testing import populate_hub_cache
-
-    recipe = Path(__file__).parent.parent / "recipes" / "4x7b.yaml"
-    parsed = load_recipe(recipe)
-    cache = tmp_path / "hub"
-    populate_hub_cache(cache, parsed.base_model, llama_family["base"])
-    for i, expert in enumerate(parsed.experts):
-        populate_hub_cache(cache, expert.source_model, llama_family[f"e{i % 3}"])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1")
-    out = tmp_path / "beyonder"
-    done = subprocess.run([sys.executable, "-m", "moekit", "build", str(recipe), "-o", str(out), "--device", "cpu"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
-    assert config["num_local_experts"] == 4 and config["dtype"] == "bfloat16"
-    assert (out / "moekit-recipe.yaml").read_text() == recipe.read_text()
-    metadata = json.loads((out / "moekit.json").read_text())
-    assert metadata["sources"]["WizardLM/WizardMath-7B-V1.1"]["path"].startswith(str(cache))
