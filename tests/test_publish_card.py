@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard, metadata_load
-from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from huggingface_hub.repocard_data import (
+    eval_results_to_model_index,
+    model_index_to_eval_results,
+)
 
 from moekit.build import BuildOptions, build
 from moekit.errors import PublishError

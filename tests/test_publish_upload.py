@@ -179,7 +179,7 @@ def run_publish(args: list[str], endpoint: str, tmp_path: Path, token: str | Non
                HF_HOME=str(tmp_path / "hf-home"), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="5")
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "moekit", "publish", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "moekit", "publish", *args], check=False, env=env, capture_output=True, text=True, timeout=120)
 
 
 def uploaded_tree(model_dir: Path) -> dict[str, bytes]:

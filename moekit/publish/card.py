@@ -126,12 +126,11 @@ def model_card(model_dir: Path, *, license: str | None = None, report: dict | Pa
     """
     directory = inspect_directory(Path(model_dir))
     decision = decide_license(directory, license)
-    report_dict, _ = _load_report(directory.path, report)
+    report_dict = _load_report(directory.path, report)
     name = repo_id or _directory_name(directory.path)
     data = _card_data(directory, decision, report_dict, name, base_model)
     body = _body(directory, decision, report_dict, name, base_model, _report_charts(directory.path, report))
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    return card
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def write_model_card(model_dir: Path, *, license: str | None = None, report: dict | Path | None = None, repo_id: str | None = None,
@@ -199,13 +198,13 @@ def _card_data(directory: ModelDirectory, decision: LicenseDecision, report: dic
 def _metadata_base_models(directory: ModelDirectory, base_model: str | None) -> list[str]:
     """Hub ids only: the Hub rejects local paths in `base_model`."""
     if directory.kind in ("adapter", "finetune"):
-        candidates = [base_model or _finetune_base(directory.finetune, directory.adapter_dir)]
+        candidates = [base_model or finetune_base(directory.finetune, directory.adapter_dir)]
     else:
         candidates = [directory.metadata.get("base_model"), *(e.get("source_model") for e in directory.metadata.get("experts", []))]
-    return _hub_ids(ref for ref in candidates if ref and _is_hub_ref(ref, directory.metadata))
+    return _hub_ids(ref for ref in candidates if ref and is_hub_ref(ref, directory.metadata))
 
 
-def _is_hub_ref(ref: str, metadata: dict) -> bool:
+def is_hub_ref(ref: str, metadata: dict) -> bool:
     """A ref is a Hub id when it looks like `org/name[@rev]` and was not read as a local directory."""
     if ref.startswith(("zoo:", ".", "/", "~")):
         return False
@@ -257,11 +256,11 @@ def _body(directory: ModelDirectory, decision: LicenseDecision, report: dict | N
                      f"{meta.get('moekit_version', '')} from {meta.get('num_experts', '?')} dense checkpoints"
                      + (f" (mergekit {meta['mergekit_version']})." if meta.get("mergekit_version") else ".") + "\n")
     elif directory.kind == "adapter":
-        base = base_model or _finetune_base(directory.finetune, directory.adapter_dir) or "its base model"
+        base = base_model or finetune_base(directory.finetune, directory.adapter_dir) or "its base model"
         parts.append(f"A PEFT (LoRA) adapter fine-tuned with moekit on the mixture of experts `{base}`. "
                      f"Load it on top of that model (see Usage).\n")
     elif directory.kind == "finetune":
-        base = base_model or _finetune_base(directory.finetune, None) or "a moekit MoE"
+        base = base_model or finetune_base(directory.finetune, None) or "a moekit MoE"
         parts.append(f"A fine-tune of the mixture of experts `{base}` made with moekit, with the adapter merged into the weights.\n")
     if decision.note:
         parts.append(f"> {decision.note}\n")
@@ -273,9 +272,9 @@ def _body(directory: ModelDirectory, decision: LicenseDecision, report: dict | N
     parts += _usage_section(directory, name, base_model)
     if directory.recipe_text:
         parts.append("## Recipe\n\n```yaml\n" + directory.recipe_text.rstrip() + "\n```\n")
-    if decision.license:
-        parts.append(f"## License\n\n`{decision.license}`" + (" (see the note above)." if decision.conflict else ", taken from the source models.\n"
-                     if not decision.note and decision.source_licenses and decision.license in decision.source_licenses.values() else ".\n"))
+    if decision.license and not decision.conflict:
+        from_sources = decision.license in decision.source_licenses.values()
+        parts.append(f"## License\n\n`{decision.license}`" + (", the source models' license.\n" if from_sources else ".\n"))
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -398,7 +397,7 @@ def _routing_section(directory: ModelDirectory) -> list[str]:
 def _usage_section(directory: ModelDirectory, name: str, base_model: str | None) -> list[str]:
     remote = ", trust_remote_code=True" if directory.architecture == "phixtral" else ""
     if directory.kind == "adapter":
-        base = base_model or _finetune_base(directory.finetune, directory.adapter_dir) or "BASE_MOE"
+        base = base_model or finetune_base(directory.finetune, directory.adapter_dir) or "BASE_MOE"
         subfolder = "" if directory.adapter_dir == directory.path else f', subfolder="{directory.adapter_dir.name}"'
         code = (f'from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
                 f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto"{remote})\n'
@@ -453,7 +452,7 @@ def _recipe_license(recipe_text: str | None) -> str | None:
     return settings.get("license") if isinstance(settings, dict) else None
 
 
-def _finetune_base(finetune: dict | None, adapter_dir: Path | None) -> str | None:
+def finetune_base(finetune: dict | None, adapter_dir: Path | None) -> str | None:
     """The model a fine-tune started from: moekit-finetune.json, else the adapter's own config."""
     for key in ("base_model", "model", "base_model_path", "model_path", "base"):
         value = (finetune or {}).get(key)
@@ -467,7 +466,7 @@ def _finetune_base(finetune: dict | None, adapter_dir: Path | None) -> str | Non
 
 def _finetune_base_dirs(finetune: dict | None, adapter_dir: Path | None) -> list[Path]:
     """Local directories of the model a fine-tune started from (moekit-finetune.json records the ref and its path)."""
-    refs = [(finetune or {}).get("base_model_path"), _finetune_base(finetune, adapter_dir)]
+    refs = [(finetune or {}).get("base_model_path"), finetune_base(finetune, adapter_dir)]
     return [Path(ref) for ref in refs if isinstance(ref, str) and ref and Path(ref).is_dir()]
 
 
@@ -498,21 +497,21 @@ def _finetune_datasets(finetune: dict | None) -> list[str]:
     return []
 
 
-def _load_report(model_dir: Path, report: dict | Path | None) -> tuple[dict | None, Path | None]:
-    """(report dict, directory holding its charts)."""
+def _load_report(model_dir: Path, report: dict | Path | None) -> dict | None:
+    """The eval report given (dict or path), else the one in `model_dir/eval/`, else None."""
     if isinstance(report, dict):
-        return report, None
+        return report
     path = Path(report) if report is not None else model_dir / EVAL_DIR / "report.json"
     if path.is_dir():
         path = path / "report.json"
     if not path.is_file():
         if report is not None:
             raise PublishError(f"eval report {path} does not exist", hint="pass the report.json written by `moekit eval`, or its directory")
-        return None, None
+        return None
     data = _read_json(path)
     if data is None or not isinstance(data.get("models"), list):
         raise PublishError(f"{path} is not a moekit eval report (no 'models' list)")
-    return data, path.parent
+    return data
 
 
 def _report_charts(model_dir: Path, report: dict | Path | None) -> list[str]:

@@ -18,7 +18,15 @@ from huggingface_hub import ModelCard
 
 from moekit.errors import PublishError
 from moekit.publish.card import (
-    ModelDirectory, _is_hub_ref, decide_license, inspect_directory, model_card, report_files, validate_card, write_model_card,
+    ModelDirectory,
+    decide_license,
+    finetune_base,
+    inspect_directory,
+    is_hub_ref,
+    model_card,
+    report_files,
+    validate_card,
+    write_model_card,
 )
 
 # Never uploaded: trainer checkpoints (optimizer states, often larger than the model), caches, hidden files.
@@ -181,12 +189,10 @@ def _missing_remote_code(path: Path) -> list[str]:
 
 
 def _check_base_model(directory: ModelDirectory, base_model: str | None) -> None:
-    from moekit.publish.card import _finetune_base
-
-    base = base_model or _finetune_base(directory.finetune, directory.adapter_dir)
+    base = base_model or finetune_base(directory.finetune, directory.adapter_dir)
     if base_model is not None and not REPO_ID.match(base_model.split("@", 1)[0]):
         raise PublishError(f"--base-model '{base_model}' is not a Hub repository id", hint="write it as USER/NAME")
-    if base and (base_model or _is_hub_ref(base, {})):
+    if base and (base_model or is_hub_ref(base, {})):
         return
     raise PublishError(f"the {_kind_name(directory)} was trained on {base or 'an unknown model'}, which is not a Hub repository, "
                        "so the Hub could not link the card to its base model",
