@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.build import BuildOptions, build
+from moekit.cli import main
 from moekit.eval import EvalOptions, evaluate
 from moekit.eval.data import load_set, render
 from moekit.eval.metrics import perplexity
@@ -182,13 +184,110 @@ def test_moe_of_identical_experts_has_the_base_perplexity(llama_family, data_fil
         assert moe_entry["metrics"][name]["perplexity"] == pytest.approx(base_entry["metrics"][name]["perplexity"], rel=1e-4)
 
 
-def test_default_sets_are_the_experts_prompts(moe, tmp_path):
-    result = evaluate(moe, tmp_path / "r", EvalOptions(device="cpu", limit=1)).to_dict()
+def test_cli_default_sets_are_the_experts_prompts(moe, tmp_path, capsys):
+    main(["eval", str(moe), "--limit", "1", "--device", "cpu", "-o", str(tmp_path / "r")])
+    result = json.loads((tmp_path / "r" / "report.json").read_text())
     assert list(result["data"]) == ["prompts:e0", "prompts:e1", "prompts:e2"]
     assert all(info["small"] and info["documents"] == 1 for info in result["data"].values())
     assert [m["name"] for m in result["models"]] == ["moe", "base", "e0", "e1", "e2"]  # sources from moekit.json
     assert set(result["routing"]["own_expert_share"]) == {"prompts:e0", "prompts:e1", "prompts:e2"}
     assert "sanity check" in (tmp_path / "r" / "report.md").read_text()
+    assert "| Δ moe vs best source |" in capsys.readouterr().out
+
+
+def run_failing(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ")
+    return err
+
+
+def test_cli_bad_inputs_give_one_message_and_write_nothing(moe, tmp_path, capsys):
+    out = tmp_path / "report"
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
+    (tmp_path / "wrong.jsonl").write_text('{"prompt": "no text field"}\n', encoding="utf-8")
+    base = ["eval", str(moe), "--device", "cpu", "-o", str(out)]
+    assert "cannot evaluate against " + str(tmp_path / "missing-model") in run_failing(base + ["--against", str(tmp_path / "missing-model")], capsys)
+    assert "nope.txt does not exist" in run_failing(base + ["--data", f"x={tmp_path / 'nope.txt'}"], capsys)
+    assert "bad.jsonl:2 is not valid JSON" in run_failing(base + ["--data", f"x={tmp_path / 'bad.jsonl'}"], capsys)
+    assert "wrong.jsonl:1: expected a `text` string or a `messages` list, found ['prompt']" in run_failing(base + ["--data", f"x={tmp_path / 'wrong.jsonl'}"], capsys)
+    assert "NAME=PATH" in run_failing(base + ["--data", "justapath.txt"], capsys)
+    assert "cannot evaluate" in run_failing(["eval", str(tmp_path / "no-moe"), "-o", str(out)], capsys)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "moekit" in p.name]
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert "--overwrite" in run_failing(base, capsys)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_cli_lm_eval_missing_names_the_install_command(moe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is not installed
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    err = run_failing(["eval", str(moe), "--task", "arc_easy", "-o", str(tmp_path / "r")], capsys)
+    assert "lm-eval is not installed" in err and "pip install 'moekit[lm-eval]'" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def choice_task(tmp_path_factory) -> Path:
+    """A local multiple-choice lm-eval task over a local JSONL file (answers filled in by the test)."""
+    root = tmp_path_factory.mktemp("tasks")
+    (root / "tiny_choice.yaml").write_text(
+        f"task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'tiny_choice.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+        encoding="utf-8",
+    )
+    return root
+
+
+QUESTIONS = [
+    ("12 + 30 =", ["42", "the sea", "fox"]),
+    ("The quick brown", ["fox", "dog", "42"]),
+    ("def add(a, b):", ["return a + b", "poem", "7 * 6"]),
+    ("Write a poem about", ["the sea", "London", "a + b"]),
+    ('{"name": "Ada", "age":', ["36", "fox", "sky"]),
+    ("Solve the equation and", ["explain each step.", "jumps", "print"]),
+]
+
+
+@torch.no_grad()
+def choice_scores(path) -> list[list[float]]:
+    """Log-likelihood of ' ' + choice after the question, the way lm-eval splits context and continuation."""
+    model, tokenizer = load(path)
+    scores = []
+    for question, choices in QUESTIONS:
+        row = []
+        for choice in choices:
+            context = tokenizer(question)["input_ids"]
+            whole = tokenizer(question + " " + choice)["input_ids"]
+            logprobs = model(torch.tensor([whole])).logits[0].log_softmax(-1)  # (seq, vocab)
+            row.append(sum(logprobs[position - 1, whole[position]].item() for position in range(len(context), len(whole))))
+        scores.append(row)
+    return scores
+
+
+def test_local_lm_eval_task_accuracy_equals_hand_computation(moe, llama_family, choice_task, tmp_path, capsys):
+    moe_scores = choice_scores(moe)
+    answers = []
+    for index, row in enumerate(moe_scores):  # the MoE's own pick for half the questions, another choice for the rest
+        best = max(range(len(row)), key=row.__getitem__)
+        answers.append(best if index % 2 == 0 else (best + 1) % len(row))
+    lines = [json.dumps({"question": q, "choices": c, "answer": a}) for (q, c), a in zip(QUESTIONS, answers)]
+    (choice_task / "tiny_choice.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    options = EvalOptions(against=[str(llama_family["e0"])], tasks=["tiny_choice"], include_path=[str(choice_task)], device="cpu", data={"x": str(choice_task / "tiny_choice.yaml")})
+    result = evaluate(moe, tmp_path / "r", options).to_dict()
+    for model_entry, scores in zip(result["models"], [moe_scores, choice_scores(llama_family["e0"])]):
+        expected = sum(max(range(3), key=row.__getitem__) == answer for row, answer in zip(scores, answers)) / len(answers)
+        assert model_entry["tasks"]["tiny_choice"]["acc"] == pytest.approx(expected)
+    assert result["models"][0]["tasks"]["tiny_choice"]["acc"] == pytest.approx(0.5)
+    assert "tiny_choice acc" in markdown_table(result)
+    err = run_failing(["eval", str(moe), "--task", "tiny_choise", "--include-path", str(choice_task), "-o", str(tmp_path / "r2")], capsys)
+    assert "unknown lm-eval task 'tiny_choise'; close matches: tiny_choice" in err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_report_can_be_extended_and_rendered_again(report, tmp_path):

@@ -113,7 +113,10 @@ def plan_models(model: str | Path, options: EvalOptions) -> tuple[list[ModelSpec
     """(models to evaluate, the MoE's moekit.json, expert names); resolves every source up front."""
     from moekit.build.sources import resolve_model
 
-    moe_path = resolve_model(str(model))
+    try:
+        moe_path = resolve_model(str(model))
+    except SourceError as err:
+        raise SourceError(f"cannot evaluate {model}: {err.message}", hint=err.hint) from None
     metadata = read_metadata(moe_path)
     expert_refs = [expert["source_model"] for expert in metadata.get("experts", [])]
     expert_names = _unique([label(ref) for ref in expert_refs])
