@@ -92,6 +92,12 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     teacher = _load_teacher(teacher_path, config, compute_dtype, device_map, options) if teacher_path is not None else None
     snapshot = snapshot_trainable(peft_model)
 
+    from accelerate import PartialState
+
+    # Under `accelerate launch` every process runs this function: all of them checked OUT.partial
+    # above before any creates it, and only the main process writes outputs.
+    process = PartialState()
+    process.wait_for_everyone()
     created = not staging.exists()
     staging.mkdir(parents=True, exist_ok=True)
     try:
@@ -105,7 +111,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
             torch.cuda.reset_peak_memory_stats()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     except BaseException:
-        if created and not _checkpoints(staging):
+        if created and process.is_main_process and not _checkpoints(staging):
             shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
         raise
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
@@ -183,10 +189,8 @@ def _check_teacher(config, teacher_config, ref: str) -> None:
 
 
 def _print_plan(model_path: Path, options: FinetuneOptions, echo) -> int | None:
-    try:
-        from moekit.plan import estimate
-    except ImportError:  # moekit.plan is optional until it lands
-        return None
+    from moekit.plan import estimate
+
     try:
         plan = estimate(model_path, options)
     except MoekitError as err:
@@ -227,6 +231,9 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
 
     text_config = model.config.get_text_config()
     is_moe = hasattr(text_config, "output_router_logits")
+    if is_moe and not hasattr(text_config, "num_experts"):
+        # TRL's fused LM head reads `num_experts` for the aux loss; Phixtral's config names it num_local_experts
+        text_config.num_experts = text_config.num_local_experts
     args = SFTConfig(
         output_dir=str(staging / "checkpoints"),
         per_device_train_batch_size=options.batch_size,

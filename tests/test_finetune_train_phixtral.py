@@ -1,0 +1,39 @@
+"""Fine-tune and export of moekit's Phixtral (Phi-2 experts): the expert names stay those of the checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from moekit.build import BuildOptions, build
+from moekit.finetune.export import export, load_finetuned
+from moekit.finetune.options import FinetuneOptions
+from moekit.finetune.trainer import finetune
+from moekit.recipe import parse_recipe
+
+from test_finetune_train import QUICK, changed_tensors, toy_conversations, write_jsonl
+from test_phi_build import family, recipe
+
+
+def test_phixtral_expert_and_router_finetune_exports_exactly(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    models = family(tmp_path / "phi", "phi", tiny_tokenizer)
+    moe = tmp_path / "moe"
+    build(parse_recipe(recipe(models["base"], [models["e0"], models["e1"]])), moe, BuildOptions(device="cpu"))
+    data = write_jsonl(tmp_path / "chat.jsonl", toy_conversations(16))
+    out = tmp_path / "ft"
+    result = finetune(moe, out, FinetuneOptions(data=str(data), max_steps=3, target="experts,gate", experts="1", **QUICK))
+    assert result.trainable.to_dict()["by_expert"].keys() == {"1"}
+    assert all("aux_loss" in json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line)
+
+    exported = export(out, tmp_path / "exported")
+    assert changed_tensors(moe, exported) == {
+        f"model.layers.{layer}.mlp.{name}" for layer in range(2) for name in ("gate.weight", "experts.1.fc1.weight", "experts.1.fc2.weight")
+    }
+    ids = tiny_tokenizer(["1 + 2 = 3. The quick brown fox."], return_tensors="pt").input_ids
+    merged, _ = load_finetuned(out, dtype=torch.float32, device="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, merged(ids).logits, atol=1e-5)
