@@ -101,13 +101,13 @@ def build_model(path: str, shape: str, device):
     return model
 
 
-def wrap_lora(path: str, model, r: int):
+def wrap_lora(path: str, model, r: int, targets: list[str]):
     """LoRA r on attention + all experts: moekit's explicit per-expert targets, or PEFT's fused-parameter rewrite."""
     if path == "moekit":
         from moekit.finetune.options import TrainingOptions
         from moekit.finetune.targets import apply_targets
 
-        options = TrainingOptions(target=["attn", "experts"], lora_r=r, lora_alpha=2 * r, lora_dropout=0.0)
+        options = TrainingOptions(target=targets, lora_r=r, lora_alpha=2 * r, lora_dropout=0.0)
         peft_model, table = apply_targets(model, options)
         return peft_model, table.to_dict()["by_kind"]
     from peft import LoraConfig, get_peft_model
@@ -117,7 +117,8 @@ def wrap_lora(path: str, model, r: int):
     prepare_for_training(model, gradient_checkpointing=True)  # same settings as moekit's path: frozen, non-reentrant
     config = LoraConfig(
         r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+        target_modules=(["q_proj", "k_proj", "v_proj", "o_proj"] if "attn" in targets else [])
+        + (["w1", "w2", "w3"] if "experts" in targets else []),
     )  # fmt: skip
     peft_model = get_peft_model(model, config)
     converted = peft_model.peft_config["default"]
@@ -136,7 +137,7 @@ def run_path(args) -> dict:
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(args.path, "tiny" if args.tiny else "4x7b", device)
-    peft_model, targets = wrap_lora(args.path, model, args.lora_r)
+    peft_model, targets = wrap_lora(args.path, model, args.lora_r, args.targets.split(","))
     if device.type == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - start
@@ -149,7 +150,7 @@ def run_path(args) -> dict:
         if ".experts." in name and p.__class__.__name__ != "Params4bit" and not p.requires_grad
     ) / GB  # fmt: skip
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=args.fused_adam)
     peft_model.train()
     vocab = model.config.vocab_size
     losses, step_times = [], []
@@ -158,7 +159,8 @@ def run_path(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+        with _autocast(torch, args, device):
+            loss = peft_model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -168,6 +170,7 @@ def run_path(args) -> dict:
             step_times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     timed = sum(step_times)
+    profile = _profile_step(torch, peft_model, optimizer, args, vocab, device) if args.profile else None
     return {
         "path": args.path,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -181,6 +184,41 @@ def run_path(args) -> dict:
         "expert_weights_not_4bit_gb": experts_bf16_gb,
         "targets": targets,
         "losses": losses,
+        "profile": profile,
+    }
+
+
+def _autocast(torch, args, device):
+    """bf16 autocast, as a Trainer with bf16=True runs the forward (LoRA weights stay fp32 for the optimizer)."""
+    import contextlib
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
+
+
+def _profile_step(torch, model, optimizer, args, vocab, device) -> dict:
+    """One training step under torch.profiler: GPU busy time vs wall time, and the costliest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    input_ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        with _autocast(torch, args, device):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(averages, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
+    kernels_us = sum(getattr(e, "self_device_time_total", 0) for e in averages) if device.type == "cuda" else None
+    return {
+        "wall_s_profiled": wall,
+        "gpu_kernel_s": None if kernels_us is None else kernels_us / 1e6,
+        "top": [{"name": e.key[:90], "self_s": getattr(e, key, 0) / 1e6, "calls": e.count} for e in rows],
     }
 
 
@@ -193,6 +231,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--targets", default="attn,experts", help="LoRA targets (attn, experts)")
+    parser.add_argument("--fused-adam", action="store_true", help="torch's fused AdamW (both paths)")
+    parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast forward (both paths)")
+    parser.add_argument("--profile", action="store_true", help="profile one extra step (GPU busy vs wall, top ops)")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,19 +244,25 @@ def main() -> None:
         print("RESULT " + json.dumps(run_path(args)), flush=True)
         return
     results = {"shape": "tiny" if args.tiny else "4x7b", "seq": args.seq, "batch": args.batch, "steps": args.steps,
-               "lora_r": args.lora_r, "paths": {}}  # fmt: skip
+               "lora_r": args.lora_r, "targets": args.targets, "fused_adam": args.fused_adam, "autocast": args.autocast, "paths": {}}  # fmt: skip
     for path in (["moekit", "plain"] if args.path == "both" else [args.path]):
         command = [sys.executable, __file__, "--child", "--path", path, "--seq", str(args.seq), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r)]  # fmt: skip
-        if args.tiny:
-            command.append("--tiny")
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r),
+                   "--targets", args.targets]  # fmt: skip
+        command += [flag for flag, on in (("--tiny", args.tiny), ("--fused-adam", args.fused_adam), ("--profile", args.profile)) if on]
+        command.append("--autocast" if args.autocast else "--no-autocast")
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             results["paths"][path] = {"error": (proc.stderr or proc.stdout)[-3000:], "returncode": proc.returncode}
         else:
             results["paths"][path] = json.loads(lines[-1][len("RESULT ") :])
-        print(json.dumps({path: {k: v for k, v in results["paths"][path].items() if k != "losses"}}, indent=1), flush=True)
+        print(json.dumps({path: {k: v for k, v in results["paths"][path].items() if k not in ("losses", "profile")}}, indent=1), flush=True)
+        profile = results["paths"][path].get("profile")
+        if profile:
+            print(f"{path} profile: wall {profile['wall_s_profiled']:.3f}s, GPU kernels {profile['gpu_kernel_s']}s")
+            for row in profile["top"]:
+                print(f"  {row['self_s']:8.4f}s {row['calls']:6d}  {row['name']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
