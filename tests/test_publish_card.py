@@ -100,11 +100,14 @@ def test_disagreeing_licenses_build_with_other_and_a_visible_note(conflicting_bu
     assert chosen.data.license == "apache-2.0" and "License not decided" not in str(chosen)
 
 
-def test_recipe_license_settles_a_disagreement(hub_cache, tmp_path):
-    text = hub_recipe("acme/tiny-base", ["acme/tiny-code", "other/tiny-poem"], extra="moekit:\n  license: mit\n")
-    build(parse_recipe(text), tmp_path / "moe", BuildOptions(device="cpu"), recipe_text=text)
-    assert metadata_load(tmp_path / "moe" / "README.md")["license"] == "mit"
-    assert "License not decided" not in (tmp_path / "moe" / "README.md").read_text()
+def test_recipe_license_settles_a_disagreement(conflicting_build, tmp_path):
+    model_dir = tmp_path / "moe"
+    shutil.copytree(conflicting_build, model_dir)
+    recipe = model_dir / "moekit-recipe.yaml"
+    recipe.write_text(recipe.read_text() + "moekit:\n  license: mit\n")  # the recipe key a build reads
+    write_model_card(model_dir)
+    assert metadata_load(model_dir / "README.md")["license"] == "mit"
+    assert "License not decided" not in (model_dir / "README.md").read_text()
 
 
 def test_local_sources_are_named_in_the_body_but_not_in_base_model(llama_family, tmp_path):

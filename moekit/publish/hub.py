@@ -82,7 +82,7 @@ def publish(model_dir: Path | str, repo_id: str, *, private: bool = False, revis
         raise PublishError(f"the source models' licenses disagree ({listed}); moekit will not pick one for you",
                            hint="pass --license with a license compatible with all of them (e.g. --license apache-2.0)")
     if directory.kind in ("adapter", "finetune"):
-        _check_base_model(directory, base_model)
+        _check_base_model(directory, base_model, repo_id)
     card = model_card(model_dir, license=decision.license, report=report, repo_id=repo_id, base_model=base_model)
     validate_card(card)
     files = planned_files(model_dir, card, report)
@@ -188,7 +188,7 @@ def _missing_remote_code(path: Path) -> list[str]:
     return [f"{module}.py (named by auto_map in config.json)" for module in sorted(modules) if not (path / f"{module}.py").is_file()]
 
 
-def _check_base_model(directory: ModelDirectory, base_model: str | None) -> None:
+def _check_base_model(directory: ModelDirectory, base_model: str | None, repo_id: str) -> None:
     base = base_model or finetune_base(directory.finetune, directory.adapter_dir)
     if base_model is not None and not REPO_ID.match(base_model.split("@", 1)[0]):
         raise PublishError(f"--base-model '{base_model}' is not a Hub repository id", hint="write it as USER/NAME")
@@ -196,7 +196,8 @@ def _check_base_model(directory: ModelDirectory, base_model: str | None) -> None
         return
     raise PublishError(f"the {_kind_name(directory)} was trained on {base or 'an unknown model'}, which is not a Hub repository, "
                        "so the Hub could not link the card to its base model",
-                       hint="publish that MoE first (moekit publish DIR --repo-id USER/MOE), then pass --base-model USER/MOE")
+                       hint=f"publish that MoE first (moekit publish {base or 'MOE_DIR'} --repo-id USER/MOE), then "
+                       f"`moekit publish {directory.path} --repo-id {repo_id} --base-model USER/MOE`")
 
 
 def _kind_name(directory: ModelDirectory) -> str:
