@@ -66,8 +66,10 @@ def trained(moe, chat_data, workdir):
 
 @pytest.fixture(scope="module")
 def expert1(moe, chat_data, workdir):
+    """Trained through the real CLI (main() returns normally on success)."""
     out = workdir / "expert1"
-    finetune(moe, out, FinetuneOptions(data=str(chat_data), max_steps=4, target="experts", experts="1", **QUICK))
+    main(["finetune", str(moe), "--data", str(chat_data), "-o", str(out), "--max-steps", "4", "--target", "experts", "--experts", "1",
+          "--batch-size", "4", "--max-seq-len", "64", "--lora-r", "8", "--learning-rate", "5e-3"])
     return out
 
 

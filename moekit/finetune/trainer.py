@@ -110,9 +110,11 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-    except BaseException:
+    except BaseException as err:
         if created and process.is_main_process and not _checkpoints(staging):
             shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            raise TrainingError("the GPU ran out of memory while training", hint="lower --batch-size or --max-seq-len, keep --gradient-checkpointing on, or check `moekit plan` first") from None
         raise
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
