@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moekit.build import BuildOptions, build
 from moekit.cli import main
+from moekit.errors import SourceError
 from moekit.eval import EvalOptions, evaluate
 from moekit.eval.data import load_set, render
 from moekit.eval.metrics import perplexity
@@ -303,3 +304,25 @@ def test_report_can_be_extended_and_rendered_again(report, tmp_path):
     assert row.count("**1.50**") == len(tuned["metrics"])
     assert "| Δ moe+qlora vs best source |" in markdown_table(extended)
     assert all((tmp_path / "again" / name).stat().st_size > 1000 for name in ("perplexity.png", "routing.png"))
+
+
+def test_adapter_model_is_evaluated_as_a_second_moe_entry(moe, data_files, tmp_path):
+    from moekit.finetune.export import load_finetuned
+    from moekit.finetune.options import FinetuneOptions
+    from moekit.finetune.trainer import finetune
+
+    chats = "".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + 1 ="}, {"role": "assistant", "content": f"{i + 1}."}]}) + "\n" for i in range(8))
+    (tmp_path / "chat.jsonl").write_text(chats, encoding="utf-8")
+    tuned = tmp_path / "tuned"
+    finetune(moe, tuned, FinetuneOptions(data=str(tmp_path / "chat.jsonl"), max_steps=2, target="gate", batch_size=4, max_seq_len=64, learning_rate=5e-2, save_steps=1000))
+    result = evaluate(moe, tmp_path / "r", EvalOptions(against=[], adapter=str(tuned), data={"e0": data_files["e0"]}, device="cpu")).to_dict()
+    _, tuned_entry = result["models"]
+    assert tuned_entry["role"] == "moe" and tuned_entry["name"] == "moe+tuned" and tuned_entry["adapter"] == str(tuned)
+    model, tokenizer = load_finetuned(tuned, dtype=torch.float32, device="cpu")
+    texts = documents(data_files["e0"], tokenizer)
+    with torch.no_grad():
+        losses = [(model(ids, labels=ids).loss.item(), ids.shape[1] - 1) for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts)]
+    assert tuned_entry["metrics"]["e0"]["loss"] == pytest.approx(sum(l * n for l, n in losses) / sum(n for _, n in losses), rel=1e-5)
+    assert tuned_entry["routing"]["layers"] != result["routing"]["layers"]  # the routers were trained
+    with pytest.raises(SourceError, match="not a moekit finetune output"):
+        evaluate(moe, tmp_path / "r2", EvalOptions(adapter=str(tmp_path), device="cpu"))

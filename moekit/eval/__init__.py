@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -139,9 +139,10 @@ def plan_models(model: str | Path, options: EvalOptions) -> tuple[list[ModelSpec
         if not adapter.is_dir():
             raise SourceError(f"adapter directory {options.adapter} does not exist", hint="pass a `moekit finetune` output directory")
         try:
-            from moekit.finetune.export import load_finetuned  # noqa: F401
+            from moekit.finetune.export import read_finetune
         except ImportError:
             raise DependencyError("--adapter needs moekit.finetune.export, which this installation lacks") from None
+        read_finetune(adapter)  # SourceError now, before any model is loaded, if it is not a finetune output
         specs.insert(1, ModelSpec(_unique([*names, f"{moe_name}+{label(str(adapter))}"])[-1], str(adapter), adapter, "moe", adapter=adapter))
     return specs, metadata, expert_names
 
@@ -314,7 +315,7 @@ def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = N
     report = {
         "moekit_version": __version__,
         "kind": "eval",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {"name": specs[0].name, "path": str(specs[0].path), "ref": specs[0].ref, "architecture": metadata.get("architecture")},
         "settings": {k: v for k, v in options.model_dump().items() if k in ("device", "dtype", "load_in_4bit", "batch_size", "max_length", "limit", "tasks")} | {"device": device},
         "data": data,
@@ -326,4 +327,4 @@ def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = N
     return EvalReport(report=report, out=out, files=files)
 
 
-__all__ = ["EvalOptions", "EvalReport", "evaluate", "plan_models", "load_sets"]
+__all__ = ["EvalOptions", "EvalReport", "evaluate", "load_sets", "plan_models"]

@@ -90,7 +90,7 @@ def _load_hub(spec: str) -> list[Document]:
 
     try:
         dataset = datasets.load_dataset(name, split=split)
-    except Exception as err:  # datasets raises many types (network, missing split, missing repo)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types (network, missing split or repo)
         raise DataError(f"cannot load Hub dataset '{name}' split '{split}': {type(err).__name__}: {err}".splitlines()[0],
                         hint="check the name and split (hf:name[:split]); offline, it must be in the datasets cache") from None
     columns = dataset.column_names

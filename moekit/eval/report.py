@@ -154,12 +154,12 @@ def markdown(report: dict) -> str:
     """The whole report.md: results table, data, routing, notes."""
     parts = [f"# Evaluation of {report['model']['name']}", "", markdown_table(report), ""]
     parts += [
-        "Perplexity = exp(token-weighted mean loss over every scored token of the set); lower is better, "
-        "best per column in **bold**; the Δ rows give the MoE minus the best source model (relative change in brackets)."
+        ("Perplexity = exp(token-weighted mean loss over every scored token of the set); lower is better, "
+        "best per column in **bold**; the Δ rows give the MoE minus the best source model (relative change in brackets).")
     ]
     if any(not m.get("same_tokenizer", True) for m in report["models"]):
-        parts += ["", f"{DIFFERENT_TOKENIZER_MARK} evaluated with its own tokenizer, which differs from the MoE's: its perplexities are "
-                  "per token of a different tokenizer and not comparable; compare bits/byte instead."]
+        parts += ["", (f"{DIFFERENT_TOKENIZER_MARK} evaluated with its own tokenizer, which differs from the MoE's: its perplexities are "
+                  "per token of a different tokenizer and not comparable; compare bits/byte instead.")]
     if report.get("data"):
         parts += ["", "## Evaluation data", "", "| set | source | documents | tokens (MoE tokenizer) | bytes |", "|---|---|---:|---:|---:|"]
         for name, info in report["data"].items():
@@ -170,15 +170,15 @@ def markdown(report: dict) -> str:
     routing = report.get("routing")
     if routing:
         parts += ["", f"## Routing of {routing.get('model', report['model']['name'])}", "", routing["note"], "",
-                  f"Mean router entropy {routing['mean_entropy']:.3f} nats (max {routing['max_entropy']:.3f}); "
-                  f"mean load-balance CV {routing['mean_load_cv']:.3f}; {routing['tokens']} tokens.", ""]
+                  (f"Mean router entropy {routing['mean_entropy']:.3f} nats (max {routing['max_entropy']:.3f}); "
+                  f"mean load-balance CV {routing['mean_load_cv']:.3f}; {routing['tokens']} tokens."), ""]
         experts = routing["experts"]
         parts += ["| layer | " + " | ".join(experts) + " | entropy | load CV |", "|---:|" + "---:|" * (len(experts) + 2)]
         for layer in routing["layers"]:
             parts.append(f"| {layer['layer']} | " + " | ".join(f"{s:.1%}" for s in layer["share"]) + f" | {layer['entropy']:.3f} | {layer['load_cv']:.3f} |")
         if routing.get("own_expert_share"):
-            parts += ["", "Share of each expert-tied set routed to its own expert (mean over layers; "
-                      f"an even router gives {1 / len(experts):.0%}):", ""]
+            parts += ["", ("Share of each expert-tied set routed to its own expert (mean over layers; "
+                      f"an even router gives {1 / len(experts):.0%}):"), ""]
             for name, own in routing["own_expert_share"].items():
                 parts.append(f"- {name} → {own['expert_name']}: {own['mean']:.1%}")
     if report.get("notes"):
