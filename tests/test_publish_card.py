@@ -83,7 +83,8 @@ def test_build_card_body(hub_build):
     text = (hub_build / "README.md").read_text()
     moekit_json = json.loads((hub_build / "moekit.json").read_text())
     assert "# tiny-moe" in text  # named after OUT, not the temporary directory the build wrote into
-    assert "`acme/tiny-code@main`" in text and "license apache-2.0" in text
+    assert "[`acme/tiny-code@main`](https://huggingface.co/acme/tiny-code/tree/main), license apache-2.0" in text
+    assert '(positive prompts: "def add(a, b)")' in text
     assert "| Gate mode | `hidden` |" in text and "| Experts | 2 |" in text and "| Experts per token | 1 |" in text
     assert f"({moekit_json['parameters']['total']:,})" in text and f"({moekit_json['parameters']['active']:,})" in text
     assert (hub_build / "moekit-recipe.yaml").read_text().strip() in text  # the recipe as written

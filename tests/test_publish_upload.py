@@ -377,3 +377,9 @@ def test_dry_run_lists_exactly_what_the_upload_sends_with_a_report(hub, moe_dir,
     card = stored["README.md"][1].decode()
     assert card in dry.stdout  # the printed card is the uploaded one
     assert "model-index" in card and "value: 9.5" in card and "![perplexity](eval/perplexity.png)" in card
+
+
+def test_publish_help_does_not_import_torch():
+    script = "import sys\nfrom moekit.cli import main\ntry:\n    main(['publish', '--help'])\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "--repo-id" in done.stdout and done.stdout.strip().endswith("NO-TORCH")

@@ -287,13 +287,22 @@ def _sources_section(meta: dict, title: str) -> list[str]:
     if not meta.get("base_model") and not experts:
         return []
     sources = meta.get("sources", {})
-    lines = [f"## {title}\n", f"- Base (attention, norms, embeddings): `{meta.get('base_model')}`" + _license_suffix(sources, meta.get("base_model"))]
+    base = meta.get("base_model")
+    lines = [f"## {title}\n", f"- Base (attention, norms, embeddings): {_source_link(base, meta)}" + _license_suffix(sources, base)]
     for index, expert in enumerate(experts):
         ref = expert.get("source_model")
         prompts = expert.get("positive_prompts") or []
-        shown = "; ".join(p.replace("\n", " ")[:60] for p in prompts[:3])
-        lines.append(f"- Expert {index}: `{ref}`" + _license_suffix(sources, ref) + (f" (positive prompts: {shown})" if shown else ""))
+        shown = ", ".join(_cell(json.dumps(p[:60], ensure_ascii=False)) for p in prompts[:3])
+        lines.append(f"- Expert {index}: {_source_link(ref, meta)}" + _license_suffix(sources, ref) + (f" (positive prompts: {shown})" if shown else ""))
     return ["\n".join(lines) + "\n"]
+
+
+def _source_link(ref: str | None, meta: dict) -> str:
+    """`ref`, linked to its Hub page (at its revision) when it is a Hub id."""
+    if not ref or not is_hub_ref(ref, meta):
+        return f"`{ref}`"
+    repo, _, revision = ref.partition("@")
+    return f"[`{ref}`](https://huggingface.co/{repo}" + (f"/tree/{revision})" if revision else ")")
 
 
 def _license_suffix(sources: dict, ref: str | None) -> str:
