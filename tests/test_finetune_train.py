@@ -301,6 +301,13 @@ def test_refuses_without_bitsandbytes(moe, chat_data, tmp_path, capsys, monkeypa
     assert_refused([str(moe), "--data", str(chat_data)], tmp_path / "o", capsys, "bitsandbytes is not installed", "--bits 16")
 
 
+def test_refuses_report_to_without_its_package(moe, chat_data, tmp_path, capsys, monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_wandb_available", lambda: False)
+    assert_refused([str(moe), "--data", str(chat_data), "--report-to", "wandb"], tmp_path / "o", capsys, "needs the wandb package")
+
+
 def test_export_refuses_a_directory_that_is_not_a_finetune(moe, tmp_path, capsys):
     code, output = run_cli(["export", str(moe), "-o", str(tmp_path / "x")], capsys)
     assert code != 0 and "not a moekit finetune output" in output and not (tmp_path / "x").exists()

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from moekit import __version__
-from moekit.errors import DataError, IncompatibleModelsError, MoekitError, OutputError, SourceError, TargetError, TrainingError
+from moekit.errors import DataError, DependencyError, IncompatibleModelsError, MoekitError, OutputError, SourceError, TargetError, TrainingError
 from moekit.finetune.options import FinetuneOptions
 
 LOG_FILE = "training_log.jsonl"
@@ -61,6 +61,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     out = Path(out)
     staging = partial_dir(out)
     checkpoint = _check_output(out, staging, options.resume)
+    _check_report_to(options.report_to)
     model_path = resolve_model(str(model))
     config = _load_config(model_path, options.trust_remote_code)
     _check_targets(config, options)
@@ -146,6 +147,14 @@ def _check_output(out: Path, staging: Path, resume: bool) -> Path | None:
     if staging.exists():
         raise OutputError(f"{staging} holds an unfinished run of {out}", hint="pass --resume to continue it, or delete it to start over")
     return None
+
+
+def _check_report_to(report_to: str) -> None:
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    if not available[report_to]:
+        raise DependencyError(f"--report-to {report_to} needs the {report_to} package, which is not installed", hint=f"pip install {report_to}, or leave out --report-to")
 
 
 def _checkpoints(staging: Path) -> list[Path]:
