@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from moekit.build import BuildOptions, build
 from moekit.cli import main
-from moekit.errors import SourceError
+from moekit.errors import DataError, SourceError
 from moekit.eval import EvalOptions, evaluate
 from moekit.eval.data import load_set, render
 from moekit.eval.metrics import perplexity
@@ -104,6 +104,15 @@ def test_text_files_split_on_blank_lines_or_lines(tmp_path):
     (tmp_path / "lines.txt").write_text("one\ntwo\nthree\n", encoding="utf-8")
     assert load_set("b", str(tmp_path / "blocks.txt")).documents == ["a b\nc", "d e"]
     assert load_set("l", str(tmp_path / "lines.txt"), limit=2).documents == ["one", "two"]
+
+
+def test_hub_datasets_load_through_datasets(tmp_path):
+    """`hf:NAME[:split]` goes through datasets.load_dataset; a local dataset folder stands in for a Hub id."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "validation.jsonl").write_text("\n".join(json.dumps(c) for c in CHATS) + "\n", encoding="utf-8")
+    assert load_set("hub", f"hf:{tmp_path / 'ds'}:validation").documents == [CHATS[0]["messages"], CHATS[1]["text"]]
+    with pytest.raises(DataError, match="split 'test'"):
+        load_set("hub", f"hf:{tmp_path / 'ds'}")
 
 
 def test_perplexity_equals_direct_transformers_computation(report, llama_family, data_files):

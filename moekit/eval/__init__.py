@@ -196,18 +196,27 @@ def load_model(spec: ModelSpec, options: EvalOptions, device: str, trust_remote_
         model, tokenizer = load_finetuned(spec.adapter, dtype=torch.float32 if dtype == "auto" else dtype, device=device)
         return model.eval(), tokenizer
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if options.load_in_4bit:
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    # transformers' bitsandbytes config quantizes nn.Linear only and would leave the fused 3-D MoE experts
+    # in 16 bit, so the MoE is quantized by moekit's quantize_moe (experts included) after loading.
+    quantize_after_loading = options.load_in_4bit and spec.role == "moe"
+    if options.load_in_4bit and not quantize_after_loading:
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if device == "cuda" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
         kwargs["device_map"] = {"": device}
+    if quantize_after_loading:
+        kwargs["dtype"] = compute
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise SourceError(f"cannot load {spec.role} model {spec.ref} from {spec.path}: {str(err).splitlines()[0]}") from None
-    if "device_map" not in kwargs:
+    if quantize_after_loading:
+        from moekit.finetune.quantize import quantize_moe
+
+        quantize_moe(model, bits=4, compute_dtype=compute, device=device)
+    elif "device_map" not in kwargs:
         model = model.to(device)
     return model.eval(), tokenizer
 
