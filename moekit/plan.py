@@ -24,7 +24,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from moekit.errors import PlanError, SourceError
 from moekit.finetune.options import TrainingOptions
@@ -60,6 +59,7 @@ CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context and kernels, outside the alloca
 DENSE_TYPES = ("llama", "mistral", "phi", "phi3")
 MOE_TYPES = ("mixtral", "phixtral")
 KNOWN_TYPES = MOE_TYPES + DENSE_TYPES
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class ModelShape:
     norm_numel_per_layer: int
     final_norm_numel: int
     lm_head_bias: bool
-    rope_scaling: Any
+    rope_scaling: dict | None
 
     @property
     def is_moe(self) -> bool:
@@ -122,7 +122,7 @@ def shape_from_config(config) -> ModelShape:
     """ModelShape of a transformers config of a known architecture; PlanError otherwise."""
     model_type = getattr(config, "model_type", None)
     architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+    if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
         raise PlanError(f"the model is not a causal language model (architectures: {', '.join(architectures)})",
                         hint="moekit fine-tunes *ForCausalLM checkpoints such as the Mixtral or Phixtral models `moekit build` writes")
     if model_type not in KNOWN_TYPES:
@@ -165,8 +165,16 @@ def shape_from_config(config) -> ModelShape:
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         max_positions=getattr(config, "max_position_embeddings", None) or 0,
         attention=attention, expert_mlp=expert_mlp, gated_mlp=gated, norm_numel_per_layer=norms,
-        final_norm_numel=final_norm, lm_head_bias=lm_head_bias, rope_scaling=getattr(config, "rope_scaling", None),
+        final_norm_numel=final_norm, lm_head_bias=lm_head_bias, rope_scaling=_rope_scaling(config),
     )
+
+
+def _rope_scaling(config) -> dict | None:
+    """The config's rope scaling (transformers 5 `rope_parameters`, or the older `rope_scaling`), None if plain RoPE."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default"):
+        return rope
+    return None
 
 
 # --- reading the config ----------------------------------------------------------------------------------
@@ -195,7 +203,7 @@ def load_config(config_or_path):
         raise PlanError(f"{name} has no model_type: not a transformers model config")
     if model_type not in KNOWN_TYPES:
         architectures = config_dict.get("architectures") or []
-        if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
             raise PlanError(f"the model is not a causal language model (architectures: {', '.join(architectures)})")
         raise PlanError(f"moekit plan does not know the architecture '{model_type}'", hint=f"known: {', '.join(KNOWN_TYPES)}")
     try:
@@ -496,7 +504,7 @@ def _check_options(shape: ModelShape, options: TrainingOptions) -> None:
     if options.batch_size < 1:
         raise PlanError("batch size must be at least 1")
     if shape.max_positions and options.max_seq_len > shape.max_positions:
-        scaling = f" (it already uses rope scaling {shape.rope_scaling})" if shape.rope_scaling else ""
+        scaling = f" (it already uses {shape.rope_scaling.get('rope_type', shape.rope_scaling.get('type'))} rope scaling)" if shape.rope_scaling else ""
         raise PlanError(f"--max-seq-len {options.max_seq_len} is beyond the model's max_position_embeddings ({shape.max_positions}){scaling}",
                         hint="train at most max_position_embeddings tokens; longer contexts need rope scaling (e.g. rope_scaling "
                              "{'rope_type': 'linear' or 'yarn', 'factor': N}) set in the model's config.json first")

@@ -1,0 +1,251 @@
+"""moekit plan: arithmetic against hand-computed values, against the real quantized model and trainable
+table on tiny configs, the options shared with `moekit finetune`, and the CLI's answers to bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moekit.errors import PlanError
+from moekit.finetune.options import TrainingOptions
+from moekit.plan import estimate, nf4_bytes
+from moekit.testing import tiny_config
+
+VOCAB = 384
+# the tiny Mixtral: hidden 64, intermediate 128, 2 layers, 4 heads of 16 (2 kv heads), 4 experts, top-2
+H, I, L, KV, E = 64, 128, 2, 32, 4
+
+
+@pytest.fixture(scope="module")
+def mixtral_config():
+    return tiny_config("mixtral", VOCAB, architectures=["MixtralForCausalLM"], head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory, mixtral_config):
+    path = tmp_path_factory.mktemp("plan") / "mixtral"
+    mixtral_config.save_pretrained(path)
+    return path
+
+
+def opts(**changes) -> TrainingOptions:
+    """TrainingOptions within the tiny models' 256 positions."""
+    return TrainingOptions(**{"max_seq_len": 128, **changes})
+
+
+def _meta_model(config):
+    import moekit  # noqa: F401  (Phixtral registration)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+# --- arithmetic against hand-computed values -------------------------------------------------------
+
+
+def test_nf4_bytes_match_bitsandbytes_storage_by_hand():
+    # 64x128 values: 4096 packed bytes, 128 absmax (8-bit), 1 fp32 nested absmax, 256+1+16 fp32 constants
+    assert nf4_bytes(64 * 128) == 4096 + 128 + 4 + (256 + 1 + 16) * 4
+    # 64x32 values: 1024 bytes, 32 absmax, 1 nested absmax
+    assert nf4_bytes(64 * 32) == 1024 + 32 + 4 + 1092
+    # 257 blocks of 64 need 2 nested fp32 absmax
+    assert nf4_bytes(257 * 64) == 257 * 32 + 257 + 8 + 1092
+
+
+def test_weights_trainable_and_optimizer_states_by_hand(mixtral_config):
+    plan = estimate(mixtral_config, opts(target=["attn", "experts", "gate"], lora_r=16, optimizer="adamw_torch"))
+    # attention: q (64x64), k (32x64), v (32x64), o (64x64) per layer, 4-bit
+    assert plan.part("weights", "attention") == L * (2 * 64 * 64 + 2 * 32 * 64) // 2
+    assert plan.part("weights", "experts") == L * E * 3 * H * I // 2
+    assert plan.part("weights", "routers") == L * E * H * 2  # bf16
+    assert plan.part("weights", "embeddings + lm_head") == 2 * VOCAB * H * 2  # untied, bf16
+    assert plan.part("weights", "norms") == (L * 2 * H + H) * 2
+    constants = L * (2 * (nf4_bytes(64 * 64) - 2048) + 2 * (nf4_bytes(32 * 64) - 1024) + E * 3 * (nf4_bytes(H * I) - H * I // 2))
+    assert plan.part("weights", "quantization constants") == constants
+    # LoRA r=16: attention r*(in+out) summed = 16*(128+96+96+128); experts 16*(64+128)*3 per expert
+    attn, experts, gate = L * 16 * 448, L * E * 16 * 576, L * E * H
+    assert plan.trainable == {"attn": attn, "experts": experts, "gate": gate}
+    lora = attn + experts
+    assert plan.part("training", "LoRA adapters") == 4 * lora  # fp32
+    assert plan.part("training", "gradients") == 4 * lora + 2 * gate  # routers train in bf16
+    assert plan.part("training", "optimizer states") == 8 * lora + 4 * gate  # two states in the parameter dtype
+
+
+def test_eight_bit_optimizer_states_by_hand(mixtral_config):
+    plan = estimate(mixtral_config, opts(target=["attn"], lora_r=8, optimizer="adamw_8bit"))
+    # LoRA A/B sizes r*in / r*out: 512 and 256 are below 4096 (fp32 states); none reaches 4096 here
+    assert plan.part("training", "optimizer states") == 2 * 4 * L * 8 * 448
+    big = estimate(mixtral_config, opts(target=["attn"], lora_r=64, optimizer="adamw_8bit"))
+    # r=64: q/o A and B are 4096 values (8-bit: 2 bytes + 2 fp32 absmax per 256), k/v B 2048 (fp32)
+    per_layer = 6 * (2 * 4096 + 8 * 16) + 2 * (2 * 4 * 2048)
+    assert big.part("training", "optimizer states") == L * per_layer
+    assert estimate(mixtral_config, opts(target=["attn"], optimizer="sgd")).part("training", "optimizer states") == 0
+
+
+def test_parameter_counts_equal_the_model_and_the_build(mixtral_config):
+    from moekit.build.arch.mixtral import MixtralArchitecture
+
+    plan = estimate(mixtral_config, opts())
+    model = _meta_model(mixtral_config)
+    assert plan.parameters_total == sum(p.numel() for p in model.parameters())
+    assert (plan.parameters_total, plan.parameters_active) == MixtralArchitecture().active_parameters(mixtral_config)
+    assert plan.checkpoint_bytes == 2 * plan.parameters_total
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "phi3", "phi"])
+def test_dense_parameter_counts_equal_the_model(arch):
+    config = tiny_config(arch, VOCAB)
+    plan = estimate(config, opts(target=["attn"]))
+    assert plan.parameters_total == plan.parameters_active == sum(p.numel() for p in _meta_model(config).parameters())
+
+
+def test_phixtral_counts_equal_the_model_and_the_build():
+    from moekit.build.arch.phixtral import PhixtralArchitecture
+    from moekit.models.phixtral.configuration_phixtral import PhixtralConfig
+
+    phi = {key: value for key, value in tiny_config("phi", VOCAB).to_dict().items() if key != "model_type"}
+    config = PhixtralConfig(**phi, num_local_experts=4, num_experts_per_tok=2)
+    plan = estimate(config, opts())
+    assert plan.parameters_total == sum(p.numel() for p in _meta_model(config).parameters())
+    assert (plan.parameters_total, plan.parameters_active) == PhixtralArchitecture().active_parameters(config)
+    # fc1/fc2 experts with biases (bf16 biases beside the 4-bit weights)
+    assert plan.part("weights", "experts") == L * 4 * (2 * H * I // 2 + (I + H) * 2)
+
+
+def test_activations_scale_with_tokens(mixtral_config):
+    one = estimate(mixtral_config, opts(batch_size=1, max_seq_len=128))
+    two = estimate(mixtral_config, opts(batch_size=2, max_seq_len=128))
+    # checkpointed layer inputs: layers x tokens x hidden x 2 bytes
+    assert one.part("activations", "checkpointed layer inputs") == L * 128 * H * 2
+    assert two.part("activations", "checkpointed layer inputs") == 2 * one.part("activations", "checkpointed layer inputs")
+    assert two.peak_bytes > one.peak_bytes
+    # without checkpointing every layer keeps its activations
+    off = estimate(mixtral_config, opts(batch_size=1, max_seq_len=128, gradient_checkpointing=False))
+    assert off.part("activations", "all layers") > one.part("activations", "one layer recomputed") * L * 0.5
+    # 4-bit weights lower the peak (8-bit optimizer states do not here: tensors under 4096 values keep fp32 states)
+    assert estimate(mixtral_config, opts(bits=16)).peak_bytes > estimate(mixtral_config, opts(bits=4)).peak_bytes
+
+
+def test_four_by_seven_b_shape_matches_the_measured_gpu_peak():
+    """The H100 measurement of benchmarks/plan_accuracy.py (4x7B, seq 1024, batch 2, r=16 on attn+experts)."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2)
+    plan = estimate(config, opts(target=["attn", "experts"], batch_size=2, max_seq_len=1024))
+    assert plan.group_bytes("weights") == 12_850_931_712  # counted byte for byte on the quantized GPU model
+    assert sum(plan.trainable.values()) == 126_877_696  # the trainable table of apply_targets
+    assert abs(plan.peak_bytes - 16_376_500_224) / 16_376_500_224 < 0.10  # measured max_memory_allocated
+
+
+# --- against the real quantized model and trainable table (CPU) ------------------------------------
+
+
+def _stored_bytes(model) -> int:
+    """Bytes of every parameter and of the 4-bit quantization states (absmax, nested absmax, codes, offset)."""
+    seen, total = set(), 0
+    for param in model.parameters():
+        tensors = [param]
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code, state.offset]
+            if state.state2 is not None:
+                tensors += [state.state2.absmax, state.state2.code]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@pytest.fixture(scope="module")
+def quantized_mixtral(mixtral_config):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.finetune.quantize import quantize_moe
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(mixtral_config, dtype=torch.bfloat16)
+    return quantize_moe(model, bits=4, device="cpu")
+
+
+def test_weights_equal_the_bytes_of_the_quantized_model(mixtral_config, quantized_mixtral):
+    plan = estimate(mixtral_config, opts(bits=4))
+    assert _stored_bytes(quantized_mixtral) == plan.group_bytes("weights")
+
+
+def test_sixteen_bit_weights_equal_the_model(mixtral_config):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.finetune.quantize import quantize_moe
+
+    model = quantize_moe(AutoModelForCausalLM.from_config(mixtral_config, dtype=torch.bfloat16), bits=16, device="cpu")
+    assert _stored_bytes(model) == estimate(mixtral_config, opts(bits=16)).group_bytes("weights")
+
+
+@pytest.mark.parametrize("request_", [
+    {"target": ["gate"]},
+    {"target": ["attn", "experts"], "experts": [0, 2], "lora_r": 4},
+    {"target": ["experts", "gate"], "layers": [1], "lora_r": 8},
+])
+def test_trainable_counts_equal_apply_targets(mixtral_config, request_):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.finetune.quantize import quantize_moe
+    from moekit.finetune.targets import apply_targets
+
+    options = opts(**request_)
+    model = quantize_moe(AutoModelForCausalLM.from_config(mixtral_config, dtype=torch.bfloat16), bits=16, device="cpu")
+    _, table = apply_targets(model, options)
+    plan = estimate(mixtral_config, options)
+    assert plan.trainable == table.by("kind")
+
+
+# --- fit search ----------------------------------------------------------------------------------------
+
+
+def test_fit_verdict_and_largest_settings(mixtral_config):
+    roomy = estimate(mixtral_config, opts(batch_size=2, max_seq_len=128), gpu_memory=80 * 10**9)
+    assert roomy.fits and roomy.largest_batch_size >= 2 and roomy.advice.startswith("nothing needed")
+    # a GPU just below what batch 2 needs: batch 1 fits, and the advice says so
+    need_one = estimate(mixtral_config, opts(batch_size=1, max_seq_len=256)).gpu_bytes_needed
+    need_two = estimate(mixtral_config, opts(batch_size=2, max_seq_len=256)).gpu_bytes_needed
+    tight = estimate(mixtral_config, opts(batch_size=2, max_seq_len=256), gpu_memory=(need_one + need_two) // 2)
+    assert not tight.fits and tight.largest_batch_size == 1
+    assert "--batch-size 1" in tight.advice or "adamw_8bit" in tight.advice
+    hopeless = estimate(mixtral_config, opts(), gpu_memory=10**6)
+    assert not hopeless.fits and hopeless.largest_batch_size is None and hopeless.advice.startswith("no setting fits")
+
+
+def test_render_and_to_dict(mixtral_config):
+    plan = estimate(mixtral_config, opts(), gpu_memory=24 * 10**9)
+    text = plan.render()
+    for part in ("attention", "experts", "routers", "embeddings + lm_head", "quantization constants", "LoRA adapters",
+                 "optimizer states", "checkpointed layer inputs", "predicted peak", "on a 24.00 GB GPU: fits"):
+        assert part in text
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["peak_bytes"] == plan.peak_bytes and data["fits"] is True
+    assert data["parameters"]["total"] == plan.parameters_total
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def test_refusals(mixtral_config):
+    with pytest.raises(PlanError, match="beyond the model's max_position_embeddings.*"):
+        estimate(mixtral_config, opts(max_seq_len=512))
+    with pytest.raises(PlanError, match="needs an MoE"):
+        estimate(tiny_config("llama", VOCAB), opts(target=["experts"]))
+    with pytest.raises(PlanError, match="expert index 4 is out of range"):
+        estimate(mixtral_config, opts(experts=[4]))
+    with pytest.raises(PlanError, match="layer index 2 is out of range"):
+        estimate(mixtral_config, opts(layers=[2]))
+    with pytest.raises(PlanError, match="not a causal language model"):
+        estimate({"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64}, opts())
+    with pytest.raises(PlanError, match="does not know the architecture 'gpt2'"):
+        estimate({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, opts())
+    with pytest.raises(PlanError, match="GPU memory must be positive"):
+        estimate(mixtral_config, opts(), gpu_memory=0)
