@@ -21,6 +21,8 @@ from moekit.zoo.settings import ZooSettings
 
 # Characters of each domain's training text used to learn the tokenizer's merges.
 TOKENIZER_SAMPLE_CHARS = 200_000
+# Documents per tokenizer call (batched calls are much faster than one call per document).
+TOKENIZE_BATCH = 64
 
 
 def train_tokenizer(domains: dict[str, Domain], settings: ZooSettings):
@@ -42,8 +44,9 @@ def token_blocks(documents: list[str], tokenizer, seq_len: int, max_blocks: int 
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     limit = None if max_blocks is None else max_blocks * seq_len
-    for document in documents:
-        stream += tokenizer(document, add_special_tokens=False)["input_ids"] + [eos]
+    for start in range(0, len(documents), TOKENIZE_BATCH):
+        for ids in tokenizer(documents[start : start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]:
+            stream += ids + [eos]
         if limit is not None and len(stream) >= limit:
             break
     usable = len(stream) // seq_len * seq_len
@@ -101,14 +104,13 @@ def train_model(model, batches, steps: int, learning_rate: float, description: s
     return losses
 
 
-def sample_batches(blocks_per_domain: list[torch.Tensor], batch_size: int, seed: int):
-    """Endless batches with an equal share of blocks from each given domain, in a seeded order."""
+def sample_batches(sources: list[tuple[torch.Tensor, int]], seed: int):
+    """Endless batches of (blocks, seq_len) tensors: `count` random blocks from each (blocks, count) source, seeded."""
     rng = random.Random(seed)
-    share = batch_size // len(blocks_per_domain)
     while True:
         picked = []
-        for blocks in blocks_per_domain:
-            picked += [blocks[rng.randrange(len(blocks))] for _ in range(share)]
+        for blocks, count in sources:
+            picked += [blocks[rng.randrange(len(blocks))] for _ in range(count)]
         yield torch.stack(picked)
 
 
@@ -129,12 +131,15 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 def make_zoo(directory: Path, settings: ZooSettings, domains: dict[str, Domain]) -> dict:
     """Train tokenizer, base and experts into `directory`; returns the zoo's summary (also zoo.json)."""
     tokenizer = train_tokenizer(domains, settings)
-    train_blocks = {name: token_blocks(d.train, tokenizer, settings.seq_len) for name, d in domains.items()}
+    # No domain needs more blocks than its expert's training draws, so the rest is never tokenized.
+    enough = settings.expert_steps * settings.batch_size
+    train_blocks = {name: token_blocks(d.train, tokenizer, settings.seq_len, enough) for name, d in domains.items()}
     heldout_blocks = {name: token_blocks(d.heldout, tokenizer, settings.seq_len, settings.heldout_blocks) for name, d in domains.items()}
     write_data(directory / "data", domains, heldout_blocks, tokenizer)
 
     base = new_base_model(settings, tokenizer)
-    batches = sample_batches([train_blocks[d] for d in DOMAINS], settings.batch_size, settings.seed)
+    share = settings.batch_size // len(DOMAINS)
+    batches = sample_batches([(train_blocks[d], share) for d in DOMAINS], settings.seed)
     base_losses = train_model(base, batches, settings.base_steps, settings.base_learning_rate, "zoo: pretraining base")
     base.save_pretrained(directory / "base")
     tokenizer.save_pretrained(directory / "base")
@@ -144,7 +149,11 @@ def make_zoo(directory: Path, settings: ZooSettings, domains: dict[str, Domain])
 
     for index, domain in enumerate(DOMAINS):
         base.load_state_dict(base_state)
-        batches = sample_batches([train_blocks[domain]], settings.batch_size, settings.seed + 1 + index)
+        # A few blocks of the other domains in each batch (replay) keep the expert from forgetting them,
+        # so a token the router sends to the wrong expert costs little.
+        replayed = round(settings.batch_size * settings.expert_replay)
+        others = torch.cat([train_blocks[d] for d in DOMAINS if d != domain])
+        batches = sample_batches([(train_blocks[domain], settings.batch_size - replayed), (others, replayed)], settings.seed + 1 + index)
         losses = train_model(base, batches, settings.expert_steps, settings.expert_learning_rate, f"zoo: expert {domain}", trainable=lambda name: ".mlp." in name)
         base.save_pretrained(directory / domain)
         tokenizer.save_pretrained(directory / domain)
