@@ -132,6 +132,29 @@ def test_output_files_and_metadata(trained, moe, chat_data):
     assert metadata["losses"]["last"] == result.last_loss
 
 
+@pytest.mark.parametrize("form", ["messages", "prompt_completion", "unmarked_template"])
+def test_loss_covers_exactly_the_assistant_reply(moe, tmp_path, form):
+    """The labels TRL trains on are the reply and its EOS, nothing of the prompt or the chat markup."""
+    from transformers import AutoTokenizer
+
+    from moekit.finetune.data import load_training_data
+    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.targets import apply_targets
+    from moekit.finetune.trainer import _make_trainer
+
+    turns = [{"role": "user", "content": "2 + 3 ="}, {"role": "assistant", "content": "5. The quick brown fox."}]
+    rows = [{"prompt": "2 + 3 =", "completion": "5. The quick brown fox."}] if form == "prompt_completion" else [{"messages": turns}]
+    tokenizer = AutoTokenizer.from_pretrained(moe)
+    if form == "unmarked_template":  # no {% generation %} markers: the last reply is trained as a completion
+        tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    data = load_training_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer)
+    options = FinetuneOptions(data="unused", target="attn", max_steps=1, **QUICK)
+    model, _ = apply_targets(load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), options)
+    trainer = _make_trainer(model, tokenizer, data, tmp_path, options, torch.float32, teacher=None)
+    labels = [t for t in trainer.train_dataset[0]["labels"] if t != -100]
+    assert tokenizer.decode(labels) == "5. The quick brown fox.</s>"
+
+
 def test_adapter_and_routers_load_with_plain_peft(trained, moe, tiny_tokenizer):
     """PEFT's own loader on the MoE in moekit's per-expert layout reproduces load_finetuned."""
     from peft import PeftModel
