@@ -45,21 +45,112 @@ class MixtralExpertMLP(nn.Module):
         return self.w_down(self.act_fn(self.w_gate(hidden_states)) * self.w_up(hidden_states))
 
 
+def _grouped_mm(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(tokens, in) rows grouped by expert @ (experts, in, out) -> (tokens, out); offsets = cumulative rows per expert.
+
+    torch's grouped GEMM where it has a kernel for these tensors (CUDA bf16 on sm80+, CPU on torch >= 2.11),
+    else one matmul per expert.
+    """
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if inputs.device.type == "cuda":
+        native = (
+            inputs.dtype == weight.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(inputs.device) >= (8, 0)
+            and all(size % 8 == 0 for size in weight.shape[1:])  # 16-byte aligned rows
+        )
+    else:
+        native = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11) and inputs.dtype == weight.dtype
+    if grouped is not None and native:
+        return grouped(inputs, weight, offs=offsets)
+    outputs, start = [], 0
+    for expert_idx, end in enumerate(offsets.tolist()):
+        outputs.append(inputs[start:end] @ weight[expert_idx].to(inputs.dtype))
+        start = end
+    return torch.cat(outputs)
+
+
+def _stacked_weight(layers: tuple[nn.Module, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weights of same-shaped linear layers (4-bit ones dequantized) as one (experts, out, in) tensor."""
+    first = layers[0]
+    stacked = torch.empty((len(layers), first.out_features, first.in_features), dtype=dtype, device=first.weight.device)
+    for expert_idx, layer in enumerate(layers):
+        weight = layer.weight
+        if weight.__class__.__name__ == "Params4bit":
+            import bitsandbytes as bnb
+
+            if weight.quant_state.dtype == dtype:  # straight into the stack, no temporary copy
+                bnb.functional.dequantize_4bit(weight.data, weight.quant_state, out=stacked[expert_idx])
+                continue
+            weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        stacked[expert_idx].copy_(weight.detach())
+    return stacked
+
+
+class _GroupedFrozenLinear(torch.autograd.Function):
+    """Grouped matmul with frozen (e.g. 4-bit) expert weights, re-materialised in the backward pass instead of kept."""
+
+    @staticmethod
+    def forward(ctx, inputs, offsets, layers):
+        ctx.layers = layers
+        ctx.save_for_backward(offsets)
+        weight = _stacked_weight(layers, inputs.dtype)  # (experts, out, in)
+        return _grouped_mm(inputs, weight.transpose(1, 2), offsets)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (offsets,) = ctx.saved_tensors
+        weight = _stacked_weight(ctx.layers, grad_output.dtype)
+        return _grouped_mm(grad_output.contiguous(), weight, offsets), None, None
+
+
+def _plain_lora(module: nn.Module):
+    """(base layer, adapter name) if `module` is a PEFT LoRA layer doing plain LoRA right now, else None."""
+    if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+        return None
+    adapters = [name for name in module.active_adapters if name in module.lora_A]
+    if module.merged or module.disable_adapters or len(adapters) != 1:
+        return None
+    name = adapters[0]
+    if name in getattr(module, "lora_variant", {}) or module.lora_B[name].bias is not None:
+        return None
+    return module.base_layer, name
+
+
+def _groupable_base(layer: nn.Module) -> bool:
+    return layer.bias is None and (type(layer) is nn.Linear or layer.weight.__class__.__name__ == "Params4bit")
+
+
 class MixtralExpertList(nn.ModuleList):
-    """Drop-in for transformers' fused `MixtralExperts`: same call signature, one module per expert."""
+    """Drop-in for transformers' fused `MixtralExperts`: same call signature, one module per expert.
+
+    When every expert's projection is a frozen 4-bit/16-bit linear layer, either bare or with the same plain
+    LoRA adapter on all experts (what `apply_targets` makes), the experts run as grouped GEMMs (one call per
+    projection for all experts, LoRA included) with no host synchronisation; otherwise expert by expert. Both
+    compute w_down(act(w_gate(x)) * w_up(x)) + LoRA exactly as the per-expert modules and PEFT would.
+    """
+
+    grouped = True  # set False on an instance to force the expert-by-expert path
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states (tokens, hidden); top_k_index / top_k_weights (tokens, top_k)
         top_k = top_k_index.shape[-1]
         final_hidden_states = torch.zeros_like(hidden_states)
         flat_experts = top_k_index.reshape(-1)  # (tokens * top_k,)
-        # group the (token, slot) pairs by expert with one sort and one host sync per layer
+        # group the (token, slot) pairs by expert with one sort
         order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=len(self)).tolist()
+        counts = torch.bincount(flat_experts, minlength=len(self))  # (experts,)
         token_index = order // top_k  # (tokens * top_k,) sorted by expert
         weights = top_k_weights.reshape(-1)[order]
+        projections = [self._grouped_projection(name) for name in ("w_gate", "w_up", "w_down")] if self.grouped else [None]
+        if all(projection is not None for projection in projections):
+            offsets = torch.cumsum(counts, 0).to(torch.int32)
+            gate, up, down = projections
+            expert_inputs = hidden_states[token_index]  # (tokens * top_k, hidden)
+            intermediate = self[0].act_fn(gate(expert_inputs, offsets)) * up(expert_inputs, offsets)
+            expert_outputs = down(intermediate, offsets) * weights[:, None]
+            return final_hidden_states.index_add_(0, token_index, expert_outputs.to(final_hidden_states.dtype))
         start = 0
-        for expert_idx, count in enumerate(counts):
+        for expert_idx, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
             chosen = token_index[start : start + count]
@@ -68,6 +159,37 @@ class MixtralExpertList(nn.ModuleList):
             final_hidden_states.index_add_(0, chosen, expert_output.to(final_hidden_states.dtype))
             start += count
         return final_hidden_states
+
+    def _grouped_projection(self, name: str):
+        """A function (inputs, offsets) -> outputs computing projection `name` of all experts at once, or None."""
+        modules = [getattr(expert, name) for expert in self]
+        loras = [_plain_lora(module) for module in modules]
+        if all(lora is None for lora in loras):
+            bases, adapter = tuple(modules), None
+        elif all(lora is not None for lora in loras) and len({lora[1] for lora in loras}) == 1:
+            bases, adapter = tuple(lora[0] for lora in loras), loras[0][1]
+            if len({module.scaling[adapter] for module in modules}) != 1:
+                return None
+        else:
+            return None
+        if not all(hasattr(base, "weight") and _groupable_base(base) for base in bases):
+            return None
+
+        def project(inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            result = _GroupedFrozenLinear.apply(inputs, offsets, bases)
+            if adapter is None:
+                return result
+            first = modules[0]
+            lora_a = torch.stack([module.lora_A[adapter].weight for module in modules])  # (experts, r, in)
+            lora_b = torch.stack([module.lora_B[adapter].weight for module in modules])  # (experts, out, r)
+            # PEFT computes LoRA in the adapter's dtype unless autocast is on; do the same
+            compute_dtype = inputs.dtype if torch.is_autocast_enabled() else lora_a.dtype
+            lora_inputs = first.lora_dropout[adapter](inputs).to(compute_dtype)
+            hidden = _grouped_mm(lora_inputs, lora_a.to(compute_dtype).transpose(1, 2), offsets)  # (rows, r)
+            delta = _grouped_mm(hidden, lora_b.to(compute_dtype).transpose(1, 2), offsets) * first.scaling[adapter]
+            return result + delta.to(result.dtype)
+
+        return project
 
 
 def _require_bitsandbytes(device: torch.device, compute_dtype: torch.dtype):
