@@ -78,7 +78,8 @@ def _stacked_weight(layers: tuple[nn.Module, ...], dtype: torch.dtype) -> torch.
         if weight.__class__.__name__ == "Params4bit":
             import bitsandbytes as bnb
 
-            if weight.quant_state.dtype == dtype:  # straight into the stack, no temporary copy
+            # straight into the stack, no temporary copy (bitsandbytes has the `out=` kernel on CUDA only)
+            if weight.quant_state.dtype == dtype and stacked.device.type == "cuda":
                 bnb.functional.dequantize_4bit(weight.data, weight.quant_state, out=stacked[expert_idx])
                 continue
             weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
