@@ -134,6 +134,10 @@ def run_path(args) -> dict:
     if args.tiny:
         torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.expert_loop:
+        from moekit.finetune.quantize import MixtralExpertList
+
+        MixtralExpertList.grouped = False  # the expert-by-expert path, for comparison
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build_model(args.path, "tiny" if args.tiny else "4x7b", device)
@@ -234,6 +238,7 @@ def main() -> None:
     parser.add_argument("--targets", default="attn,experts", help="LoRA targets (attn, experts)")
     parser.add_argument("--fused-adam", action="store_true", help="torch's fused AdamW (both paths)")
     parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast forward (both paths)")
+    parser.add_argument("--expert-loop", action="store_true", help="moekit: run experts one by one instead of grouped GEMMs")
     parser.add_argument("--profile", action="store_true", help="profile one extra step (GPU busy vs wall, top ops)")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -244,12 +249,12 @@ def main() -> None:
         print("RESULT " + json.dumps(run_path(args)), flush=True)
         return
     results = {"shape": "tiny" if args.tiny else "4x7b", "seq": args.seq, "batch": args.batch, "steps": args.steps,
-               "lora_r": args.lora_r, "targets": args.targets, "fused_adam": args.fused_adam, "autocast": args.autocast, "paths": {}}  # fmt: skip
+               "lora_r": args.lora_r, "targets": args.targets, "fused_adam": args.fused_adam, "autocast": args.autocast, "expert_loop": args.expert_loop, "paths": {}}  # fmt: skip
     for path in (["moekit", "plain"] if args.path == "both" else [args.path]):
         command = [sys.executable, __file__, "--child", "--path", path, "--seq", str(args.seq), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r),
                    "--targets", args.targets]  # fmt: skip
-        command += [flag for flag, on in (("--tiny", args.tiny), ("--fused-adam", args.fused_adam), ("--profile", args.profile)) if on]
+        command += [flag for flag, on in (("--tiny", args.tiny), ("--fused-adam", args.fused_adam), ("--profile", args.profile), ("--expert-loop", args.expert_loop)) if on]
         command.append("--autocast" if args.autocast else "--no-autocast")
         proc = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
