@@ -232,10 +232,9 @@ def same_tokenizer(ours, theirs) -> bool:
     )
 
 
-def _free(model) -> None:
+def _release_memory() -> None:
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -299,7 +298,8 @@ def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = N
             else:
                 entry["routing"] = stats
         entries.append(entry)
-        _free(model_obj)
+        del model_obj  # the next model is loaded only after this one is gone
+        _release_memory()
 
     moe_metrics = entries[0]["metrics"]
     data = {

@@ -198,22 +198,31 @@ def _pyplot():
 
 
 def plot_perplexity(report: dict, path: Path) -> None:
-    """Grouped bars: one group per evaluation set, one bar per model (MoE entries hatched)."""
+    """One panel per evaluation set (each with its own scale), one bar per model (MoE entries hatched)."""
     plt = _pyplot()
     sets, models = _sets(report), report["models"]
-    width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(sets) * max(1, len(models)) * 0.5 + 2), 3.6))
-    for index, model in enumerate(models):
-        values = [model.get("metrics", {}).get(name, {}).get("perplexity", float("nan")) for name in sets]
-        label = model["name"] + ("" if model.get("same_tokenizer", True) else f" {DIFFERENT_TOKENIZER_MARK}")
-        hatch = None if model["role"] == "source" else "//"
-        bars = ax.bar([s + (index - (len(models) - 1) / 2) * width for s in range(len(sets))], values, width, label=label, hatch=hatch)
+    columns = min(len(sets), 4)
+    rows = -(-len(sets) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(0.45 * len(models) * columns + 1.5 * columns, 2.8 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = [m["name"] + ("" if m.get("same_tokenizer", True) else f" {DIFFERENT_TOKENIZER_MARK}") for m in models]
+    for ax, name in zip(axes.flat, sets):
+        values = [m.get("metrics", {}).get(name, {}).get("perplexity", float("nan")) for m in models]
+        bars = ax.bar(range(len(models)), values, color=[colors[i % len(colors)] for i in range(len(models))],
+                      hatch=None, edgecolor="black", linewidth=0.3)
+        for bar, model in zip(bars, models):
+            if model["role"] == "moe":
+                bar.set_hatch("//")
         ax.bar_label(bars, fmt="%.1f", fontsize=6)
-    ax.set_xticks(range(len(sets)))
-    ax.set_xticklabels(sets, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(f"Perplexity per evaluation set: {report['model']['name']} vs its sources", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(sets):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("perplexity (lower is better)", fontsize=8)
+    fig.suptitle(f"Perplexity per evaluation set: {report['model']['name']} (hatched) vs its sources", fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
@@ -223,19 +232,25 @@ def plot_routing(routing: dict, path: Path) -> None:
     import numpy as np
 
     plt = _pyplot()
-    panels = [("all sets", [layer["share"] for layer in routing["layers"]])]
-    panels += [(name, info["share"]) for name, info in routing.get("per_set", {}).items()]
+    panels = [("all sets", np.array([layer["share"] for layer in routing["layers"]]))]
+    panels += [(name, np.array(info["share"])) for name, info in routing.get("per_set", {}).items()]
     experts = routing["experts"]
     num_layers = len(routing["layers"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels) + 0.5 * len(experts) * len(panels) + 1.5, 0.22 * num_layers + 2.2), sharey=True, squeeze=False)
+    top = min(1.0, max(float(shares.max()) for _, shares in panels))  # shares rarely approach 1 with many experts
+    annotate = num_layers * len(experts) <= 64
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (0.45 * len(experts) + 0.6) + 1.5, 0.3 * num_layers + 2.2), sharey=True, squeeze=False)
     for ax, (title, shares) in zip(axes[0], panels):
-        image = ax.imshow(np.array(shares), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        image = ax.imshow(shares, aspect="auto", vmin=0, vmax=top, cmap="viridis")
         ax.set_title(title, fontsize=8)
         ax.set_xticks(range(len(experts)))
         ax.set_xticklabels(experts, rotation=45, ha="right", fontsize=7)
+        if annotate:
+            for (layer, expert), value in np.ndenumerate(shares):
+                ax.text(expert, layer, f"{value:.0%}", ha="center", va="center", fontsize=6, color="white" if value < top * 0.6 else "black")
     axes[0][0].set_ylabel("layer")
     axes[0][0].set_yticks(range(num_layers))
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of top-k slots")
-    fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']}) of {routing.get('model', 'the MoE')}", fontsize=10, y=1.04)
+    fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']}) of {routing.get('model', 'the MoE')}; "
+                 f"even = {1 / len(experts):.0%}", fontsize=10, y=1.04)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
