@@ -81,11 +81,17 @@ def batches(documents: list[EncodedDocument], batch_size: int, pad_id: int) -> I
         yield chunk, input_ids, attention_mask
 
 
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Summed NLL (nats) of every non-padding token after the first, in float32."""
-    targets = input_ids[:, 1:]  # (batch, seq-1)
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")  # (batch, seq-1)
-    return (nll * attention_mask[:, 1:]).sum()
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Summed NLL (nats) of every non-padding token after the first, in float32.
+
+    One row at a time, so that only one document's logits exist in float32 (a batch of 8 x 1024 tokens
+    over a 128k vocabulary would be 4 GB)."""
+    total = 0.0
+    for row in range(input_ids.shape[0]):
+        length = int(attention_mask[row].sum())
+        row_logits = logits[row, : length - 1].float()  # (tokens-1, vocab)
+        total += F.cross_entropy(row_logits, input_ids[row, 1:length], reduction="sum").item()
+    return total
 
 
 def model_device(model) -> torch.device:
@@ -119,7 +125,7 @@ def perplexity(
         for chunk, input_ids, attention_mask in batches(documents, batch_size, pad_id):
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(forward_kwargs or {}))
-            total_nll += token_nll(outputs.logits, input_ids, attention_mask).item()
+            total_nll += token_nll(outputs.logits, input_ids, attention_mask)
             if observer is not None:
                 observer(outputs, input_ids, attention_mask)
             if progress is not None:
