@@ -12,7 +12,8 @@ with `moekit.plan.estimate(...).peak_bytes` for the same config and options.
 
 Each shape runs in its own subprocess. Usage (GPU machine, from the repository root):
 
-    python benchmarks/plan_accuracy.py --out results/            # the README table
+    python benchmarks/plan_accuracy.py --out results/            # the README table (4x7b, 8x7b)
+    python benchmarks/plan_accuracy.py --out held_out/ --groups 4x7b-variants,4x7b-bf16,4x7b-int8,phixtral-4x2.7b
     python benchmarks/plan_accuracy.py --tiny --out /tmp/plan    # a CPU smoke test of the same path
 """
 
@@ -28,33 +29,70 @@ import tempfile
 import time
 from pathlib import Path
 
-# name -> (Mixtral config overrides, [(label, options overrides)])
 FOUR_BY_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2)
 EIGHT_BY_7B = dict(FOUR_BY_7B, num_local_experts=8)
+# Phi-2 shape (2.7B) with 4 fc1/fc2 experts per layer, top-2
+PHIXTRAL_4X = dict(num_hidden_layers=32, hidden_size=2560, intermediate_size=10240, num_attention_heads=32,
+                   num_key_value_heads=32, vocab_size=51200, partial_rotary_factor=0.4, num_local_experts=4, num_experts_per_tok=2)
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=384, num_local_experts=4, num_experts_per_tok=2)
+TINY_PHI = dict(TINY, num_key_value_heads=4, partial_rotary_factor=0.5)
 
 LORA = {"target": ["attn", "experts"]}
+
+
+def lora_runs(pairs, **extra):
+    return [(f"attn+experts r16, seq {s}, batch {b}" + "".join(f", {v}" for v in extra.values()), {**LORA, "max_seq_len": s, "batch_size": b, **extra})
+            for s, b in pairs]
+
+
+# name -> (architecture, config overrides, bits, [(label, options overrides)]); runs that change the
+# targets come in an order that lets one model serve them (router-only first, no checkpointing last)
 GROUPS = {
-    # router-only first: it trains the bare quantized model, which the LoRA runs then wrap with PEFT
-    "4x7b": (FOUR_BY_7B, [("router-only, seq 1024, batch 2", {"target": ["gate"], "max_seq_len": 1024, "batch_size": 2})]
-             + [(f"attn+experts r16, seq {s}, batch {b}", {**LORA, "max_seq_len": s, "batch_size": b}) for s in (512, 1024) for b in (1, 2, 4)]
+    "4x7b": ("mixtral", FOUR_BY_7B, 4,
+             [("router-only, seq 1024, batch 2", {"target": ["gate"], "max_seq_len": 1024, "batch_size": 2})]
+             + lora_runs([(s, b) for s in (512, 1024) for b in (1, 2, 4)])
              + [("attn+experts r16, seq 1024, batch 2, adamw_8bit", {**LORA, "max_seq_len": 1024, "batch_size": 2, "optimizer": "adamw_8bit"}),
                 ("attn+experts r16, seq 512, batch 1, no checkpointing", {**LORA, "max_seq_len": 512, "batch_size": 1, "gradient_checkpointing": False})]),
-    "8x7b": (EIGHT_BY_7B, [(f"attn+experts r16, seq {s}, batch {b}", {**LORA, "max_seq_len": s, "batch_size": b}) for s, b in ((1024, 2), (512, 4))]),
+    "8x7b": ("mixtral", EIGHT_BY_7B, 4, lora_runs([(1024, 2), (512, 4)])),
+    # held out: settings the constants were not looked at for
+    "4x7b-variants": ("mixtral", FOUR_BY_7B, 4,
+                      [("attn only r16, seq 2048, batch 2", {"target": ["attn"], "max_seq_len": 2048, "batch_size": 2}),
+                       ("experts 0,1 of layers 0-15 r64, no dropout, seq 2048, batch 1",
+                        {"target": ["experts"], "experts": [0, 1], "layers": list(range(16)), "lora_r": 64, "lora_dropout": 0.0, "max_seq_len": 2048, "batch_size": 1}),
+                       ("all targets r16, seq 4096, batch 1", {"target": ["attn", "experts", "gate"], "max_seq_len": 4096, "batch_size": 1})]),
+    "4x7b-bf16": ("mixtral", FOUR_BY_7B, 16, lora_runs([(1024, 2)], bits=16)),
+    "4x7b-int8": ("mixtral", FOUR_BY_7B, 8, lora_runs([(1024, 2)], bits=8)),
+    "phixtral-4x2.7b": ("phixtral", PHIXTRAL_4X, 4, lora_runs([(1024, 2), (2048, 1)])),
 }
+MAIN_GROUPS = ("4x7b", "8x7b")
 TINY_GROUPS = {
-    "tiny": (TINY, [("router-only, seq 64, batch 2", {"target": ["gate"], "max_seq_len": 64, "batch_size": 2}),
-                    ("attn+experts r16, seq 64, batch 2", {**LORA, "max_seq_len": 64, "batch_size": 2}),
-                    ("attn+experts r16, seq 128, batch 1", {**LORA, "max_seq_len": 128, "batch_size": 1}),
-                    ("attn+experts r16, seq 64, batch 2, no checkpointing", {**LORA, "max_seq_len": 64, "batch_size": 2, "gradient_checkpointing": False})]),
+    "tiny": ("mixtral", TINY, 4,
+             [("router-only, seq 64, batch 2", {"target": ["gate"], "max_seq_len": 64, "batch_size": 2})]
+             + lora_runs([(64, 2), (128, 1)])
+             + [("attn+experts r16, seq 64, batch 2, no checkpointing", {**LORA, "max_seq_len": 64, "batch_size": 2, "gradient_checkpointing": False})]),
+    "tiny-phixtral": ("phixtral", TINY_PHI, 4, lora_runs([(64, 2)])),
+    "tiny-int8": ("mixtral", TINY, 8, lora_runs([(64, 2)], bits=8)),
 }
 
 
-def build_quantized_mixtral(config, device, bits: int = 4):
-    """A random Mixtral at `bits` on `device`, quantized one layer at a time (never whole in bf16)."""
+def make_config(architecture: str, shape: dict):
+    import moekit  # noqa: F401  (registers Phixtral with the Auto classes)
+    from transformers import MixtralConfig
+
+    from moekit.models.phixtral.configuration_phixtral import PhixtralConfig
+
+    common = dict(max_position_embeddings=4096, tie_word_embeddings=False, output_router_logits=True)
+    if architecture == "phixtral":
+        return PhixtralConfig(**shape, **common, architectures=["PhixtralForCausalLM"])
+    return MixtralConfig(**shape, **common, architectures=["MixtralForCausalLM"])
+
+
+def build_quantized(config, device, bits: int):
+    """A random MoE at `bits` on `device`, quantized one layer at a time (never whole in bf16)."""
     import torch
+    from torch import nn
     from transformers import AutoModelForCausalLM
 
     from moekit.finetune.quantize import quantize_moe
@@ -63,29 +101,33 @@ def build_quantized_mixtral(config, device, bits: int = 4):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def materialize(module):
-        module.to_empty(device=device, recurse=True)
+    def materialize(module, recurse=True):
+        module.to_empty(device=device, recurse=recurse)
         with torch.no_grad():
-            for name, param in module.named_parameters():
-                if name.endswith("norm.weight") or "layernorm" in name:
-                    param.fill_(1.0)
-                else:
-                    param.normal_(0.0, 0.02, generator=generator)
+            for owner in module.modules() if recurse else [module]:
+                is_norm = isinstance(owner, nn.LayerNorm) or "Norm" in type(owner).__name__
+                for name, param in owner.named_parameters(recurse=False):
+                    if is_norm:
+                        param.fill_(1.0 if name == "weight" else 0.0)
+                    else:
+                        param.normal_(0.0, 0.02, generator=generator)
 
     for layer in model.model.layers:
         materialize(layer)
         quantize_moe(layer, bits=bits, device=device)
-    for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
-        materialize(module)
+    for module in model.modules():  # embeddings, final norm, lm_head
+        if any(param.is_meta for param in module.parameters(recurse=False)):
+            materialize(module, recurse=False)
     # the rotary frequencies were computed on the meta device: recompute them on the real one
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
-    quantize_moe(model, bits=bits, device=device)  # the rest (kept in bf16) and the model's flags
+    quantize_moe(model, bits=bits, device=device)  # flags the model; everything else is already in place
     model.config.use_cache = False
     return model
 
 
 def quantized_bytes(model) -> int:
-    """Bytes of every parameter and buffer, 4-bit quantization states included (what the plan calls weights)."""
+    """Bytes of every parameter with its quantization state (4-bit absmax, nested absmax, codes, offset;
+    int8 row scales): what the plan calls weights."""
     import torch
 
     seen: set[int] = set()
@@ -93,12 +135,13 @@ def quantized_bytes(model) -> int:
 
     def add(tensor):
         nonlocal total
-        if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
-            seen.add(id(tensor))
+        if isinstance(tensor, torch.Tensor) and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
 
     for param in model.parameters():
         add(param)
+        add(getattr(param, "SCB", None))
         state = getattr(param, "quant_state", None)
         if state is not None:
             for tensor in (state.absmax, state.code, state.offset):
@@ -112,24 +155,21 @@ def quantized_bytes(model) -> int:
 def run_group(name: str, tiny: bool, steps: int) -> list[dict]:
     import datasets
     import torch
-    from transformers import MixtralConfig
-
     from moekit.finetune.options import FinetuneOptions
     from moekit.finetune.targets import apply_targets
     from moekit.finetune.trainer import _make_trainer
     from moekit.plan import estimate
     from moekit.testing import make_tokenizer
 
-    shape, runs = (TINY_GROUPS if tiny else GROUPS)[name]
-    config = MixtralConfig(**shape, max_position_embeddings=4096, architectures=["MixtralForCausalLM"],
-                           tie_word_embeddings=False, output_router_logits=True)
+    architecture, shape, bits, runs = (TINY_GROUPS if tiny else GROUPS)[name]
+    config = make_config(architecture, shape)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)
     compute_dtype = torch.bfloat16 if cuda else torch.float32
     started = time.time()
-    model = build_quantized_mixtral(config, device)
+    model = build_quantized(config, device, bits)
     loaded = torch.cuda.memory_allocated() if cuda else None
     weights_measured = quantized_bytes(model)
     print(f"[{name}] built in {time.time() - started:.0f}s: {weights_measured / 2**30:.2f} GiB of weights"
@@ -217,7 +257,7 @@ def main() -> None:
         results = run_group(args.worker, args.tiny, args.steps)
         (args.out / f"{args.worker}.json").write_text(json.dumps(results, indent=2))
         return
-    groups = args.groups.split(",") if args.groups else list(TINY_GROUPS if args.tiny else GROUPS)
+    groups = args.groups.split(",") if args.groups else list(TINY_GROUPS if args.tiny else MAIN_GROUPS)
     results = []
     for group in groups:
         command = [sys.executable, __file__, "--worker", group, "--out", str(args.out), "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])

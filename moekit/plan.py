@@ -467,6 +467,18 @@ def _layer_activation_bytes(shape: ModelShape, options: TrainingOptions, tokens:
     return tokens * per_token
 
 
+def grouped_experts(shape: ModelShape, options: TrainingOptions) -> bool:
+    """Whether quantize_moe's Mixtral experts run as grouped GEMMs (MixtralExpertList._grouped_projection).
+
+    They do when every expert of a layer has the same kind of frozen base (4- or 16-bit) and either no
+    adapter or the same LoRA: not for int8 experts, and not when --experts adapts only some of them.
+    """
+    if shape.model_type != "mixtral" or options.bits == 8:
+        return False
+    some_experts = options.experts is not None and len(options.experts) < shape.experts
+    return not ("experts" in options.target and some_experts)
+
+
 def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: int, targets: _Trainable) -> dict[str, int]:
     tokens = batch * seq
     h = shape.hidden
@@ -483,11 +495,16 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
     routing = 0
     if shape.is_moe:
         routing = shape.layers * tokens * shape.experts * (2 * COMPUTE_BYTES + 2 * 4 + shape.top_k * 8)
-    # transient in a layer's backward: the dequantized weight of the largest linear and the gradients of the
-    # largest expert's intermediate activations
+    # transient in a layer's backward: dequantized frozen weights and the gradients of the intermediate
+    # activations. Grouped experts re-materialise one projection of every expert at once and take the
+    # gradients of all routed tokens together; otherwise one linear layer and one expert at a time.
     largest = max(lin.weight_numel for lin in shape.attention + shape.expert_mlp)
-    routed_tokens = -(-tokens * shape.top_k // max(shape.experts, 1))
-    backward_transient = largest * COMPUTE_BYTES + 3 * routed_tokens * shape.intermediate * COMPUTE_BYTES
+    if grouped_experts(shape, options):
+        weights_at_once, rows_at_once = shape.experts * largest, tokens * shape.top_k
+    else:
+        weights_at_once = largest if options.bits < 16 else 0  # bf16 weights are used as they are
+        rows_at_once = -(-tokens * shape.top_k // max(shape.experts, 1))
+    backward_transient = (weights_at_once + 3 * rows_at_once * shape.intermediate) * COMPUTE_BYTES
     return {
         "checkpoints": shape.layers * checkpoint_input if options.gradient_checkpointing else 0,
         "layer": layer,

@@ -145,45 +145,32 @@ def test_four_by_seven_b_shape_matches_the_measured_gpu_peak():
 
 
 def _stored_bytes(model) -> int:
-    """Bytes of every parameter and of the 4-bit quantization states (absmax, nested absmax, codes, offset)."""
+    """Bytes of every parameter and its quantization state (4-bit absmax, nested absmax, codes, offset; int8 row scales)."""
     seen, total = set(), 0
     for param in model.parameters():
-        tensors = [param]
+        tensors = [param, getattr(param, "SCB", None)]
         state = getattr(param, "quant_state", None)
         if state is not None:
             tensors += [state.absmax, state.code, state.offset]
             if state.state2 is not None:
                 tensors += [state.state2.absmax, state.state2.code]
         for tensor in tensors:
-            if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
-                seen.add(id(tensor))
+            if isinstance(tensor, torch.Tensor) and tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
     return total
 
 
-@pytest.fixture(scope="module")
-def quantized_mixtral(mixtral_config):
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_weights_equal_the_bytes_of_the_quantized_model(mixtral_config, bits):
     from transformers import AutoModelForCausalLM
 
     from moekit.finetune.quantize import quantize_moe
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(mixtral_config, dtype=torch.bfloat16)
-    return quantize_moe(model, bits=4, device="cpu")
-
-
-def test_weights_equal_the_bytes_of_the_quantized_model(mixtral_config, quantized_mixtral):
-    plan = estimate(mixtral_config, opts(bits=4))
-    assert _stored_bytes(quantized_mixtral) == plan.group_bytes("weights")
-
-
-def test_sixteen_bit_weights_equal_the_model(mixtral_config):
-    from transformers import AutoModelForCausalLM
-
-    from moekit.finetune.quantize import quantize_moe
-
-    model = quantize_moe(AutoModelForCausalLM.from_config(mixtral_config, dtype=torch.bfloat16), bits=16, device="cpu")
-    assert _stored_bytes(model) == estimate(mixtral_config, opts(bits=16)).group_bytes("weights")
+    model = quantize_moe(AutoModelForCausalLM.from_config(mixtral_config, dtype=torch.bfloat16), bits=bits, device="cpu")
+    assert model.moekit_bits == bits
+    assert _stored_bytes(model) == estimate(mixtral_config, opts(bits=bits)).group_bytes("weights")
 
 
 @pytest.mark.parametrize("request_", [
