@@ -1,0 +1,132 @@
+"""`moekit demo` end to end on the quick preset: the headline facts are checked from report.json.
+
+The demo makes its own zoo in a per-session cache (MOEKIT_CACHE), so this file exercises zoo
+training, `build` (hidden and calibrated gates), `eval` and `finetune` exactly as a user's run does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moekit.zoo.corpora import DOMAINS
+
+MOE_CLOSE_TO_BEST_EXPERT = 1.10  # the MoE's perplexity on a domain is at most 10% above that domain's best source
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    env = dict(os.environ, MOEKIT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1")
+    out = root / "out"
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    return {"out": out, "report": report, "stdout": result.stdout, "cache": root / "cache", "seconds": time.perf_counter() - started}
+
+
+def _models(report):
+    return {model["name"]: model for model in report["models"]}
+
+
+def test_report_has_the_eval_schema_with_mixed_and_domain_sets(demo_run):
+    report = demo_run["report"]
+    sets = {"mixed", "chat", *DOMAINS}
+    roles = {model["name"]: model["role"] for model in report["models"]}
+    assert {"base", *DOMAINS} <= {name for name, role in roles.items() if role == "source"}
+    assert sum(role == "moe" for role in roles.values()) == 3  # two gate modes and the fine-tuned MoE
+    for model in report["models"]:
+        assert set(model["metrics"]) == sets, model["name"]
+        for values in model["metrics"].values():
+            assert values["perplexity"] > 1 and values["tokens"] > 0
+    assert set(report["routing"]["per_set"]) == sets
+    for name in ("report.md", "perplexity.png", "routing.png"):
+        assert (demo_run["out"] / name).stat().st_size > 0
+
+
+def test_moe_beats_every_source_on_mixed_held_out_data(demo_run):
+    report = demo_run["report"]
+    moe = report["models"][0]
+    assert moe["role"] == "moe" and moe["name"] == f"moe-{report['demo']['gate_mode']}"
+    sources = [m for m in report["models"] if m["role"] == "source"]
+    for source in sources:
+        assert moe["metrics"]["mixed"]["perplexity"] < source["metrics"]["mixed"]["perplexity"], source["name"]
+    assert report["demo"]["facts"]["moe_beats_every_source_on_mixed"] is True
+
+
+def test_moe_is_close_to_the_best_expert_on_each_domain(demo_run):
+    report = demo_run["report"]
+    moe = report["models"][0]
+    sources = [m for m in report["models"] if m["role"] == "source"]
+    for domain in DOMAINS:
+        best = min(source["metrics"][domain]["perplexity"] for source in sources)
+        assert moe["metrics"][domain]["perplexity"] <= MOE_CLOSE_TO_BEST_EXPERT * best, domain
+    # Each expert really is the specialist of its own domain (the zoo trained them so).
+    models = _models(report)
+    for domain in DOMAINS:
+        own = models[domain]["metrics"][domain]["perplexity"]
+        assert all(own < models[other]["metrics"][domain]["perplexity"] for other in ("base", *DOMAINS) if other != domain), domain
+
+
+def test_routing_sends_each_domain_mostly_to_its_expert(demo_run):
+    routing = demo_run["report"]["routing"]
+    for domain in DOMAINS:
+        shares = routing["per_set"][domain]["share"]  # (layers, experts)
+        mean = [sum(layer[e] for layer in shares) / len(shares) for e in range(len(routing["experts"]))]
+        assert routing["experts"][mean.index(max(mean))] == domain, (domain, mean)
+
+
+def test_gate_modes_are_compared_and_the_better_one_is_used(demo_run):
+    demo = demo_run["report"]["demo"]
+    modes = demo["gate_modes"]
+    assert set(modes) == {"hidden", "calibrated"}
+    assert demo["gate_mode"] == min(modes, key=lambda mode: modes[mode]["perplexity"]["mixed"])
+    models = _models(demo_run["report"])
+    for mode, summary in modes.items():
+        assert models[f"moe-{mode}"]["metrics"]["mixed"]["perplexity"] == pytest.approx(summary["perplexity"]["mixed"], rel=1e-3)
+
+
+def test_qlora_fine_tune_ran_and_was_evaluated_with_its_adapter(demo_run):
+    report = demo_run["report"]
+    finetune = report["demo"]["finetune"]
+    assert finetune["steps"] == 20  # the quick preset
+    assert (Path(finetune["directory"]) / "adapter" / "adapter_config.json").is_file()
+    tuned = [m for m in report["models"] if m.get("adapter")]
+    assert len(tuned) == 1 and tuned[0]["name"].endswith("+qlora")
+    before, after = report["models"][0]["metrics"]["chat"]["perplexity"], tuned[0]["metrics"]["chat"]["perplexity"]
+    assert after < before  # it learnt the chat format of its training set, on held-out conversations
+
+
+def test_cli_prints_the_headline_table(demo_run):
+    stdout = demo_run["stdout"]
+    assert "| model | role |" in stdout and "ppl mixed" in stdout
+    assert "lower than every source" in stdout and "NOT lower" not in stdout
+
+
+def test_second_zoo_use_is_a_cache_hit(demo_run):
+    from moekit.zoo import PRESETS, ensure_zoo
+
+    zoo_dir = Path(demo_run["report"]["demo"]["zoo"]["directory"])
+    stamp = (zoo_dir / "zoo.json").stat().st_mtime_ns
+    started = time.perf_counter()
+    zoo = ensure_zoo(PRESETS["quick"], demo_run["cache"])
+    assert zoo.directory == zoo_dir and (zoo_dir / "zoo.json").stat().st_mtime_ns == stamp
+    assert time.perf_counter() - started < 1
+
+
+def test_demo_refuses_a_non_empty_output_without_touching_it(tmp_path, capsys):
+    from moekit.cli import main
+
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "-o", str(tmp_path)])
+    assert exit_info.value.code != 0
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
