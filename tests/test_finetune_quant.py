@@ -10,8 +10,19 @@ from torch import nn
 
 from moekit.errors import SourceError, TargetError, TrainingError
 from moekit.finetune.options import TrainingOptions
-from moekit.finetune.quantize import MIXTRAL_EXPERT_PROJECTIONS, count_quantized, load_moe_for_training, quantize_moe
-from moekit.finetune.targets import apply_targets, load_routers, save_routers, snapshot_trainable, verify_changed
+from moekit.finetune.quantize import (
+    MIXTRAL_EXPERT_PROJECTIONS,
+    count_quantized,
+    load_moe_for_training,
+    quantize_moe,
+)
+from moekit.finetune.targets import (
+    apply_targets,
+    load_routers,
+    save_routers,
+    snapshot_trainable,
+    verify_changed,
+)
 
 NUM_EXPERTS, NUM_LAYERS, HIDDEN, INTERMEDIATE = 3, 2, 64, 128
 
@@ -184,9 +195,9 @@ def test_trainable_table_matches_request(moe_dir, target, experts, layers):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(target="experts", experts="3"), "expert index 3 is out of range"),
-        (dict(target="attn", layers="2"), "layer index 2 is out of range"),
-        (dict(target="attn", experts="0"), "--experts only applies"),
+        ({"target": "experts", "experts": "3"}, "expert index 3 is out of range"),
+        ({"target": "attn", "layers": "2"}, "layer index 2 is out of range"),
+        ({"target": "attn", "experts": "0"}, "--experts only applies"),
     ],
 )
 def test_bad_targets_raise(moe_dir, kwargs, message):

@@ -202,7 +202,7 @@ def _require_bitsandbytes(device: torch.device, compute_dtype: torch.dtype):
         ) from None
     try:
         bnb.functional.quantize_4bit(torch.zeros(64, dtype=compute_dtype, device=device), quant_type="nf4")
-    except Exception as err:  # any backend failure means the quantized path cannot run here
+    except Exception as err:  # noqa: BLE001  (any backend failure means the quantized path cannot run here)
         raise DependencyError(
             f"bitsandbytes cannot quantize on {device.type} here: {err}", hint="use --bits 16, or a supported GPU"
         ) from None
@@ -366,8 +366,9 @@ def load_moe_for_training(
     never holds the bf16 experts. `config.use_cache` is turned off for training; the router auxiliary
     loss (`output_router_logits`) is left to the trainer.
     """
-    import moekit  # noqa: F401  (registers the Phixtral auto classes)
     from transformers import AutoModelForCausalLM
+
+    import moekit  # noqa: F401  (registers the Phixtral auto classes)
 
     device = _resolve_device(device_map)
     if bits != 16:

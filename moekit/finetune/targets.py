@@ -19,7 +19,7 @@ from torch import nn
 
 from moekit.errors import TargetError, TrainingError
 from moekit.finetune.options import TrainingOptions
-from moekit.finetune.quantize import MIXTRAL_EXPERT_PROJECTIONS, prepare_for_training
+from moekit.finetune.quantize import prepare_for_training
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
