@@ -23,7 +23,7 @@ def command(model: str, out: Path, push_to_hub: str | None, **options) -> None:
     with loss on assistant tokens only and the router load-balancing loss logged apart. Before
     training it prints what is trainable; afterwards it checks that every target changed.
     Checkpoints live in OUT.partial until the run finishes; --resume continues from the newest.
-    Multi-GPU: `accelerate launch -m moekit finetune ...` (DDP, or FSDP with an accelerate config).
+    Several GPUs: `accelerate launch -m moekit finetune ...` (one process per GPU; see the README).
     """
     from pydantic import ValidationError
 
