@@ -18,6 +18,7 @@ from moekit.eval import EvalOptions, evaluate
 from moekit.eval.data import load_set, render
 from moekit.eval.metrics import perplexity
 from moekit.eval.report import markdown_table, write_report
+from moekit.eval.routing import routing_stats
 from moekit.recipe import parse_recipe
 
 PROMPTS = {
@@ -155,33 +156,54 @@ def test_source_with_other_tokenizer_gets_its_own_tokenizer_and_a_mark(report, o
 
 
 @torch.no_grad()
+def hooked_routing(model, tokenizer, texts: list[str], top_k: int) -> list[tuple[list[float], float]]:
+    """(top-k shares, mean softmax entropy) per layer from forward hooks on each router's input, BOS excluded."""
+    router_inputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: router_inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        for text in texts:  # one unpadded document at a time
+            model(tokenizer(text, return_tensors="pt")["input_ids"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    result = []
+    for layer_index in range(len(model.model.layers)):
+        gate = model.model.layers[layer_index].mlp.gate.weight  # (experts, hidden)
+        logits = torch.cat([x[1:] for x in router_inputs[layer_index]]) @ gate.T  # (tokens, experts)
+        counts = torch.bincount(logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=gate.shape[0]).float()
+        entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1).mean().item()
+        result.append(((counts / counts.sum()).tolist(), entropy))
+    return result
+
+
 def test_routing_shares_sum_to_one_and_match_router_hooks(report, moe, data_files):
     routing = report["routing"]
     assert routing["experts"] == ["e0", "e1", "e2"] and routing["experts_per_token"] == 2
     for layer in routing["layers"]:
         assert sum(layer["share"]) == pytest.approx(1, abs=1e-3)
     model, tokenizer = load(moe)
-    router_inputs = {}
-    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: router_inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
-             for i, layer in enumerate(model.model.layers)]
-    try:
-        for name, spec in data_files.items():
-            router_inputs.clear()
-            for text in documents(spec, tokenizer):
-                model(tokenizer(text, return_tensors="pt")["input_ids"])
-            for layer_index, inputs in router_inputs.items():
-                gate = model.model.layers[layer_index].mlp.gate.weight
-                logits = torch.cat([x[1:] for x in inputs]) @ gate.T  # (tokens, experts), BOS excluded
-                counts = torch.bincount(logits.topk(2, dim=-1).indices.reshape(-1), minlength=3).float()
-                expected = (counts / counts.sum()).tolist()
-                assert routing["per_set"][name]["share"][layer_index] == pytest.approx(expected, abs=1e-4)
-                entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1).mean().item()
-                assert routing["per_set"][name]["entropy"][layer_index] == pytest.approx(entropy, abs=1e-4)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for name, spec in data_files.items():
+        for layer_index, (shares, entropy) in enumerate(hooked_routing(model, tokenizer, documents(spec, tokenizer), top_k=2)):
+            assert routing["per_set"][name]["share"][layer_index] == pytest.approx(shares, abs=1e-4)
+            assert routing["per_set"][name]["entropy"][layer_index] == pytest.approx(entropy, abs=1e-4)
     own = routing["own_expert_share"]["e0"]  # the --data set named like expert e0 is tied to it
     assert own["expert"] == 0 and own["per_layer"] == [row[0] for row in routing["per_set"]["e0"]["share"]]
+
+
+def test_phixtral_routing_matches_router_hooks(tiny_tokenizer, tmp_path):
+    from moekit.testing import make_dense_checkpoint
+
+    base = make_dense_checkpoint(tmp_path / "base", "phi", seed=0, tokenizer=tiny_tokenizer)
+    experts = [make_dense_checkpoint(tmp_path / f"e{i}", base=base, seed=i + 1, mlp_noise=0.5) for i in range(2)]
+    text = recipe({"base": base, "e0": experts[0], "e1": experts[1]}, ["e0", "e1"], top_k=1)
+    build(parse_recipe(text), tmp_path / "phixtral", BuildOptions(device="cpu"), recipe_text=text)
+    model, tokenizer = load(tmp_path / "phixtral")
+    texts = [CODE_TEXT, "The quick brown fox jumps over the lazy dog."]
+    stats = routing_stats(model, tokenizer, {"all": texts}, batch_size=2)
+    for layer, (shares, entropy) in zip(stats["layers"], hooked_routing(model, tokenizer, texts, top_k=1)):
+        assert layer["share"] == pytest.approx(shares, abs=1e-4) and sum(layer["share"]) == pytest.approx(1, abs=1e-3)
+        assert layer["entropy"] == pytest.approx(entropy, abs=1e-4)
 
 
 def test_moe_of_identical_experts_has_the_base_perplexity(llama_family, data_files, tmp_path):
@@ -335,3 +357,19 @@ def test_adapter_model_is_evaluated_as_a_second_moe_entry(moe, data_files, tmp_p
     assert tuned_entry["routing"]["layers"] != result["routing"]["layers"]  # the routers were trained
     with pytest.raises(SourceError, match="not a moekit finetune output"):
         evaluate(moe, tmp_path / "r2", EvalOptions(adapter=str(tmp_path), device="cpu"))
+
+
+def test_load_in_4bit_quantizes_the_moe_experts_too(report, moe, data_files):
+    import bitsandbytes as bnb
+
+    from moekit.eval import load_model, plan_models
+
+    options = EvalOptions(against=[], load_in_4bit=True, device="cpu")
+    (spec,), _, _ = plan_models(moe, options)
+    model, tokenizer = load_model(spec, options, "cpu", trust_remote_code=False)
+    quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert any(".experts." in name for name in quantized) and any("self_attn" in name for name in quantized)
+    result = perplexity(model, tokenizer, documents(data_files["e0"], tokenizer))
+    float_perplexity = entry(report, moe)["metrics"]["e0"]["perplexity"]
+    assert result.perplexity != pytest.approx(float_perplexity, rel=1e-6)  # really quantized
+    assert result.perplexity == pytest.approx(float_perplexity, rel=0.1)  # and still the same model

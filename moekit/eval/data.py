@@ -46,6 +46,7 @@ def load_set(name: str, spec: str, limit: int | None = None) -> EvalSet:
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"evaluation set '{name}': cannot read {spec}: {err}") from None
         documents = _parse_jsonl(text, spec) if path.suffix.lower() in (".jsonl", ".json") else _parse_text(text)
+    documents = [d for d in documents if not isinstance(d, str) or d.strip()]
     if not documents:
         raise DataError(f"evaluation set '{name}' ({spec}) holds no document")
     return EvalSet(name=name, source=spec, documents=documents[:limit] if limit else documents)
