@@ -341,3 +341,14 @@ def test_grouped_experts_equal_the_expert_by_expert_path(moe_dir, input_ids, bit
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, atol=1e-5, rtol=1e-4, msg=f"gradient of {name}")
+
+
+def test_tied_embeddings_stay_tied(tiny_tokenizer):
+    from transformers import MixtralForCausalLM
+
+    from moekit.testing import tiny_config
+
+    model = MixtralForCausalLM(tiny_config("mixtral", len(tiny_tokenizer), tie_word_embeddings=True))
+    quantize_moe(model, bits=4)  # fp32 -> bf16 converts every unquantized parameter
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.dtype == torch.bfloat16

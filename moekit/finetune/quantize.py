@@ -287,7 +287,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, dict):
         if set(device) != {""}:
@@ -334,13 +334,17 @@ def quantize_moe(
                 setattr(parent, child_name, make_linear(child.weight, child.bias))
     # everything left (embeddings, norms, routers, lm_head) in the compute dtype on the target device;
     # buffers such as rotary frequencies keep their dtype
+    converted: dict[int, nn.Parameter] = {}  # tied parameters (embeddings = lm_head) stay one parameter
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.__class__.__name__ in ("Params4bit", "Int8Params"):
                 continue
             dtype = compute_dtype if param.is_floating_point() else param.dtype
-            if param.device != target or param.dtype != dtype:
-                module._parameters[name] = nn.Parameter(param.data.to(device=target, dtype=dtype), requires_grad=param.requires_grad)
+            if id(param) in converted:
+                module._parameters[name] = converted[id(param)]
+            elif param.device != target or param.dtype != dtype:
+                new_param = nn.Parameter(param.data.to(device=target, dtype=dtype), requires_grad=param.requires_grad)
+                converted[id(param)] = module._parameters[name] = new_param
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.device != target:
                 module._buffers[name] = buffer.to(target)
