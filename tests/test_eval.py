@@ -114,6 +114,7 @@ def test_hub_datasets_load_through_datasets(tmp_path):
     assert load_set("hub", f"hf:{tmp_path / 'ds'}:validation").documents == [CHATS[0]["messages"], CHATS[1]["text"]]
     with pytest.raises(DataError, match="split 'test'"):
         load_set("hub", f"hf:{tmp_path / 'ds'}")
+    assert load_set("hub", f"hf:{tmp_path / 'ds'}:default:validation", limit=1).documents == [CHATS[0]["messages"]]  # name:config:split
 
 
 def test_perplexity_equals_direct_transformers_computation(report, llama_family, data_files):

@@ -25,7 +25,7 @@ def _parse_data(values: tuple[str, ...]) -> dict[str, str]:
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Report directory (report.json, report.md, PNG charts).")
 @click.option("--against", multiple=True, metavar="SRC", help="Source model to compare with (repeatable) [default: base and experts from MODEL/moekit.json].")
-@click.option("--data", multiple=True, metavar="NAME=PATH", help="Evaluation set (repeatable): text file (blank-line separated documents), .jsonl (text or messages) or hf:dataset[:split].")
+@click.option("--data", multiple=True, metavar="NAME=PATH", help="Evaluation set (repeatable): text file (blank-line separated documents), .jsonl (text or messages) or hf:dataset[:split] / hf:dataset:config:split.")
 @click.option("--task", "tasks", multiple=True, metavar="TASK", help="lm-evaluation-harness task (repeatable; needs `pip install 'moekit[lm-eval]'`).")
 @click.option("--include-path", multiple=True, metavar="DIR", help="Directory with local lm-eval task YAML files (repeatable).")
 @click.option("--adapter", metavar="FINETUNE_DIR", default=None, help="Also evaluate MODEL fine-tuned by `moekit finetune` (adapter + routers).")

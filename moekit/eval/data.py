@@ -85,15 +85,17 @@ def _document(record, where: str) -> Document:
 
 
 def _load_hub(spec: str) -> list[Document]:
-    name, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
-    split = split or DEFAULT_HUB_SPLIT
+    parts = spec.removeprefix(HUB_PREFIX).split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise DataError(f"'{spec}' is not hf:name[:split] or hf:name:config:split")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else DEFAULT_HUB_SPLIT
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # noqa: BLE001 - datasets raises many types (network, missing split or repo)
         raise DataError(f"cannot load Hub dataset '{name}' split '{split}': {type(err).__name__}: {err}".splitlines()[0],
-                        hint="check the name and split (hf:name[:split]); offline, it must be in the datasets cache") from None
+                        hint="check the name, config and split (hf:name[:split], hf:name:config:split); offline, it must be in the datasets cache") from None
     columns = dataset.column_names
     if "text" not in columns and "messages" not in columns:
         raise DataError(f"Hub dataset '{name}' has neither a `text` nor a `messages` column (it has {columns})")
