@@ -130,11 +130,13 @@ def test_phixtral_experts_quantized_and_16bit_exact(tiny_tokenizer):
 
     exact = quantize_moe(copy.deepcopy(model), bits=16, compute_dtype=torch.float32)
     torch.testing.assert_close(logits_of(exact, ids), reference)
+    parameters = sum(p.numel() for p in model.parameters())
     quantize_moe(model, bits=4)
     assert count_quantized(model)["params4bit"] == NUM_LAYERS * (2 * 3 + 4)  # fc1/fc2 per expert + q/k/v/dense
     assert type(model.model.layers[0].mlp.gate) is nn.Linear
     _, table = apply_targets(model, TrainingOptions(target="experts,gate", experts="1", lora_r=2))
     assert set(table.by("expert")) == {1} and set(table.by("kind")) == {"experts", "gate"}
+    assert table.total_params == parameters + table.by("kind")["experts"]  # 4-bit weights counted unpacked
 
 
 def test_chosen_names_are_not_rewritten_by_peft():

@@ -9,6 +9,7 @@ attention block and router is checked to have trainable parameters.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -150,8 +151,9 @@ def _classify(name: str, routers: set[str]) -> tuple[str, int | None, int | None
 def _count_all(model: nn.Module) -> int:
     total = 0
     for param in model.parameters():
-        # a packed 4-bit tensor holds two values per byte
-        total += param.numel() * (2 if param.__class__.__name__ == "Params4bit" and param.dtype == torch.uint8 else 1)
+        quant_state = getattr(param, "quant_state", None)
+        # a packed 4-bit tensor holds the values of its original shape in any storage dtype
+        total += math.prod(quant_state.shape) if param.__class__.__name__ == "Params4bit" and quant_state is not None else param.numel()
     return total
 
 
