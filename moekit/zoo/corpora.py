@@ -1,7 +1,8 @@
 """The zoo's four domains, made from what every Python installation has or from seeded generators.
 
 - `code`: Python source of the standard library (its top-level `*.py` modules).
-- `prose`: English prose, the language-reference topics that ship with CPython (`pydoc_data.topics`).
+- `prose`: English prose, the language-reference topics that ship with CPython (`pydoc_data.topics`),
+  without their indented code examples and grammar rules.
 - `math`: generated arithmetic, one worked equation per line.
 - `json`: generated structured records, one JSON object per line.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +52,15 @@ def code_documents() -> list[str]:
 
 
 def prose_documents() -> list[str]:
+    """The topics' English text. Their indented lines (code examples, grammar rules, tables) are left
+    out, so that prose is prose and Python is the code domain's."""
     from pydoc_data.topics import topics
 
-    return [topics[name] for name in sorted(topics)]
+    documents = []
+    for name in sorted(topics):
+        text = "\n".join(line for line in topics[name].splitlines() if not line.startswith((" ", "\t")))
+        documents.append(re.sub(r"\n{3,}", "\n\n", text).strip() + "\n")
+    return documents
 
 
 def math_documents(count: int, seed: int) -> list[str]:
