@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moekit.build import BuildOptions, build
 from moekit.cli import main
 from moekit.errors import DataError, SourceError
-from moekit.eval import EvalOptions, evaluate
+from moekit.eval import EvalOptions, evaluate, model_entry
 from moekit.eval.data import load_set, render
 from moekit.eval.metrics import perplexity
 from moekit.eval.report import markdown_table, write_report
@@ -313,14 +313,23 @@ def test_local_lm_eval_task_accuracy_equals_hand_computation(moe, llama_family, 
     (choice_task / "tiny_choice.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     options = EvalOptions(against=[str(llama_family["e0"])], tasks=["tiny_choice"], include_path=[str(choice_task)], device="cpu", data={"x": str(choice_task / "tiny_choice.yaml")})
     result = evaluate(moe, tmp_path / "r", options).to_dict()
-    for model_entry, scores in zip(result["models"], [moe_scores, choice_scores(llama_family["e0"])]):
+    for evaluated, scores in zip(result["models"], [moe_scores, choice_scores(llama_family["e0"])]):
         expected = sum(max(range(3), key=row.__getitem__) == answer for row, answer in zip(scores, answers)) / len(answers)
-        assert model_entry["tasks"]["tiny_choice"]["acc"] == pytest.approx(expected)
+        assert evaluated["tasks"]["tiny_choice"]["acc"] == pytest.approx(expected)
     assert result["models"][0]["tasks"]["tiny_choice"]["acc"] == pytest.approx(0.5)
     assert "tiny_choice acc" in markdown_table(result)
     err = run_failing(["eval", str(moe), "--task", "tiny_choise", "--include-path", str(choice_task), "-o", str(tmp_path / "r2")], capsys)
     assert "unknown lm-eval task 'tiny_choise'; close matches: tiny_choice" in err
     assert not (tmp_path / "r2").exists()
+
+
+def test_model_entry_of_a_loaded_model_reproduces_the_report(report, moe, data_files):
+    """What the demo does for its fine-tuned model: score an already-loaded model into a report entry."""
+    model, tokenizer = load(moe)
+    sets = {name: load_set(name, spec).documents for name, spec in data_files.items()}
+    again = model_entry(model, tokenizer, sets, name="moe", path=str(moe), role="moe", batch_size=2, expert_names=["e0", "e1", "e2"], expert_of_set={"e0": 0})
+    assert again["metrics"] == entry(report, moe)["metrics"]
+    assert again["routing"]["layers"] == report["routing"]["layers"] and again["routing"]["own_expert_share"] == report["routing"]["own_expert_share"]
 
 
 def test_report_can_be_extended_and_rendered_again(report, tmp_path):

@@ -240,14 +240,49 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = None) -> EvalReport:
-    """Evaluate the MoE at `model` against its sources; writes OUT/report.json, report.md and charts."""
+def model_entry(
+    model,
+    tokenizer,
+    sets: dict[str, list],
+    *,
+    name: str,
+    path: str,
+    role: Literal["moe", "source"],
+    batch_size: int = 8,
+    max_length: int = 1024,
+    reference_tokenizer=None,
+    expert_names: list[str] | None = None,
+    expert_of_set: dict[str, int] | None = None,
+) -> dict:
+    """A report.json `models` entry for an already-loaded model: metrics per set ({name: documents}, each a
+    string or a chat) and, for an MoE, its `routing`. `reference_tokenizer` is the MoE's, for `same_tokenizer`.
+    The demo uses it to add a fine-tuned model to a report before rendering it again."""
     from tqdm.auto import tqdm
 
     from moekit.eval.data import render
     from moekit.eval.metrics import perplexity
-    from moekit.eval.report import check_output, write_report
     from moekit.eval.routing import ROUTER_FORWARD_KWARGS, RoutingCollector, moe_layout
+
+    same = reference_tokenizer is None or same_tokenizer(reference_tokenizer, tokenizer)
+    entry = {"name": name, "path": str(path), "role": role, "same_tokenizer": same, "metrics": {}}
+    layout = moe_layout(model) if role == "moe" else None
+    collector = RoutingCollector(*layout) if layout else None
+    with tqdm(total=sum(len(documents) for documents in sets.values()), desc=f"evaluating {name}", unit="doc") as bar:
+        for set_name, documents in sets.items():
+            texts = [render(document, tokenizer) for document in documents]
+            result = perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, progress=bar,
+                                observer=collector.observer(set_name) if collector else None,
+                                forward_kwargs=ROUTER_FORWARD_KWARGS if collector else None)
+            entry["metrics"][set_name] = result.to_dict()
+    if collector is not None and sets:
+        names = expert_names if expert_names and len(expert_names) == layout[0] else None
+        entry["routing"] = collector.stats(names, expert_of_set) | {"model": name}
+    return entry
+
+
+def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = None) -> EvalReport:
+    """Evaluate the MoE at `model` against its sources; writes OUT/report.json, report.md and charts."""
+    from moekit.eval.report import check_output, write_report
 
     options = options or EvalOptions()
     out = Path(out)
@@ -262,44 +297,28 @@ def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = N
     if not sets and not options.tasks:
         raise DataError("nothing to evaluate: the model has no moekit.json with expert prompts", hint="pass --data NAME=PATH or --task TASK")
     device = _device(options)
-    trust_remote_code = options.trust_remote_code
+    documents = {s.name: s.documents for s in sets}
     expert_of_set = {s.name: s.expert for s in sets if s.expert is not None}
 
-    entries, routing, moe_tokenizer = [], None, None
+    entries, moe_tokenizer = [], None
     for spec in specs:
-        model_obj, tokenizer = load_model(spec, options, device, trust_remote_code)
-        if moe_tokenizer is None:
-            moe_tokenizer = tokenizer
-        entry = {"name": spec.name, "path": str(spec.path), "ref": spec.ref, "role": spec.role, "same_tokenizer": same_tokenizer(moe_tokenizer, tokenizer)}
+        model_obj, tokenizer = load_model(spec, options, device, options.trust_remote_code)
+        moe_tokenizer = moe_tokenizer or tokenizer
+        entry = model_entry(model_obj, tokenizer, documents, name=spec.name, path=str(spec.path), role=spec.role, batch_size=options.batch_size,
+                            max_length=options.max_length, reference_tokenizer=moe_tokenizer, expert_names=expert_names, expert_of_set=expert_of_set)
+        entry["ref"] = spec.ref
         if spec.role == "source":
             entry.update({"base": spec.base, "experts": spec.experts})
         if spec.adapter is not None:
             entry["adapter"] = str(spec.adapter)
-        layout = moe_layout(model_obj) if spec.role == "moe" else None
-        collector = RoutingCollector(*layout) if layout else None
-        metrics = {}
-        with tqdm(total=sum(len(s.documents) for s in sets), desc=f"evaluating {spec.name}", unit="doc") as bar:
-            for eval_set in sets:
-                texts = [render(document, tokenizer) for document in eval_set.documents]
-                observe = collector.observer(eval_set.name) if collector else None
-                result = perplexity(model_obj, tokenizer, texts, batch_size=options.batch_size, max_length=options.max_length,
-                                    observer=observe, forward_kwargs=ROUTER_FORWARD_KWARGS if collector else None, progress=bar)
-                metrics[eval_set.name] = result.to_dict()
-        entry["metrics"] = metrics
         if manager is not None:
             from moekit.eval.lm_eval_tasks import run_tasks
 
             entry["tasks"] = run_tasks(model_obj, tokenizer, options.tasks, manager, batch_size=options.batch_size, max_length=options.max_length, limit=options.limit)
-        if collector is not None and sets:
-            stats = collector.stats(expert_names if len(expert_names) == layout[0] else None, expert_of_set)
-            stats["model"] = spec.name
-            if routing is None:
-                routing = stats
-            else:
-                entry["routing"] = stats
         entries.append(entry)
         del model_obj  # the next model is loaded only after this one is gone
         _release_memory()
+    routing = entries[0].pop("routing", None)  # the MoE's routing is the report's; an adapter entry keeps its own
 
     moe_metrics = entries[0]["metrics"]
     data = {
@@ -336,4 +355,4 @@ def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = N
     return EvalReport(report=report, out=out, files=files)
 
 
-__all__ = ["EvalOptions", "EvalReport", "evaluate", "load_sets", "plan_models"]
+__all__ = ["EvalOptions", "EvalReport", "evaluate", "load_sets", "model_entry", "plan_models"]
