@@ -190,13 +190,13 @@ def load_model(spec: ModelSpec, options: EvalOptions, device: str, trust_remote_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _dtype(options, device)
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
     if spec.adapter is not None:
         from moekit.finetune.export import load_finetuned
 
-        model, tokenizer = load_finetuned(spec.adapter, dtype=torch.float32 if dtype == "auto" else dtype, device=device)
+        model, tokenizer = load_finetuned(spec.adapter, dtype=compute if dtype == "auto" else dtype, device=device)
         return model.eval(), tokenizer
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
     # transformers' bitsandbytes config quantizes nn.Linear only and would leave the fused 3-D MoE experts
     # in 16 bit, so the MoE is quantized by moekit's quantize_moe (experts included) after loading.
     quantize_after_loading = options.load_in_4bit and spec.role == "moe"
