@@ -43,7 +43,7 @@ LORA = {"target": ["attn", "experts"]}
 
 
 def lora_runs(pairs, **extra):
-    return [(f"attn+experts r16, seq {s}, batch {b}" + "".join(f", {v}" for v in extra.values()), {**LORA, "max_seq_len": s, "batch_size": b, **extra})
+    return [(f"attn+experts r16, seq {s}, batch {b}" + "".join(f", {k}={v}" for k, v in extra.items()), {**LORA, "max_seq_len": s, "batch_size": b, **extra})
             for s, b in pairs]
 
 
@@ -74,6 +74,10 @@ TINY_GROUPS = {
              + [("attn+experts r16, seq 64, batch 2, no checkpointing", {**LORA, "max_seq_len": 64, "batch_size": 2, "gradient_checkpointing": False})]),
     "tiny-phixtral": ("phixtral", TINY_PHI, 4, lora_runs([(64, 2)])),
     "tiny-int8": ("mixtral", TINY, 8, lora_runs([(64, 2)], bits=8)),
+    "tiny-bf16": ("mixtral", TINY, 16, lora_runs([(64, 2)], bits=16)),
+    "tiny-variants": ("mixtral", TINY, 4,
+                      [("attn only r16, seq 64, batch 2", {"target": ["attn"], "max_seq_len": 64, "batch_size": 2}),
+                       ("experts 0,1 r64, seq 64, batch 1", {"target": ["experts"], "experts": [0, 1], "lora_r": 64, "max_seq_len": 64, "batch_size": 1})]),
 }
 
 
@@ -120,7 +124,10 @@ def build_quantized(config, device, bits: int):
             materialize(module, recurse=False)
     # the rotary frequencies were computed on the meta device: recompute them on the real one
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
-    quantize_moe(model, bits=bits, device=device)  # flags the model; everything else is already in place
+    # flag the model and check the rest; the layers are done (16-bit ones would be copied again)
+    layers, model.model.layers = model.model.layers, nn.ModuleList()
+    quantize_moe(model, bits=bits, device=device)
+    model.model.layers = layers
     model.config.use_cache = False
     return model
 
@@ -188,7 +195,9 @@ def run_group(name: str, tiny: bool, steps: int) -> list[dict]:
             if wrapped_for != targets:
                 for param in model.parameters():
                     param.requires_grad_(False)
-                wrapped, table = apply_targets(model if wrapped is None or "gate" in wrapped_for else wrapped.get_base_model(), options)
+                if wrapped is not None and hasattr(wrapped, "unload"):
+                    model = wrapped.unload()  # the LoRA layers of the previous targets out, base layers back
+                wrapped, table = apply_targets(model, options)
                 wrapped_for = targets
                 row["trainable_measured"] = table.trainable_params
             row["trainable_predicted"] = sum(plan.trainable.values())

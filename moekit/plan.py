@@ -505,7 +505,14 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
         weights_at_once = largest if options.bits < 16 else 0  # bf16 weights are used as they are
         rows_at_once = -(-tokens * shape.top_k // max(shape.experts, 1))
     backward_transient = (weights_at_once + 3 * rows_at_once * shape.intermediate) * COMPUTE_BYTES
+    # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.tensors), not as a saved
+    # tensor, so gradient checkpointing cannot drop it: every int8 layer's inputs stay for the whole step
+    int8_inputs = 0
+    if options.bits == 8:
+        mlp_inputs = 2 * h + 2 * shape.intermediate  # the MLP's input (shared by its first projections) and the down input
+        int8_inputs = shape.layers * tokens * (2 * h + 2 * shape.q_dim + shape.top_k * mlp_inputs)
     return {
+        "int8_inputs": int8_inputs,
         "checkpoints": shape.layers * checkpoint_input if options.gradient_checkpointing else 0,
         "layer": layer,
         "all_layers": shape.layers * layer,
@@ -588,11 +595,12 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
     rows += [
         Row("activations", "final norm + loss", act["loss_backward"], "chunked LM head: one bf16 logits tile, fp32 hidden-state gradient"),
         Row("activations", "routing buffers", act["routing"], "router logits for the load-balancing loss") if shape.is_moe else None,
+        Row("activations", "int8 layer inputs", act["int8_inputs"], "kept by bitsandbytes outside checkpointing (not validated on a GPU)") if options.bits == 8 else None,
     ]
     rows = [r for r in rows if r is not None]
 
     resident = weights + lora_params + states  # from the second step on (states exist after the first)
-    kept = act["checkpoints"] if options.gradient_checkpointing else act["all_layers"]
+    kept = (act["checkpoints"] if options.gradient_checkpointing else act["all_layers"]) + act["int8_inputs"]
     per_layer_grads = gradients // max(len(options.layers or range(layers)), 1)
     phases = {
         "loss forward": resident + autocast_cache + kept + act["routing"] + act["loss_forward"],

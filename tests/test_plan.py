@@ -138,7 +138,7 @@ def test_four_by_seven_b_shape_matches_the_measured_gpu_peak():
     plan = estimate(config, opts(target=["attn", "experts"], batch_size=2, max_seq_len=1024))
     assert plan.group_bytes("weights") == 12_850_931_712  # counted byte for byte on the quantized GPU model
     assert sum(plan.trainable.values()) == 126_877_696  # the trainable table of apply_targets
-    assert abs(plan.peak_bytes - 16_376_500_224) / 16_376_500_224 < 0.10  # measured max_memory_allocated
+    assert abs(plan.peak_bytes - 16_681_171_968) / 16_681_171_968 < 0.10  # measured max_memory_allocated
 
 
 # --- against the real quantized model and trainable table (CPU) ------------------------------------
