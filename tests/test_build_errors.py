@@ -147,17 +147,28 @@ def test_dry_run_writes_nothing(tmp_path, capsys, llama_family):
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(28, "No space left on device")])
 def test_interrupted_write_leaves_nothing(tmp_path, capsys, llama_family, monkeypatch, failure):
     """Ctrl-C or a full disk in the middle of writing shards: OUT never appears, the staging dir is removed."""
-    from mergekit.io import TensorWriter
+    import builtins
+
+    from moekit.build import writer
 
     calls = {"n": 0}
-    original = TensorWriter.save_tensor
 
-    def failing_save(self, name, tensor, clone=False):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise failure
-        return original(self, name, tensor, clone)
+    class FailingFile:
+        def __init__(self, *args, **kwargs):
+            self.file = builtins.open(*args, **kwargs)
 
-    monkeypatch.setattr(TensorWriter, "save_tensor", failing_save)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] == 10:
+                raise failure
+            return self.file.write(data)
+
+    monkeypatch.setattr(writer, "open", FailingFile, raising=False)
     assert_refused(tmp_path, recipe_text(llama_family, "random"), capsys, "nothing was written" if failure is KeyboardInterrupt else "disk is full")
     assert calls["n"] == 10

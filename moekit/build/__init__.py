@@ -18,7 +18,6 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm.auto import tqdm
 
 from moekit import __version__
 from moekit.build.arch import ARCHITECTURES, choose_architecture
@@ -160,7 +159,7 @@ def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
     try:
-        _write_weights(build_plan, staging, options.shard_size)
+        _write_weights(build_plan, staging, options.shard_size, inputs.dtype)
         build_plan.config.save_pretrained(staging)
         arch.write_extra_files(staging)
         _write_generation_config(inputs.base.path, staging)
@@ -194,13 +193,10 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise OutputError(f"output directory {out} exists and is not empty", hint="choose another -o or pass --overwrite")
 
 
-def _write_weights(build_plan: BuildPlan, staging: Path, shard_size: int) -> None:
-    from mergekit.io import TensorWriter
+def _write_weights(build_plan: BuildPlan, staging: Path, shard_size: int, dtype: torch.dtype) -> None:
+    from moekit.build.writer import write_sharded
 
-    writer = TensorWriter(str(staging), max_shard_size=shard_size, safe_serialization=True)
-    for tensor in tqdm(build_plan.tensors, desc="writing tensors", unit="tensor"):
-        writer.save_tensor(tensor.name, tensor.load().contiguous())
-    writer.finalize()
+    write_sharded(build_plan.tensors, staging, dtype=dtype, shard_size=shard_size)
 
 
 def _write_generation_config(base: Path, staging: Path) -> None:

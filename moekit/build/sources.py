@@ -96,7 +96,12 @@ class SourceModel:
         return read_license(self.path)
 
     def tensor(self, name: str):
-        return self.loader.get_tensor(name)
+        # safetensors hands out views of a memory-mapped file, and every page of a mapping that has
+        # been read counts as resident memory until no view is left: copy the tensor out and close
+        # the shard, so that a build's resident memory stays at the tensors it really holds.
+        tensor = self.loader.get_tensor(name).clone()
+        self.loader.flush()
+        return tensor
 
     def has_tensor(self, name: str) -> bool:
         return name in self.loader.index.tensor_paths

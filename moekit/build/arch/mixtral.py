@@ -85,9 +85,9 @@ class MixtralArchitecture(OutputArchitecture):
         global_shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
         if not config.tie_word_embeddings:
             global_shapes["lm_head.weight"] = (vocab, hidden)
-        globals_ = _once(lambda: family.global_tensors(base, config.tie_word_embeddings))
+        take_global = _hand_out_once(lambda: family.global_tensors(base, config.tie_word_embeddings))
         for name, shape in global_shapes.items():
-            yield PlannedTensor(name, shape, "base", lambda name=name: cast(globals_()[name]))
+            yield PlannedTensor(name, shape, "base", lambda name=name: cast(take_global(name)))
 
         attention_shapes = {
             "self_attn.q_proj.weight": (q_dim, hidden),
@@ -100,20 +100,20 @@ class MixtralArchitecture(OutputArchitecture):
         expert_shapes = {"w1": ((inter, hidden), "gate_proj"), "w2": ((hidden, inter), "down_proj"), "w3": ((inter, hidden), "up_proj")}
         for layer in range(config.num_hidden_layers):
             prefix = f"model.layers.{layer}."
-            attention = _once(lambda layer=layer: family.layer_attention(base, layer))
+            take_attention = _hand_out_once(lambda layer=layer: family.layer_attention(base, layer))
             for name, shape in attention_shapes.items():
-                yield PlannedTensor(prefix + name, shape, "base", lambda name=name, attention=attention: cast(attention()[name]))
+                yield PlannedTensor(prefix + name, shape, "base", lambda name=name, take=take_attention: cast(take(name)))
             yield PlannedTensor(
                 prefix + "block_sparse_moe.gate.weight", (len(inputs.experts), hidden), f"router ({inputs.recipe.gate_mode})", lambda layer=layer: cast(routers(layer))
             )
             for index, (expert, spec) in enumerate(zip(inputs.experts, inputs.recipe.experts)):
-                mlp = _once(lambda expert=expert, layer=layer, spec=spec: _expert_mlp(family, expert, layer, spec))
+                take_mlp = _hand_out_once(lambda expert=expert, layer=layer, spec=spec: _expert_mlp(family, expert, layer, spec))
                 for out_name, (shape, source_name) in expert_shapes.items():
                     yield PlannedTensor(
                         f"{prefix}block_sparse_moe.experts.{index}.{out_name}.weight",
                         shape,
                         f"expert {index} ({expert.ref})",
-                        lambda source_name=source_name, mlp=mlp: cast(mlp()[source_name]),
+                        lambda source_name=source_name, take=take_mlp: cast(take(source_name)),
                     )
 
     def active_parameters(self, config) -> tuple[int, int]:
@@ -137,13 +137,18 @@ def _expert_mlp(family, expert, layer, spec) -> dict[str, torch.Tensor]:
     return {name: noise_and_scale(tensor, spec, is_residual=name == "down_proj") for name, tensor in mlp.items()}
 
 
-def _once(make):
-    """Call `make` on first use and keep the result until the next layer asks for its own."""
+def _hand_out_once(make):
+    """`take(name)`: call `make()` (a dict of tensors) on first use and hand each tensor out once,
+    dropping it from the cache, so that no tensor stays in memory after it has been written."""
     cache = {}
 
-    def get():
-        if "value" not in cache:
-            cache["value"] = make()
-        return cache["value"]
+    def take(name: str) -> torch.Tensor:
+        if "tensors" not in cache:
+            cache["tensors"] = make()
+        tensors = cache["tensors"]
+        tensor = tensors.pop(name)
+        if not tensors:
+            del cache["tensors"]
+        return tensor
 
-    return get
+    return take
