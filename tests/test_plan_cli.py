@@ -100,3 +100,24 @@ def test_dense_model_with_expert_targets(capsys, tmp_path):
     assert code == 1 and "needs an MoE, but this llama model is dense" in err
     code, out, _ = run(capsys, tmp_path / "llama", "--max-seq-len", "128", "--target", "attn")
     assert code == 0 and "(llama: dense, 2 layers" in out
+
+
+def test_hub_id_reads_only_the_cached_config(capsys, monkeypatch, tmp_path, model_dir):
+    """A Hub id goes through huggingface_hub's real hf_hub_download (offline, from a local cache): config.json only."""
+    import huggingface_hub
+
+    from moekit.testing import populate_hub_cache
+
+    populate_hub_cache(tmp_path / "cache", "someone/tiny-moe", model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    code, out, _ = run(capsys, "someone/tiny-moe@main", "--max-seq-len", "128", "--json")
+    assert code == 0 and json.loads(out)["parameters"]["total"] > 0
+
+
+def test_batch_advice_keeps_the_sequences_per_step(model_dir):
+    from moekit.plan import estimate
+
+    need = {b: estimate(model_dir, TrainingOptions(batch_size=b, max_seq_len=256)).gpu_bytes_needed for b in (2, 3, 4)}
+    plan = estimate(model_dir, TrainingOptions(batch_size=4, max_seq_len=256), gpu_memory=(need[3] + need[4]) // 2)
+    assert plan.largest_batch_size == 3
+    assert plan.advice.startswith("--batch-size 2 with --grad-accum 2")
