@@ -1,6 +1,6 @@
 """How close is `moekit plan` to the memory a real fine-tune uses? Predicted vs measured peak, on a GPU.
 
-For each shape, a Mixtral with random weights is built directly in GPU memory the way `moekit finetune`
+For each shape, an MoE (Mixtral or Phixtral) with random weights is built directly in GPU memory the way `moekit finetune`
 holds it: the model is created on the meta device, then each decoder layer is materialized on the GPU,
 filled with random values and quantized by `moekit.finetune.quantize.quantize_moe` (experts unfused into
 per-expert NF4 linears) before the next one, so the bf16 model never exists whole. Then
@@ -29,14 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-FOUR_BY_7B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2)
+FOUR_BY_7B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 4, "num_experts_per_tok": 2}
 EIGHT_BY_7B = dict(FOUR_BY_7B, num_local_experts=8)
 # Phi-2 shape (2.7B) with 4 fc1/fc2 experts per layer, top-2
-PHIXTRAL_4X = dict(num_hidden_layers=32, hidden_size=2560, intermediate_size=10240, num_attention_heads=32,
-                   num_key_value_heads=32, vocab_size=51200, partial_rotary_factor=0.4, num_local_experts=4, num_experts_per_tok=2)
-TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=384, num_local_experts=4, num_experts_per_tok=2)
+PHIXTRAL_4X = {"num_hidden_layers": 32, "hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 32,
+               "num_key_value_heads": 32, "vocab_size": 51200, "partial_rotary_factor": 0.4, "num_local_experts": 4, "num_experts_per_tok": 2}
+TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 384, "num_local_experts": 4, "num_experts_per_tok": 2}
 TINY_PHI = dict(TINY, num_key_value_heads=4, partial_rotary_factor=0.5)
 
 LORA = {"target": ["attn", "experts"]}
@@ -82,12 +82,12 @@ TINY_GROUPS = {
 
 
 def make_config(architecture: str, shape: dict):
-    import moekit  # noqa: F401  (registers Phixtral with the Auto classes)
     from transformers import MixtralConfig
 
+    import moekit  # noqa: F401  (registers Phixtral with the Auto classes)
     from moekit.models.phixtral.configuration_phixtral import PhixtralConfig
 
-    common = dict(max_position_embeddings=4096, tie_word_embeddings=False, output_router_logits=True)
+    common = {"max_position_embeddings": 4096, "tie_word_embeddings": False, "output_router_logits": True}
     if architecture == "phixtral":
         return PhixtralConfig(**shape, **common, architectures=["PhixtralForCausalLM"])
     return MixtralConfig(**shape, **common, architectures=["MixtralForCausalLM"])
@@ -162,6 +162,7 @@ def quantized_bytes(model) -> int:
 def run_group(name: str, tiny: bool, steps: int) -> list[dict]:
     import datasets
     import torch
+
     from moekit.finetune.options import FinetuneOptions
     from moekit.finetune.targets import apply_targets
     from moekit.finetune.trainer import _make_trainer
@@ -221,7 +222,7 @@ def run_group(name: str, tiny: bool, steps: int) -> list[dict]:
                     row["predicted_resident"] = plan.group_bytes("weights") + plan.part("training", "LoRA adapters") + plan.part("training", "optimizer states")
                 row["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
                 del trainer
-        except Exception as err:  # one failing configuration must not hide the others
+        except Exception as err:  # noqa: BLE001  (one failing configuration must not hide the others)
             row["error"] = f"{type(err).__name__}: {err}"
         for param in model.parameters():
             param.grad = None
@@ -270,7 +271,7 @@ def main() -> None:
     results = []
     for group in groups:
         command = [sys.executable, __file__, "--worker", group, "--out", str(args.out), "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
-        completed = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        completed = subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         path = args.out / f"{group}.json"
         if completed.returncode != 0 or not path.exists():
             print(f"[{group}] failed with exit code {completed.returncode}", flush=True)

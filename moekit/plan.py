@@ -183,8 +183,9 @@ def load_config(config_or_path):
 
     Only config.json is read (fetched alone for Hub ids): no weights.
     """
-    import moekit  # noqa: F401  (registers the Phixtral config class with AutoConfig)
     from transformers import AutoConfig, PretrainedConfig
+
+    import moekit  # noqa: F401  (registers the Phixtral config class with AutoConfig)
 
     if isinstance(config_or_path, PretrainedConfig):
         return config_or_path
@@ -232,7 +233,13 @@ def _config_file(ref: str) -> Path:
 def _hub_config(ref: str) -> Path:
     """config.json of a Hub model, alone (no weights); honours HF_HUB_OFFLINE and the cache."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     from moekit.build.sources import HUB_ID, split_revision
 
@@ -324,10 +331,10 @@ class MemoryPlan:
         moe = f"{shape.experts} experts, top-{shape.top_k}, " if shape.is_moe else "dense, "
         lines = [
             f"memory plan: {self.model} ({shape.model_type}: {moe}{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab})",
-            f"settings:    {opts.bits}-bit weights, target {','.join(opts.target)}, LoRA r={opts.lora_r}, batch {opts.batch_size} x {opts.max_seq_len} tokens, "
-            f"gradient checkpointing {'on' if opts.gradient_checkpointing else 'off'}, {opts.optimizer}",
-            f"parameters:  {self.parameters_total / 1e9:.2f}B total, {self.parameters_active / 1e9:.2f}B active per token, "
-            f"{sum(self.trainable.values()) / 1e6:.2f}M trainable; checkpoint on disk (bf16 safetensors): {format_size(self.checkpoint_bytes)}",
+            (f"settings:    {opts.bits}-bit weights, target {','.join(opts.target)}, LoRA r={opts.lora_r}, batch {opts.batch_size} x {opts.max_seq_len} tokens, "
+            f"gradient checkpointing {'on' if opts.gradient_checkpointing else 'off'}, {opts.optimizer}"),
+            (f"parameters:  {self.parameters_total / 1e9:.2f}B total, {self.parameters_active / 1e9:.2f}B active per token, "
+            f"{sum(self.trainable.values()) / 1e6:.2f}M trainable; checkpoint on disk (bf16 safetensors): {format_size(self.checkpoint_bytes)}"),
             "",
         ]
         width = max(len(r.name) for r in self.rows) + 2
@@ -572,7 +579,6 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
     gradients = lora_params + router_params
     states = lora_states + router_states
     paged = lora_paged + router_paged
-    trainable_count = sum(targets.by_kind.values())
     rows += [
         Row("training", "LoRA adapters", lora_params, f"fp32, r={options.lora_r}"),
         Row("training", "gradients", gradients, "same dtype as the parameters (LoRA fp32, routers bf16)"),
@@ -727,10 +733,10 @@ def _advice(plan: MemoryPlan, gpu_memory: int) -> str:
         if text:
             steps.append(text.split(" (")[0])
         current = options.model_copy(update=changes)
-        batch = _largest(lambda b: _needed(shape, current, batch_size=b) <= gpu_memory, 1, options.batch_size)
+        batch = _largest(lambda b, current=current: _needed(shape, current, batch_size=b) <= gpu_memory, 1, options.batch_size)
         if batch:
             return ", then ".join(steps + ([f"--batch-size {batch}"] if batch < options.batch_size else []))
-        seq = _largest(lambda s: _needed(shape, current, batch_size=1, max_seq_len=s) <= gpu_memory, 8, options.max_seq_len)
+        seq = _largest(lambda s, current=current: _needed(shape, current, batch_size=1, max_seq_len=s) <= gpu_memory, 8, options.max_seq_len)
         if seq:
             return ", then ".join(steps + ["--batch-size 1", f"--max-seq-len {seq - seq % 64 if seq >= 64 else seq}"])
     return "no setting fits, even batch 1 at 8 tokens with 8-bit optimizer states: use a larger GPU, or train fewer targets (--target gate, --layers)"

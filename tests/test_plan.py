@@ -36,8 +36,9 @@ def opts(**changes) -> TrainingOptions:
 
 
 def _meta_model(config):
-    import moekit  # noqa: F401  (Phixtral registration)
     from transformers import AutoModelForCausalLM
+
+    import moekit  # noqa: F401  (Phixtral registration)
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
