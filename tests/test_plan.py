@@ -237,3 +237,31 @@ def test_refusals(mixtral_config):
         estimate({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, opts())
     with pytest.raises(PlanError, match="GPU memory must be positive"):
         estimate(mixtral_config, opts(), gpu_memory=0)
+
+
+def test_training_state_equals_a_real_adamw_step(mixtral_config):
+    """LoRA weights, gradients and AdamW states after one real step on the CPU, byte for byte."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.finetune.quantize import quantize_moe
+    from moekit.finetune.targets import apply_targets
+
+    options = opts(target=["attn", "experts", "gate"], lora_r=4, layers=[1])
+    torch.manual_seed(0)
+    model = quantize_moe(AutoModelForCausalLM.from_config(mixtral_config, dtype=torch.bfloat16), bits=16, device="cpu")
+    wrapped, _ = apply_targets(model, options)
+    trainable = [param for param in wrapped.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    plan = estimate(mixtral_config, options)
+    lora = [param for name, param in wrapped.named_parameters() if param.requires_grad and ".lora_" in name]
+    assert nbytes(lora) == plan.part("training", "LoRA adapters")
+    assert nbytes(param.grad for param in trainable) == plan.part("training", "gradients")
+    states = [optimizer.state[param][key] for param in trainable for key in ("exp_avg", "exp_avg_sq")]
+    assert nbytes(states) == plan.part("training", "optimizer states")
