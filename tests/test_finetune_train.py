@@ -238,8 +238,10 @@ def test_export_changes_only_expert_1(expert1, moe, tmp_path, capsys, tiny_token
     from moekit.finetune.export import load_finetuned
 
     out = tmp_path / "merged"
-    code, output = run_cli(["export", str(expert1), "-o", str(out)], capsys)
+    code, output = run_cli(["export", str(expert1), "-o", str(out), "--shard-size", "200KB"], capsys)
     assert code == 0, output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded like `moekit build`
     assert changed_tensors(moe, out) == {f"model.layers.{layer}.block_sparse_moe.experts.1.{w}.weight" for layer in range(2) for w in ("w1", "w2", "w3")}
     metadata = json.loads((out / "moekit.json").read_text())
     assert metadata["kind"] == "export" and metadata["architecture"] == "mixtral"

@@ -84,7 +84,7 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
     try:
-        _write_tensors(tensors, staging, shard_size)
+        _write_tensors(tensors, staging, out_dtype, shard_size)
         config = model.config
         config.dtype = out_dtype
         config.use_cache = True
@@ -222,14 +222,13 @@ def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[
         )
 
 
-def _write_tensors(tensors: dict[str, torch.Tensor], staging: Path, shard_size: int) -> None:
-    from mergekit.io import TensorWriter
-    from tqdm.auto import tqdm
+def _write_tensors(tensors: dict[str, torch.Tensor], staging: Path, dtype: torch.dtype, shard_size: int) -> None:
+    """Shards and index written by `moekit build`'s own writer, so the layout is the same."""
+    from moekit.build.arch.base import PlannedTensor
+    from moekit.build.writer import write_sharded
 
-    writer = TensorWriter(str(staging), max_shard_size=shard_size, safe_serialization=True)
-    for name, tensor in tqdm(tensors.items(), desc="writing tensors", unit="tensor"):
-        writer.save_tensor(name, tensor.detach().cpu().contiguous())
-    writer.finalize()
+    planned = [PlannedTensor(name, tuple(tensor.shape), "merged fine-tune", lambda tensor=tensor: tensor.detach().cpu().to(dtype)) for name, tensor in tensors.items()]
+    write_sharded(planned, staging, dtype=dtype, shard_size=shard_size)
 
 
 def _write_metadata(staging: Path, base: Path, finetune: dict, finetune_dir: Path, dtype: torch.dtype, changed: list[str]) -> None:
