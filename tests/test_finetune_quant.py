@@ -331,6 +331,8 @@ def test_grouped_experts_equal_the_expert_by_expert_path(moe_dir, input_ids, bit
         if "lora_B" in name:
             param.data.normal_(0.0, 0.1)  # B starts at zero: make the adapters matter
     model.train()
+    expert_lists = [module for module in model.modules() if isinstance(module, MixtralExpertList)]
+    assert all(experts._grouped_projection(name) is not None for experts in expert_lists for name in MIXTRAL_EXPERT_PROJECTIONS)
     results = {}
     for grouped in (True, False):
         for module in model.modules():

@@ -125,12 +125,15 @@ class MixtralExpertList(nn.ModuleList):
     """Drop-in for transformers' fused `MixtralExperts`: same call signature, one module per expert.
 
     When every expert's projection is a frozen 4-bit/16-bit linear layer, either bare or with the same plain
-    LoRA adapter on all experts (what `apply_targets` makes), the experts run as grouped GEMMs (one call per
+    LoRA adapter on all experts (what `apply_targets` makes), the experts run (on CUDA) as grouped GEMMs (one call per
     projection for all experts, LoRA included) with no host synchronisation; otherwise expert by expert. Both
     compute w_down(act(w_gate(x)) * w_up(x)) + LoRA exactly as the per-expert modules and PEFT would.
     """
 
-    grouped = True  # set False on an instance to force the expert-by-expert path
+    # None: grouped GEMMs on CUDA, where launching many small per-expert ops is what limits speed, and the
+    # expert-by-expert path elsewhere (the same math; CPU runs then draw LoRA dropout exactly as PEFT does);
+    # True / False force one path
+    grouped: bool | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states (tokens, hidden); top_k_index / top_k_weights (tokens, top_k)
@@ -142,7 +145,8 @@ class MixtralExpertList(nn.ModuleList):
         counts = torch.bincount(flat_experts, minlength=len(self))  # (experts,)
         token_index = order // top_k  # (tokens * top_k,) sorted by expert
         weights = top_k_weights.reshape(-1)[order]
-        projections = [self._grouped_projection(name) for name in ("w_gate", "w_up", "w_down")] if self.grouped else [None]
+        grouped = hidden_states.device.type == "cuda" if self.grouped is None else self.grouped
+        projections = [self._grouped_projection(name) for name in ("w_gate", "w_up", "w_down")] if grouped else [None]
         if all(projection is not None for projection in projections):
             offsets = torch.cumsum(counts, 0).to(torch.int32)
             gate, up, down = projections
