@@ -17,7 +17,6 @@ import pytest
 
 from moekit.zoo.corpora import DOMAINS
 
-MOE_CLOSE_TO_BEST_EXPERT = 1.10  # the MoE's perplexity on a domain is at most 10% above that domain's best source
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +61,19 @@ def test_moe_beats_every_source_on_mixed_held_out_data(demo_run):
 
 
 def test_moe_is_close_to_the_best_expert_on_each_domain(demo_run):
+    from moekit.demo import PRESETS
+
     report = demo_run["report"]
     moe = report["models"][0]
     sources = [m for m in report["models"] if m["role"] == "source"]
+    tolerance = PRESETS["quick"].close_to_expert
     for domain in DOMAINS:
         best = min(source["metrics"][domain]["perplexity"] for source in sources)
-        assert moe["metrics"][domain]["perplexity"] <= MOE_CLOSE_TO_BEST_EXPERT * best, domain
+        assert moe["metrics"][domain]["perplexity"] <= (1 + tolerance) * best, domain
+        # ... and better than the dense base it was built from.
+        base = _models(report)["base"]["metrics"][domain]["perplexity"]
+        assert moe["metrics"][domain]["perplexity"] < base, domain
+    assert report["demo"]["facts"]["close_to_best_expert"] is True
     # Each expert really is the specialist of its own domain (the zoo trained them so).
     models = _models(report)
     for domain in DOMAINS:

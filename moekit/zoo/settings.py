@@ -33,6 +33,6 @@ PRESETS: dict[str, ZooSettings] = {
     # The demo's zoo: about 5 minutes on 2 CPU cores.
     "standard": ZooSettings(),
     # A smaller, faster zoo for tests and CI; it shows the same effects less strongly.
-    "quick": ZooSettings(hidden_size=64, intermediate_size=256, num_layers=2, vocab_size=1024, seq_len=64, base_steps=150, expert_steps=300, heldout_blocks=32),
+    "quick": ZooSettings(hidden_size=64, intermediate_size=256, num_layers=2, vocab_size=1024, seq_len=64, base_steps=150, expert_steps=300, expert_replay=0.25, heldout_blocks=32),
 }
 PresetName = Literal["standard", "quick"]
