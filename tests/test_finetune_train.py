@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_build import recipe_text
 
 from moekit.build import BuildOptions, build
 from moekit.cli import main
@@ -20,9 +21,7 @@ from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune, partial_dir
 from moekit.recipe import parse_recipe
 
-from test_build import recipe_text
-
-QUICK = dict(batch_size=4, max_seq_len=64, lora_r=8, learning_rate=5e-3, save_steps=1000)
+QUICK = {"batch_size": 4, "max_seq_len": 64, "lora_r": 8, "learning_rate": 5e-3, "save_steps": 1000}
 
 
 def toy_conversations(count: int = 32) -> list[dict]:
@@ -84,7 +83,7 @@ def changed_tensors(base: Path, other: Path) -> set[str]:
         tensors = {}
         for file in model_dir.glob("*.safetensors"):
             with safe_open(str(file), framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+                tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118 (safe_open is not a dict)
         return tensors
 
     a, b = read(base), read(other)

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 
 import torch
+from test_finetune_train import QUICK, changed_tensors, toy_conversations, write_jsonl
+from test_phi_build import family, recipe
 
 from moekit.build import BuildOptions, build
 from moekit.finetune.export import export, load_finetuned
 from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune
 from moekit.recipe import parse_recipe
-
-from test_finetune_train import QUICK, changed_tensors, toy_conversations, write_jsonl
-from test_phi_build import family, recipe
 
 
 def test_phixtral_expert_and_router_finetune_exports_exactly(tmp_path, tiny_tokenizer):

@@ -101,14 +101,14 @@ def load_rows(ref: str):
             raise DataError(f"{ref} mixes JSON and Parquet files; put one kind in a directory")
         try:
             return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
-        except Exception as err:  # the builders raise many types for unreadable files
+        except Exception as err:  # noqa: BLE001 (the builders raise many types for unreadable files)
             raise DataError(f"cannot read dataset {ref}: {_first_line(err)}") from None
     if path.suffix.lower() in FILE_BUILDERS or ref.startswith((".", "/", "~")):
         raise DataError(f"dataset file {ref} does not exist")
     name, _, split = ref.partition(":")
     try:
         return datasets.load_dataset(name, split=split or "train")
-    except Exception as err:  # offline, missing repository, unknown split, ...
+    except Exception as err:  # noqa: BLE001 (offline, missing repository, unknown split, ...)
         raise DataError(f"cannot load dataset {ref} from the Hub: {_first_line(err)}", hint="give a local JSON/JSONL/Parquet file, or `name:split` for a Hub dataset") from None
 
 
@@ -121,7 +121,10 @@ def ensure_chat_template(tokenizer) -> str:
 
 
 def _has_training_template(tokenizer) -> bool:
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+    )
 
     if has_generation_markers(tokenizer.chat_template):
         return True
@@ -157,7 +160,7 @@ def _split_last_reply(row) -> dict:
 def _check_template_applies(tokenizer, messages, ref: str) -> None:
     try:
         tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as err:  # jinja raises TemplateError and others for templates that reject the roles
+    except Exception as err:  # noqa: BLE001 (jinja raises TemplateError and others for templates that reject the roles)
         raise DataError(f"the chat template cannot be applied to the first row of {ref}: {_first_line(err)}", hint="check the roles in `messages`, or use a tokenizer whose chat template accepts them") from None
 
 

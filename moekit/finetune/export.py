@@ -177,7 +177,7 @@ def _checkpoint_tensor_names(base: Path) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for file in sorted(base.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
     if not shapes:
         raise SourceError(f"no safetensors weights in {base}")
@@ -208,7 +208,7 @@ def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[
     changed = set()
     for file in sorted(base.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 merged = tensors[key]
                 if not torch.equal(handle.get_tensor(key).to(merged.dtype), merged.cpu()):
                     changed.add(key)

@@ -27,7 +27,16 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from moekit import __version__
-from moekit.errors import DataError, DependencyError, IncompatibleModelsError, MoekitError, OutputError, SourceError, TargetError, TrainingError
+from moekit.errors import (
+    DataError,
+    DependencyError,
+    IncompatibleModelsError,
+    MoekitError,
+    OutputError,
+    SourceError,
+    TargetError,
+    TrainingError,
+)
 from moekit.finetune.options import FinetuneOptions
 
 LOG_FILE = "training_log.jsonl"
@@ -213,7 +222,7 @@ def _print_plan(model_path: Path, options: FinetuneOptions, echo) -> int | None:
 
 def _device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
