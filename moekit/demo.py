@@ -129,7 +129,7 @@ def _run(out: Path, settings: DemoSettings, preset: str, recipe_path: Path, cach
                 reports[mode] = _evaluate(moe, out / "eval" / mode, data, settings, against=None if not reports else [])
                 timings[f"eval {mode}"] = time.perf_counter() - started
             chosen = min(GATE_MODES, key=lambda mode: _moe_entry(reports[mode])["metrics"][MIXED]["perplexity"])
-            echo(f"gate modes: " + ", ".join(f"{m} mixed ppl {_moe_entry(reports[m])['metrics'][MIXED]['perplexity']:.2f}" for m in GATE_MODES) + f" -> using {chosen}")
+            echo("gate modes: " + ", ".join(f"{m} mixed ppl {_moe_entry(reports[m])['metrics'][MIXED]['perplexity']:.2f}" for m in GATE_MODES) + f" -> using {chosen}")
 
             started = time.perf_counter()
             tuned = run_finetune(out / f"moe-{chosen}", out / "finetune", chat_train, settings, echo)
@@ -147,7 +147,7 @@ def _run(out: Path, settings: DemoSettings, preset: str, recipe_path: Path, cach
         "gate_mode": chosen,
         "gate_modes": {mode: gate_mode_summary(reports[mode]) for mode in GATE_MODES},
         "zoo": {"key": zoo.directory.name, "directory": str(zoo.directory), "cached": cached, "settings": settings.zoo.model_dump(), "training": zoo.summary.get("perplexity")},
-        "finetune": {"directory": str(tuned.out), "steps": tuned.steps, "first_loss": tuned.first_loss, "last_loss": tuned.last_loss, "examples": sum(1 for _ in open(chat_train, encoding="utf-8"))},
+        "finetune": {"directory": str(tuned.out), "steps": tuned.steps, "first_loss": tuned.first_loss, "last_loss": tuned.last_loss, "examples": len(chat_train.read_text(encoding="utf-8").splitlines())},
         "facts": headline_facts(report, settings.close_to_expert),
         "timings_s": {name: round(seconds, 1) for name, seconds in timings.items()},
     }
@@ -196,8 +196,7 @@ def write_chat_set(path: Path, zoo, split: Literal["train", "heldout"], per_doma
     rng.shuffle(conversations)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for _domain, messages in conversations:
-            f.write(json.dumps({"messages": messages}) + "\n")
+        f.writelines(json.dumps({"messages": messages}) + "\n" for _domain, messages in conversations)
     return path
 
 
@@ -328,8 +327,9 @@ def demo_markdown(report: dict) -> str:
 
     demo = report["demo"]
     facts = demo["facts"]
-    lines = ["# moekit demo", "", f"Preset `{demo['preset']}`; MoE built from `{Path(demo['recipe']).name}` with gate mode `{demo['gate_mode']}` "
-             f"(the better of {', '.join(GATE_MODES)} on `{MIXED}`); zoo `{demo['zoo']['key']}`.", "", "## Headline", ""]
+    summary = (f"Preset `{demo['preset']}`; MoE built from `{Path(demo['recipe']).name}` with gate mode `{demo['gate_mode']}` "
+               f"(the better of {', '.join(GATE_MODES)} on `{MIXED}`); zoo `{demo['zoo']['key']}`.")
+    lines = ["# moekit demo", "", summary, "", "## Headline", ""]
     mixed = facts["mixed"]
     top_k = report["routing"]["experts_per_token"]
     lines.append(f"- MoE perplexity on `{MIXED}` (all held-out domains): {mixed['moe']:.2f} vs best source {mixed['best_source']} {mixed['best']:.2f}: "

@@ -18,14 +18,13 @@ import pytest
 from moekit.zoo.corpora import DOMAINS
 
 
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, MOEKIT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1")
     out = root / "out"
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out)], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     return {"out": out, "report": report, "stdout": result.stdout, "cache": root / "cache", "seconds": time.perf_counter() - started}

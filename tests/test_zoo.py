@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from moekit.errors import SourceError
-from moekit.zoo import MODEL_NAMES, ZooSettings, ensure_zoo, resolve, use_zoo, zoo_directory
+from moekit.zoo import (
+    MODEL_NAMES,
+    ZooSettings,
+    ensure_zoo,
+    resolve,
+    use_zoo,
+    zoo_directory,
+)
 from moekit.zoo.corpora import DOMAINS, load_domains
 from moekit.zoo.settings import PRESETS
 

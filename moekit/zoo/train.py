@@ -169,8 +169,6 @@ def write_data(directory: Path, domains: dict[str, Domain], heldout_blocks: dict
         folder = directory / name
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "heldout.jsonl", "w", encoding="utf-8") as f:
-            for block in heldout_blocks[name]:
-                f.write(json.dumps({"text": tokenizer.decode(block.tolist(), skip_special_tokens=True)}) + "\n")
+            f.writelines(json.dumps({"text": tokenizer.decode(block.tolist(), skip_special_tokens=True)}) + "\n" for block in heldout_blocks[name])
         with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
-            for document in domain.train:
-                f.write(json.dumps({"text": document}) + "\n")
+            f.writelines(json.dumps({"text": document}) + "\n" for document in domain.train)
