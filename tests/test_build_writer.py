@@ -36,6 +36,13 @@ def test_shards_read_back_exactly_and_respect_the_size_limit(tmp_path, dtype):
         assert read[name].dtype == dtype and torch.equal(read[name], tensor), name
 
 
+def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
+    tensor = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    write_sharded([PlannedTensor("w", (2, 3), "test", lambda: tensor)], tmp_path, dtype=torch.float32, shard_size=10**6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], tensor)
+
+
 def test_a_tensor_that_differs_from_its_plan_is_an_error(tmp_path):
     planned = [PlannedTensor("w", (2, 3), "test", lambda: torch.zeros(3, 2))]
     with pytest.raises(RuntimeError, match="planned"):

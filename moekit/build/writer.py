@@ -4,7 +4,8 @@ mergekit's `TensorWriter` keeps a whole shard in memory and safetensors' `save_f
 bytes once more before writing, so a 2 GB shard costs about 4 GB of RAM. A build knows every
 output tensor's name, shape and dtype before loading any of them (`PlannedTensor`), so it can
 write each shard's header first and then stream the tensors in, holding one tensor at a time.
-The files are ordinary safetensors shards with the usual `model.safetensors.index.json`.
+The files are named as transformers and mergekit name them: `model.safetensors` when one shard
+holds everything, else `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ def plan_shards(tensors: Sequence[PlannedTensor], dtype: torch.dtype, shard_size
 
 
 def write_sharded(tensors: Sequence[PlannedTensor], out: Path, *, dtype: torch.dtype, shard_size: int) -> dict[str, str]:
-    """Write `tensors` as safetensors shards plus an index into `out`; returns the weight map."""
+    """Write `tensors` as safetensors shards (plus an index when there are several) into `out`; returns the weight map."""
     item_size = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(tensors, dtype, shard_size)
     weight_map: dict[str, str] = {}
     total_size = 0
     with tqdm(total=len(tensors), desc="writing tensors", unit="tensor") as progress:
         for number, shard in enumerate(shards, start=1):
-            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            file_name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
             offset = 0
             for tensor in shard:
@@ -67,6 +68,7 @@ def write_sharded(tensors: Sequence[PlannedTensor], out: Path, *, dtype: torch.d
                     weight_map[planned.name] = file_name
                     progress.update()
             total_size += offset
-    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
     return weight_map
