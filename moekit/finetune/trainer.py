@@ -251,9 +251,6 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
 
     text_config = model.config.get_text_config()
     is_moe = hasattr(text_config, "output_router_logits")
-    if is_moe and not hasattr(text_config, "num_experts"):
-        # TRL's fused LM head reads `num_experts` for the aux loss; Phixtral's config names it num_local_experts
-        text_config.num_experts = text_config.num_local_experts
     args = SFTConfig(
         output_dir=str(staging / "checkpoints"),
         per_device_train_batch_size=options.batch_size,

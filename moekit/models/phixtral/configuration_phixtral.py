@@ -26,6 +26,7 @@ class PhixtralConfig(PhiConfig):
     """
 
     model_type = "phixtral"
+    attribute_map = {"num_experts": "num_local_experts"}  # as MixtralConfig: TRL's aux loss reads num_experts
 
     num_local_experts: int = 4
     num_experts_per_tok: int = 2
