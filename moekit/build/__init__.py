@@ -8,10 +8,8 @@ OUT and renamed into place only when complete, so a failure or Ctrl-C leaves not
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +22,8 @@ from moekit.build.arch import ARCHITECTURES, choose_architecture
 from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
 from moekit.build.families import family_of
 from moekit.build.sources import SourceModel, copy_tokenizer_files, open_source
-from moekit.errors import IncompatibleModelsError, OutputError
+from moekit.errors import IncompatibleModelsError
+from moekit.output import check_output, staged_output
 from moekit.recipe import Recipe
 from moekit.units import parse_size
 
@@ -142,7 +141,7 @@ def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, 
     """Build the MoE described by `recipe` into `out`. `recipe_text` is saved as written, if given."""
     options = options or BuildOptions()
     out = Path(out)
-    _check_output(out, options.overwrite)
+    check_output(out, options.overwrite)
     inputs, arch = prepare(recipe, options)
     torch.manual_seed(recipe.moekit.seed)  # expert noise_scale draws from the global generator (mergekit's code)
 
@@ -156,9 +155,7 @@ def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, 
     routers, features, prompts = gate_init.router_weights(recipe, inputs.base, tokenizer, device=device, dtype=gate_dtype)
     build_plan = _plan(inputs, arch, routers=lambda layer: routers[layer])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
-    try:
+    with staged_output(out, overwrite=options.overwrite) as staging:
         _write_weights(build_plan, staging, options.shard_size, inputs.dtype)
         build_plan.config.save_pretrained(staging)
         arch.write_extra_files(staging)
@@ -174,23 +171,7 @@ def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, 
         from moekit.publish.card import write_model_card
 
         write_model_card(staging, license=recipe.moekit.license)
-        _move_into_place(staging, out, options.overwrite)
-    except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise OutputError(f"the disk is full while writing {out}; nothing was written", hint="free space or choose another -o") from None
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return BuildResult(out=out, plan=build_plan, routing=routing, files=sorted(p.name for p in out.iterdir()))
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output directory {out} exists and is not empty", hint="choose another -o or pass --overwrite")
 
 
 def _write_weights(build_plan: BuildPlan, staging: Path, shard_size: int, dtype: torch.dtype) -> None:
@@ -234,20 +215,6 @@ def _write_metadata(staging: Path, inputs: BuildInputs, build_plan: BuildPlan, o
         "trust_remote_code": build_plan.architecture not in ("mixtral",),
     }
     (staging / "moekit.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
-
-
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished build onto OUT; an old OUT is removed only after the new one is in place."""
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise OutputError(f"output directory {out} appeared while building; nothing was replaced")
-        old = out.with_name(f".{out.name}.moekit-old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 __all__ = ["ARCHITECTURES", "BuildOptions", "BuildPlan", "BuildResult", "build", "plan", "prepare"]

@@ -282,11 +282,12 @@ def model_entry(
 
 def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = None) -> EvalReport:
     """Evaluate the MoE at `model` against its sources; writes OUT/report.json, report.md and charts."""
-    from moekit.eval.report import check_output, write_report
+    from moekit.eval.report import write_report
+    from moekit.output import check_output
 
     options = options or EvalOptions()
     out = Path(out)
-    check_output(out, options.overwrite)
+    check_output(out, options.overwrite, what="report directory")
     specs, metadata, expert_names = plan_models(model, options)
     sets = load_sets(options, metadata, expert_names)
     manager = None

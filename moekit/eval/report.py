@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
-from moekit.errors import OutputError
+from moekit.output import check_output, staged_output
 
 LOWER_IS_BETTER = {"perplexity", "loss", "bits_per_byte", "word_perplexity", "byte_perplexity"}
 PERPLEXITY_CHART = "perplexity.png"
@@ -21,32 +19,12 @@ ROUTING_CHART = "routing.png"
 DIFFERENT_TOKENIZER_MARK = "†"
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"report output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"report directory {out} exists and is not empty", hint="choose another -o or pass --overwrite")
-
-
 def write_report(report: dict, out: Path | str, *, overwrite: bool = False) -> list[str]:
     """Render `report` into `out` atomically; returns the file names written."""
     out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
-    try:
+    check_output(out, overwrite, what="report directory")
+    with staged_output(out, overwrite=overwrite) as staging:
         render(report, staging)
-        if out.exists():
-            old = out.with_name(f".{out.name}.moekit-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return sorted(p.name for p in out.iterdir())
 
 

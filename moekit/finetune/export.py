@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -62,12 +61,12 @@ def load_finetuned(finetune_dir: str | Path, *, dtype: torch.dtype | str = torch
 
 def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = None, shard_size: int = 2 * 10**9) -> Path:
     """Write the merged fine-tune at `finetune_dir` to `out` in the base checkpoint's layout; returns `out`."""
-    from moekit.build import _check_output, _move_into_place
+    from moekit.output import check_output, staged_output
     from moekit.build.sources import copy_tokenizer_files
 
     finetune_dir, out = Path(finetune_dir), Path(out)
     metadata = read_finetune(finetune_dir)
-    _check_output(out, overwrite=False)
+    check_output(out, overwrite=False)
     base = base_model_path(metadata)
     out_dtype = _dtype(dtype) if dtype is not None else _config_dtype(base)
     model, tokenizer, adapted, routers_trained = _load_merged(finetune_dir, out_dtype, "cpu")
@@ -81,9 +80,7 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
         expected |= set(_routers(model))
     _verify_changes(tensors, base, expected)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-", dir=out.parent))
-    try:
+    with staged_output(out, overwrite=False) as staging:
         _write_tensors(tensors, staging, out_dtype, shard_size)
         config = model.config
         config.dtype = out_dtype
@@ -102,10 +99,6 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
         from moekit.publish.card import write_model_card
 
         write_model_card(staging)
-        _move_into_place(staging, out, overwrite=False)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
