@@ -13,8 +13,11 @@ from moekit.finetune.options import FinetuneOptions, click_options
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory (adapter, routers, log, loss plot, checkpoints).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
+@click.option("--fsdp", "launch_kind", flag_value="fsdp", default=None, help="Shard the (4-bit) model across the GPUs with FSDP: re-runs this command under `accelerate launch` with moekit's fsdp_qlora.yaml.")
+@click.option("--ddp", "launch_kind", flag_value="ddp", help="Data parallel, one model copy per GPU: re-runs this command under `accelerate launch` with moekit's ddp.yaml.")
+@click.option("--num-processes", "num_processes", type=click.IntRange(min=2), default=None, help="Processes for --fsdp/--ddp [default: one per visible GPU].")
 @click_options(FinetuneOptions)
-def command(model: str, out: Path, push_to_hub: str | None, **options) -> None:
+def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | None, num_processes: int | None, **options) -> None:
     """QLoRA fine-tune the MoE at MODEL (a `moekit build` output, a Mixtral/Phixtral checkpoint, a Hub id
     or zoo:NAME) on chat data, with every expert in 4-bit.
 
@@ -23,7 +26,7 @@ def command(model: str, out: Path, push_to_hub: str | None, **options) -> None:
     with loss on assistant tokens only and the router load-balancing loss logged apart. Before
     training it prints what is trainable; afterwards it checks that every target changed.
     Checkpoints live in OUT.partial until the run finishes; --resume continues from the newest.
-    Several GPUs: `accelerate launch -m moekit finetune ...` (one process per GPU; see the README).
+    Several GPUs: --fsdp or --ddp (or `accelerate launch -m moekit finetune ...` with your own config).
     """
     from pydantic import ValidationError
 
@@ -38,17 +41,35 @@ def command(model: str, out: Path, push_to_hub: str | None, **options) -> None:
         if first["type"] == "missing":
             raise click.UsageError(f"missing option {flag}") from None
         raise click.UsageError(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}") from None
-    result = finetune(model, out, parsed, echo=click.echo)
-    click.echo(f"trained {result.steps} steps: loss {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}"
-               + (f" (LM loss {_fmt(result.losses.get('lm_first'))} -> {_fmt(result.losses.get('lm_last'))})" if "lm_first" in result.losses else ""))
-    if result.peak_memory_bytes is not None:
-        click.echo(f"measured peak GPU memory: {result.peak_memory_bytes / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)")
-    click.echo(f"wrote {out}" + (f" (adapter: {result.adapter_dir})" if result.adapter_dir else " (routers only)"))
+    if num_processes is not None and launch_kind is None:
+        raise click.UsageError("--num-processes needs --fsdp or --ddp")
+    if launch_kind is not None:
+        from moekit.finetune import distributed
+
+        count = distributed.process_count(launch_kind, num_processes)
+        arguments = distributed.finetune_arguments(model, out, options)
+        click.echo(f"launching {count} processes: {distributed.command_line(launch_kind, count, arguments)}")
+        distributed.launch(launch_kind, count, arguments)
+    else:
+        from moekit.finetune.distributed import is_main_process
+
+        result = finetune(model, out, parsed, echo=click.echo)
+        if not is_main_process():
+            return  # rank 0 reports and uploads
+        _report(result, out)
     if push_to_hub:
         from moekit.publish import publish
 
         published = publish(out, push_to_hub)
         click.echo(f"published to {published.url}")
+
+
+def _report(result, out: Path) -> None:
+    click.echo(f"trained {result.steps} steps: loss {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}"
+               + (f" (LM loss {_fmt(result.losses.get('lm_first'))} -> {_fmt(result.losses.get('lm_last'))})" if "lm_first" in result.losses else ""))
+    if result.peak_memory_bytes is not None:
+        click.echo(f"measured peak GPU memory: {result.peak_memory_bytes / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)")
+    click.echo(f"wrote {out}" + (f" (adapter: {result.adapter_dir})" if result.adapter_dir else " (routers only)"))
 
 
 def _fmt(value: float | None) -> str:

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,10 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     """Fine-tune the MoE at `model` (path, Hub id or zoo:NAME) into `out`; `echo` receives progress lines."""
     from moekit.build.sources import resolve_model
     from moekit.finetune.data import load_training_data
+    from moekit.finetune.distributed import is_main_process
 
-    echo = echo or (lambda _line: None)
+    # under `accelerate launch` every process runs this; rank 0 speaks for all
+    echo = echo if echo is not None and is_main_process() else (lambda _line: None)
     out = Path(out)
     staging = partial_dir(out)
     checkpoint = _check_output(out, staging, options.resume)
@@ -106,7 +109,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
 
     # Under `accelerate launch` every process runs this function: all of them checked OUT.partial
     # above before any creates it, and only the main process writes outputs.
-    process = PartialState()
+    process = PartialState(cpu=device.type == "cpu")  # on CPUs, processes launched together join through gloo
     process.wait_for_everyone()
     created = not staging.exists()
     staging.mkdir(parents=True, exist_ok=True)
@@ -130,12 +133,13 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
 
     from moekit.finetune.targets import verify_changed
 
-    verify_changed(snapshot, peft_model)
-    if not trainer.is_world_process_zero():
-        return FinetuneResult(out, out / "adapter", trainer.state.global_step, None, None, table, peak)
-    log = _read_log(staging / LOG_FILE)
-    losses = _loss_summary(log)
-    _write_outputs(staging, peft_model, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
+    with trainer.full_parameters() as trained:  # under FSDP a collective: every process enters
+        if not trainer.is_world_process_zero():
+            return FinetuneResult(out, out / "adapter", trainer.state.global_step, None, None, table, peak)
+        verify_changed(snapshot, trained)
+        log = _read_log(staging / LOG_FILE)
+        losses = _loss_summary(log)
+        _write_outputs(staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
     _move_into_place(staging, out)
     adapter_dir = out / "adapter" if is_peft_model(peft_model) else None
     return FinetuneResult(out, adapter_dir, trainer.state.global_step, losses.get("first"), losses.get("last"), table, peak, losses)
@@ -310,6 +314,13 @@ class MoeSFTTrainer(SFTTrainer):
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
         self.train_routers = train_routers
+        # Under FSDP the modules get wrapped (and renamed) at train(); note now, under the unwrapped names,
+        # checkpoint key -> parameter name of each router and adapter file key -> parameter name of each LoRA weight.
+        self.router_names = _router_names(model) if train_routers else {}
+        if self.is_fsdp_enabled and is_peft_model(model):
+            from moekit.finetune.distributed import adapter_parameter_names
+
+            self.adapter_names = adapter_parameter_names(model)
         self.teacher = teacher
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
@@ -355,19 +366,61 @@ class MoeSFTTrainer(SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         if is_peft_model(self.model):
             super()._save(output_dir, state_dict=state_dict)
-        if self.train_routers and self.args.should_save:
-            from moekit.finetune.targets import save_routers
+            if self.is_fsdp_enabled and self.args.should_save:  # PEFT wrote an empty adapter (distributed.py says why)
+                from moekit.finetune.distributed import save_gathered_adapter
 
+                save_gathered_adapter(self.accelerator.unwrap_model(self.model), Path(output_dir), self.adapter_names, state_dict)
+        if self.train_routers and self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            save_routers(self.model, Path(output_dir) / ROUTERS_FILE)
+            if self.is_fsdp_enabled:  # the modules are wrapped and sharded; `state_dict` is the gathered whole
+                _write_routers({key: state_dict[name] for key, name in self.router_names.items()}, Path(output_dir) / ROUTERS_FILE)
+            else:
+                from moekit.finetune.targets import save_routers
+
+                save_routers(self.model, Path(output_dir) / ROUTERS_FILE)
+
+    @contextmanager
+    def full_parameters(self):
+        """The trained model with every parameter whole, named as before training: the PEFT model itself on
+        one process or under DDP, the gathered FSDP root under FSDP (`distributed.gathered_parameters`;
+        every process must enter)."""
+        if not self.is_fsdp_enabled:
+            yield self.accelerator.unwrap_model(self.model)
+            return
+        from moekit.finetune.distributed import gathered_parameters
+
+        with gathered_parameters(self.model_wrapped, rank0_to_cpu=self.args.device.type == "cuda") as root:
+            yield root
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if is_peft_model(self.model):
+        checkpoint = Path(resume_from_checkpoint)
+        if self.is_fsdp_enabled:
+            self._load_into_fsdp(checkpoint)
+            return
+        if is_peft_model(self.model) and not _is_fsdp_checkpoint(checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+        elif is_peft_model(self.model):  # written under FSDP, resumed on one process: its adapter file is whole
+            self.model.load_adapter(str(checkpoint), self.model.active_adapter, is_trainable=True)
         if self.train_routers:
             from moekit.finetune.targets import load_routers
 
-            load_routers(self.model, Path(resume_from_checkpoint) / ROUTERS_FILE)
+            load_routers(self.model, checkpoint / ROUTERS_FILE)
+
+    def _load_into_fsdp(self, checkpoint: Path) -> None:
+        """Adapter and routers of a checkpoint (written on one process or under FSDP) into the sharded model."""
+        from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+        from safetensors.torch import load_file
+
+        from moekit.finetune.distributed import load_into_fsdp
+
+        tensors = {}
+        if is_peft_model(self.model):
+            saved = load_file(str(checkpoint / SAFETENSORS_WEIGHTS_NAME))
+            tensors.update({name: saved[key] for key, name in self.adapter_names.items()})
+        if self.train_routers:
+            saved = load_file(str(checkpoint / ROUTERS_FILE))
+            tensors.update({name: saved[key] for key, name in self.router_names.items()})
+        load_into_fsdp(self.model_wrapped, tensors)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -377,6 +430,26 @@ class MoeSFTTrainer(SFTTrainer):
             aux_mean = sum(aux) / len(aux) if aux else 0.0
             logs["lm_loss"] = logs["loss"] - self.router_aux_loss_coef * aux_mean if self.aux_loss_enabled else logs["loss"]
         super().log(logs, start_time)
+
+
+def _is_fsdp_checkpoint(checkpoint: Path) -> bool:
+    """Trainer checkpoints written under FSDP hold FSDP's own model file besides the adapter."""
+    return any(path.name.startswith("pytorch_model_fsdp") for path in checkpoint.iterdir())
+
+
+def _router_names(model) -> dict[str, str]:
+    """Checkpoint key -> parameter name of every router of the (unwrapped) PEFT model."""
+    from moekit.finetune.targets import _routers
+
+    names = {id(param): name for name, param in model.named_parameters()}
+    return {key: names[id(param)] for key, param in _routers(model).items()}
+
+
+def _write_routers(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The router file `save_routers` writes, from tensors gathered out of a sharded model."""
+    from safetensors.torch import save_file
+
+    save_file({key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -419,16 +492,24 @@ def _loss_summary(log: list[dict]) -> dict:
     return summary
 
 
-def _write_outputs(staging, model, tokenizer, options, model_ref, model_path, data, table, losses, steps, peak, plan_peak) -> None:
+def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_ref, model_path, data, table, losses, steps, peak, plan_peak) -> None:
+    """`trained` is `model` itself, or under FSDP the gathered root module (`MoeSFTTrainer.full_parameters`)."""
+    from moekit.finetune.distributed import save_gathered_adapter
     from moekit.finetune.targets import save_routers
 
-    if is_peft_model(model):
+    gathered = None if trained is model else dict(trained.named_parameters())
+    if is_peft_model(model) and gathered is None:
         model.save_pretrained(staging / "adapter")
+    elif is_peft_model(model):
+        save_gathered_adapter(model, staging / "adapter", trainer.adapter_names, gathered)
+    if is_peft_model(model):
         tokenizer.save_pretrained(staging / "adapter")  # carries the chat template used in training
     else:
         tokenizer.save_pretrained(staging / "tokenizer")  # router-only training has no adapter
-    if "gate" in options.target:
+    if "gate" in options.target and gathered is None:
         save_routers(model, staging / ROUTERS_FILE)
+    elif "gate" in options.target:
+        _write_routers({key: gathered[name] for key, name in trainer.router_names.items()}, staging / ROUTERS_FILE)
     metadata = {
         "moekit_version": __version__,
         "kind": "finetune",

@@ -1,0 +1,171 @@
+"""Several processes for `moekit finetune`: `--ddp` / `--fsdp` re-run the same command under `accelerate launch`.
+
+    moekit finetune MODEL --data DATA -o OUT --fsdp            # one process per visible GPU
+    = accelerate launch --config_file <moekit>/finetune/accelerate/fsdp_qlora.yaml --num_processes N \
+          -m moekit finetune MODEL --data DATA -o OUT
+
+Nothing here trains: accelerate starts the processes (torch.distributed.run), and in each of them the
+ordinary single-process code path runs (`moekit.finetune.trainer.finetune`), where transformers' Trainer
+and accelerate wrap the model in DDP or FSDP. The shipped configs live in `moekit/finetune/accelerate/`:
+
+- `ddp.yaml`: data parallel, one full (4-bit) copy of the model per GPU.
+- `fsdp_qlora.yaml`: FSDP FULL_SHARD wrapped by decoder layer, `use_orig_params`, full state dicts on save
+  (the adapter and checkpoints are gathered whole, as on one GPU). Under it (`ACCELERATE_USE_FSDP=true`)
+  the trainer stores 4-bit weights in the compute dtype (`bnb_4bit_quant_storage`) so FSDP can flatten
+  quantized and plain parameters of one layer together.
+
+accelerate runs FSDP on GPUs only: on a CPU machine its launcher would start plain DDP processes under the
+FSDP config without a word, so `--fsdp` refuses to start there.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from moekit.errors import TrainingError
+
+CONFIG_DIR = Path(__file__).parent / "accelerate"
+CONFIG_FILES = {"ddp": "ddp.yaml", "fsdp": "fsdp_qlora.yaml"}
+
+
+def config_path(kind: str) -> Path:
+    """The accelerate config moekit ships for `kind` ("ddp" or "fsdp")."""
+    return CONFIG_DIR / CONFIG_FILES[kind]
+
+
+def is_main_process() -> bool:
+    """True outside a launched run and in its rank-0 process (set by torch.distributed.run before Python starts)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def is_launched() -> bool:
+    """True inside a process started by `accelerate launch` / torchrun."""
+    return "LOCAL_RANK" in os.environ
+
+
+def process_count(kind: str, requested: int | None) -> int:
+    """How many processes to start: `requested`, else one per visible GPU; refuses what cannot work."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "fsdp" and gpus == 0:
+        raise TrainingError(
+            "--fsdp needs GPUs: accelerate shards with FSDP on GPUs only (on CPUs it would quietly run DDP instead)",
+            hint="on a CPU machine use --ddp --num-processes N",
+        )
+    count = requested or gpus
+    if count < 2:
+        raise TrainingError(f"--{kind} needs at least 2 processes, but {gpus} GPU(s) are visible", hint=f"pass --num-processes N, or leave out --{kind} for one process")
+    if gpus and count > gpus:
+        raise TrainingError(f"--num-processes {count} is more than the {gpus} visible GPUs", hint="one process per GPU: lower --num-processes or set CUDA_VISIBLE_DEVICES")
+    return count
+
+
+def launch_arguments(kind: str, num_processes: int, moekit_args: list[str]) -> list[str]:
+    """`accelerate launch` arguments that run `moekit <moekit_args>` in `num_processes` processes."""
+    return ["--config_file", str(config_path(kind)), "--num_processes", str(num_processes), "-m", "moekit", *moekit_args]
+
+
+def command_line(kind: str, num_processes: int, moekit_args: list[str]) -> str:
+    """The equivalent shell command, for users who launch it themselves (e.g. on a cluster scheduler)."""
+    import shlex
+
+    return shlex.join(["accelerate", "launch", *launch_arguments(kind, num_processes, moekit_args)])
+
+
+def launch(kind: str, num_processes: int, moekit_args: list[str]) -> None:
+    """Run `moekit <moekit_args>` in `num_processes` processes through accelerate; returns when all finished.
+
+    The processes print their own messages (only rank 0 prints moekit's); a failure raises TrainingError
+    with each failed rank's exit code instead of the launcher's traceback.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if is_launched():
+        raise TrainingError(f"--{kind} inside a process that accelerate or torchrun already started", hint=f"leave out --{kind} when you launch moekit yourself")
+    args = launch_command_parser().parse_args(launch_arguments(kind, num_processes, moekit_args))
+    try:
+        launch_command(args)
+    except ChildFailedError as err:
+        failed = ", ".join(f"rank {rank} exited with code {failure.exitcode}" for rank, failure in sorted(err.failures.items()))
+        raise TrainingError(f"the {num_processes}-process {kind.upper()} run failed: {failed}", hint="the messages above (rank 0 first) say why") from None
+
+
+def finetune_arguments(model: str, out: Path, options: dict) -> list[str]:
+    """The `finetune` command line for the launched processes: the same options, without the launch ones.
+
+    `options` are click's values by field name (None where the user gave nothing). `--push-to-hub` is
+    left out: the launching process uploads once, after all processes finished.
+    """
+    arguments = ["finetune", str(model), "-o", str(out)]
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            arguments.append(flag if value else "--no-" + flag[2:])
+        else:
+            arguments += [flag, str(value)]
+    return arguments
+
+
+@contextmanager
+def gathered_parameters(fsdp_root, *, rank0_to_cpu: bool):
+    """Every parameter of an FSDP (version 1, `use_orig_params`) model whole, for reading; yields the root.
+
+    Inside, the root's `named_parameters()` carry the names of the unwrapped model (FSDP drops its
+    `_fsdp_wrapped_module.` prefixes) and full tensors, so that `verify_changed` and the adapter writer
+    work as on one process. A collective: every process must enter. `rank0_to_cpu` (for GPUs) gathers
+    into rank 0's CPU memory only, so no GPU ever holds the unsharded model; other ranks keep their shards.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(fsdp_root, FullyShardedDataParallel):
+        raise TrainingError("moekit supports FSDP version 1 (the shipped fsdp_qlora.yaml), not fsdp_version 2", hint="set fsdp_version: 1 in the accelerate config")
+    with FullyShardedDataParallel.summon_full_params(fsdp_root, writeback=False, rank0_only=rank0_to_cpu, offload_to_cpu=rank0_to_cpu):
+        yield fsdp_root
+
+
+# PEFT 0.21 picks a model's adapter entries by module name, and under FSDP each LoRA layer is its own FSDP unit
+# (`..._fsdp_wrapped_module.self_attn.q_proj.lora_A.default._fsdp_wrapped_module`), so `save_pretrained` of the
+# wrapped model finds no entry and writes an empty adapter, and the Trainer's FSDP checkpoints likewise. moekit
+# reads PEFT's file layout once, before wrapping, and writes/reads the adapter of a wrapped model through it.
+
+
+def adapter_parameter_names(peft_model) -> dict[str, str]:
+    """Adapter file key (as `save_pretrained` writes it) -> parameter name, read from the unwrapped PEFT model."""
+    from peft import get_peft_model_state_dict
+
+    by_storage = {param.data_ptr(): name for name, param in peft_model.named_parameters()}
+    return {key: by_storage[tensor.data_ptr()] for key, tensor in get_peft_model_state_dict(peft_model).items()}
+
+
+def save_gathered_adapter(peft_model, directory: Path, names: dict[str, str], parameters: dict) -> None:
+    """Write `directory` as `PeftModel.save_pretrained` does (adapter_config.json, adapter_model.safetensors)
+    from gathered `{parameter name: tensor}` (a full state dict or `gathered_parameters`' named parameters)."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = peft_model.peft_config[peft_model.active_adapter]
+    training_mode, config.inference_mode = config.inference_mode, True  # as save_pretrained writes it
+    try:
+        config.save_pretrained(str(directory))
+    finally:
+        config.inference_mode = training_mode
+    tensors = {key: parameters[name].detach().to("cpu").contiguous() for key, name in names.items()}
+    save_file(tensors, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def load_into_fsdp(fsdp_root, tensors: dict) -> None:
+    """Copy `{parameter name: full tensor}` (adapter, routers) into a sharded FSDP model; every process calls it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    with FullyShardedDataParallel.state_dict_type(fsdp_root, StateDictType.FULL_STATE_DICT):
+        result = fsdp_root.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:
+        raise TrainingError(f"the checkpoint does not fit the model: unexpected {', '.join(result.unexpected_keys[:3])}")
