@@ -102,7 +102,7 @@ def test_two_process_adapter_loads_with_plain_peft_and_exports(two_processes, on
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.quantize import MixtralExpertList, load_moe_for_training
 
     out, _ = two_processes
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -194,7 +194,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
         save_gathered_adapter,
     )
     from moekit.finetune.options import TrainingOptions
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.quantize import MixtralExpertList, load_moe_for_training
     from moekit.finetune.targets import (
         apply_targets,
         snapshot_trainable,
@@ -202,6 +202,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
     )
 
     torch.set_num_threads(1)
+    MixtralExpertList.grouped = True  # the experts' path on GPUs (grouped GEMMs over the 4-bit weights), here on CPUs
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     options = TrainingOptions(lora_r=8, lora_dropout=0.0, gradient_checkpointing=False)
