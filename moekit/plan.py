@@ -26,7 +26,7 @@ from pathlib import Path
 
 from moekit.errors import PlanError, SourceError
 from moekit.finetune.options import TrainingOptions
-from moekit.units import format_size
+from moekit.units import format_count, format_size
 
 # --- bitsandbytes storage (bitsandbytes 0.50, functional.quantize_4bit / quantize_blockwise) -------------
 NF4_BLOCKSIZE = 64  # values per absmax of the 4-bit weights
@@ -333,8 +333,8 @@ class MemoryPlan:
             f"memory plan: {self.model} ({shape.model_type}: {moe}{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab})",
             (f"settings:    {opts.bits}-bit weights, target {','.join(opts.target)}, LoRA r={opts.lora_r}, batch {opts.batch_size} x {opts.max_seq_len} tokens, "
             f"gradient checkpointing {'on' if opts.gradient_checkpointing else 'off'}, {opts.optimizer}"),
-            (f"parameters:  {self.parameters_total / 1e9:.2f}B total, {self.parameters_active / 1e9:.2f}B active per token, "
-            f"{sum(self.trainable.values()) / 1e6:.2f}M trainable; checkpoint on disk (bf16 safetensors): {format_size(self.checkpoint_bytes)}"),
+            (f"parameters:  {format_count(self.parameters_total)} total, {format_count(self.parameters_active)} active per token, "
+            f"{format_count(sum(self.trainable.values()))} trainable; checkpoint on disk (bf16 safetensors): {format_size(self.checkpoint_bytes)}"),
             "",
         ]
         width = max(len(r.name) for r in self.rows) + 2

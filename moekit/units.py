@@ -25,3 +25,11 @@ def format_size(num_bytes: float) -> str:
         if abs(num_bytes) >= scale:
             return f"{num_bytes / scale:.2f} {unit}"
     return f"{int(num_bytes)} B"
+
+
+def format_count(count: float) -> str:
+    """A parameter count for people: 24.15B, 126.88M, 2.10M, 950.00K."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(int(count))

@@ -35,7 +35,7 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
     from moekit.build import BuildOptions, build, plan
     from moekit.errors import RecipeError
     from moekit.recipe import load_recipe
-    from moekit.units import format_size
+    from moekit.units import format_count, format_size
 
     parsed = load_recipe(recipe)
     try:
@@ -49,7 +49,7 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
         return
     result = build(parsed, out, build_options, recipe_text=recipe.read_text(encoding="utf-8"))
     click.echo(f"built {result.plan.architecture} MoE: {len(parsed.experts)} experts, top-{parsed.experts_per_token}, "
-               f"{result.plan.parameters_total / 1e9:.3f}B parameters ({result.plan.parameters_active / 1e9:.3f}B active per token) -> {out}")
+               f"{format_count(result.plan.parameters_total)} parameters ({format_count(result.plan.parameters_active)} active per token) -> {out}")
     if result.routing:
         shares = result.routing["own_expert_share"]["mean_per_expert"]
         click.echo("share of each expert's prompts routed to it (mean over layers): " + ", ".join(f"{i}: {s:.0%}" for i, s in enumerate(shares)))

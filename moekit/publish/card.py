@@ -20,6 +20,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from moekit.errors import PublishError
+from moekit.units import format_count
 
 # `license: other` is written when the sources' licenses disagree and nobody chose one; publishing then needs --license.
 UNDECIDED_LICENSE = "other"
@@ -330,10 +331,7 @@ def _architecture_section(meta: dict) -> list[str]:
 def _format_count(value) -> str | None:
     if not isinstance(value, int):
         return None
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if value >= scale:
-            return f"{value / scale:.2f}{suffix} ({value:,})"
-    return f"{value:,}"
+    return f"{format_count(value)} ({value:,})" if value >= 1000 else f"{value:,}"
 
 
 def _training_section(directory: ModelDirectory) -> list[str]:
