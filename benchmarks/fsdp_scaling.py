@@ -34,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# the model is built by the sibling benchmark's helpers
 sys.path.insert(0, str(Path(__file__).parent))
-from plan_accuracy import EIGHT_BY_7B, TINY, build_quantized, make_config  # noqa: E402  (the sibling benchmark's builders)
+from plan_accuracy import EIGHT_BY_7B, TINY, build_quantized, make_config
 
 SHAPES = {"8x7b-16l": dict(EIGHT_BY_7B, num_hidden_layers=16), "8x7b": EIGHT_BY_7B, "tiny": TINY}
 MODES = ("single", "fsdp", "ddp")
@@ -48,7 +49,7 @@ def worker(args) -> None:
     import torch
     from transformers import TrainerCallback
 
-    import moekit.finetune.quantize as quantize
+    from moekit.finetune import quantize
     from moekit.finetune.options import FinetuneOptions
     from moekit.finetune.trainer import _make_trainer
     from moekit.testing import make_tokenizer
@@ -163,7 +164,7 @@ def markdown(modes: dict) -> str:
         if "error" in entry:
             lines.append(f"| {mode} | | | {entry['error']} | | | |")
             continue
-        gb = lambda value: "-" if value is None else f"{value:.2f} GiB"  # noqa: E731
+        gb = lambda value: "-" if value is None else f"{value:.2f} GiB"
         losses = ", ".join(f"{loss:.4f}" for loss in entry["losses"])
         lines.append(f"| {mode} | {entry['world_size']} | {entry['per_device_batch']} ({entry['global_batch']}) | {gb(entry.get('built_gb'))} | "
                      f"{gb(entry.get('peak_gb'))} | {entry['tokens_per_s']:,.0f} | {losses} |")  # fmt: skip

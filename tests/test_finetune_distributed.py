@@ -102,7 +102,7 @@ def test_two_process_adapter_loads_with_plain_peft_and_exports(two_processes, on
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from moekit.finetune.quantize import MixtralExpertList, load_moe_for_training
+    from moekit.finetune.quantize import load_moe_for_training
 
     out, _ = two_processes
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -174,6 +174,7 @@ def test_fsdp_shards_4bit_experts_and_gathers_the_adapter(moe, tmp_path):
     assert report["max_update_difference"] < 1e-5, report
     assert report["adapter_keys"] == report["reference_adapter_keys"]
     assert report["adapter_max_difference"] < 1e-5
+    assert report["optimizer_state_max_difference"] < 1e-5  # FSDP's optimizer file resumes on one process
     assert report["reload_max_difference"] == 0.0  # a checkpoint's adapter loads back into the sharded model
 
 
@@ -191,6 +192,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
         adapter_parameter_names,
         gathered_parameters,
         load_into_fsdp,
+        optimizer_state_from_fsdp,
         save_gathered_adapter,
     )
     from moekit.finetune.options import TrainingOptions
@@ -234,7 +236,9 @@ def _fsdp_worker(moe: str, out: str) -> None:
     half = batch[rank * 2 : rank * 2 + 2]
     loss = wrapped(input_ids=half, labels=half).loss
     loss.backward()  # FSDP averages the gradients of the two halves: the gradient of the mean over 4
-    torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=1.0).step()
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+    optimizer.step()  # the first step of momentum SGD moves by lr * gradient and keeps the gradient as state
+    fsdp_optimizer_state = FullyShardedDataParallel.optim_state_dict(wrapped, optimizer)  # what the Trainer saves
     losses = [torch.zeros(()) for _ in range(2)]
     dist.all_gather(losses, loss.detach())
 
@@ -258,7 +262,14 @@ def _fsdp_worker(moe: str, out: str) -> None:
         reference = adapted()
         reference_loss = reference(input_ids=batch, labels=batch).loss
         reference_loss.backward()
-        torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=1.0).step()
+        trainable = [p for p in reference.parameters() if p.requires_grad]
+        reference_optimizer = torch.optim.SGD(trainable, lr=1.0, momentum=0.9)
+        reference_optimizer.step()
+        # resuming the FSDP optimizer state on one process
+        resumed_optimizer = torch.optim.SGD(trainable, lr=1.0, momentum=0.9)
+        names = {id(param): name for name, param in reference.named_parameters()}
+        resumed_optimizer.load_state_dict(optimizer_state_from_fsdp(fsdp_optimizer_state, resumed_optimizer, names))
+        optimizer_difference = max(float((resumed_optimizer.state[p]["momentum_buffer"] - reference_optimizer.state[p]["momentum_buffer"]).abs().max()) for p in trainable)
         expected = {name: param.detach() for name, param in reference.named_parameters() if param.requires_grad}
         update_difference = max(float((trained[name] - expected[name]).abs().max()) for name in expected)
         reference.save_pretrained(Path(out) / "reference_adapter")
@@ -273,6 +284,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
             "adapter_keys": sorted(saved),
             "reference_adapter_keys": sorted(wanted),
             "adapter_max_difference": max(float((saved[key] - wanted[key]).abs().max()) for key in wanted),
+            "optimizer_state_max_difference": optimizer_difference,
             "reload_max_difference": max(float((reloaded[name] - trained[name]).abs().max()) for name in adapter_names.values()),
         }
         (Path(out) / "fsdp_report.json").write_text(json.dumps(report))

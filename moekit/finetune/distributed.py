@@ -169,3 +169,20 @@ def load_into_fsdp(fsdp_root, tensors: dict) -> None:
         result = fsdp_root.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:
         raise TrainingError(f"the checkpoint does not fit the model: unexpected {', '.join(result.unexpected_keys[:3])}")
+
+
+def optimizer_state_from_fsdp(fsdp_state: dict, optimizer, names: dict[int, str]) -> dict:
+    """FSDP's full optimizer state (`FSDP.optim_state_dict`: entries keyed by parameter name) as a plain
+    `optimizer.state_dict()` for `optimizer` (entries keyed by position), so that a checkpoint written
+    under FSDP resumes on one process. `names` maps id(parameter) -> name; groups are matched in order."""
+    order = [[names[id(param)] for param in group["params"]] for group in optimizer.param_groups]
+    position = {name: index for index, name in enumerate(name for group in order for name in group)}
+    if len(fsdp_state["param_groups"]) != len(order):
+        raise TrainingError(f"the checkpoint's optimizer has {len(fsdp_state['param_groups'])} parameter groups, this run's {len(order)}")
+    missing = sorted(set(position) - {name for group in fsdp_state["param_groups"] for name in group["params"]})
+    if missing:
+        raise TrainingError(f"the checkpoint's optimizer does not cover {missing[0]} (and {len(missing) - 1} more)")
+    return {
+        "state": {position[name]: state for name, state in fsdp_state["state"].items() if name in position},
+        "param_groups": [{**saved, "params": [position[name] for name in group]} for saved, group in zip(fsdp_state["param_groups"], order)],
+    }

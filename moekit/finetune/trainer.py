@@ -406,6 +406,17 @@ class MoeSFTTrainer(SFTTrainer):
 
             load_routers(self.model, checkpoint / ROUTERS_FILE)
 
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is None or self.is_fsdp_enabled or not _is_fsdp_checkpoint(Path(checkpoint)):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # written under FSDP, resumed without it: FSDP's optimizer file is keyed by parameter name
+        from moekit.finetune.distributed import optimizer_state_from_fsdp
+
+        names = {id(param): name for name, param in self.accelerator.unwrap_model(self.model).named_parameters()}
+        saved = torch.load(Path(checkpoint) / "optimizer.bin", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(optimizer_state_from_fsdp(saved, self.optimizer, names))
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+
     def _load_into_fsdp(self, checkpoint: Path) -> None:
         """Adapter and routers of a checkpoint (written on one process or under FSDP) into the sharded model."""
         from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
