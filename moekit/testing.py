@@ -146,3 +146,16 @@ def populate_hub_cache(cache_dir: str | Path, repo_id: str, source: str | Path, 
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / revision).write_text(commit)
     return snapshot
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Run the real `moekit` entry point in-process under pytest's `capsys`: (exit code, all it printed)."""
+    from moekit.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out

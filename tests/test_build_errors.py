@@ -7,21 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from moekit.cli import main
-
 from test_build import recipe_text
 
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    """Run the real CLI entry point in-process; (exit code, everything printed)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code or 0
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
+from moekit.testing import run_cli
 
 
 def assert_refused(tmp_path: Path, text: str | None, capsys, *expected: str, extra_args=(), recipe_name="r.yaml") -> str:

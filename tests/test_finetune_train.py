@@ -20,6 +20,7 @@ from moekit.cli import main
 from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune, partial_dir
 from moekit.recipe import parse_recipe
+from moekit.testing import run_cli
 
 QUICK = {"batch_size": 4, "max_seq_len": 64, "lora_r": 8, "learning_rate": 5e-3, "save_steps": 1000}
 
@@ -91,14 +92,6 @@ def changed_tensors(base: Path, other: Path) -> set[str]:
     return {key for key in a if not torch.equal(a[key], b[key])}
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code or 0
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 # --- training ----------------------------------------------------------------------------------

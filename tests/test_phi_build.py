@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from moekit.build import BuildOptions, build
-from moekit.cli import main
 from moekit.recipe import load_recipe, parse_recipe
+from moekit.testing import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [["def add(a, b): return a + b", "import os"], ["The quick brown fox jumps.", "Write a poem about the sea."], ["12 + 30 = 42", "7 * 6 = 42"]]
@@ -139,14 +139,6 @@ def test_router_input_is_what_the_moe_block_sees(arch, base_class, request, tiny
         torch.testing.assert_close(layer_features.router_input[real], expected[real], atol=1e-5, rtol=1e-4)
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code or 0
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 def assert_refused(tmp_path: Path, text: str, capsys, *expected: str) -> None:
