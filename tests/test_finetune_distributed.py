@@ -142,6 +142,10 @@ def test_launch_options_are_checked(moe, chat_data, tmp_path, capsys):
     assert code != 0 and "--ddp needs at least 2 processes" in output
     code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o"), "--num-processes", "2"], capsys)
     assert code != 0 and "--num-processes needs --fsdp or --ddp" in output
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").write_text("x")
+    code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "used"), "--ddp", "--num-processes", "2", "--target", "attn,experts", "--experts", "5"], capsys)
+    assert code != 0 and "exists and is not empty" in output and "launching" not in output  # checked once, before launching
 
 
 def test_shipped_configs_are_package_data_and_say_what_the_trainer_relies_on():

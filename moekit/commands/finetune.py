@@ -31,7 +31,7 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
     from pydantic import ValidationError
 
     from moekit.finetune.options import options_from_cli
-    from moekit.finetune.trainer import finetune
+    from moekit.finetune.trainer import check_inputs, finetune
 
     try:
         parsed = options_from_cli(FinetuneOptions, options)
@@ -47,6 +47,7 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
         from moekit.finetune import distributed
 
         count = distributed.process_count(launch_kind, num_processes)
+        check_inputs(model, out, parsed)  # once here rather than once per process
         arguments = distributed.finetune_arguments(model, out, options)
         click.echo(f"launching {count} processes: {distributed.command_line(launch_kind, count, arguments)}")
         distributed.launch(launch_kind, count, arguments)

@@ -72,11 +72,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     echo = echo if echo is not None and is_main_process() else (lambda _line: None)
     out = Path(out)
     staging = partial_dir(out)
-    checkpoint = _check_output(out, staging, options.resume)
-    _check_report_to(options.report_to)
-    model_path = resolve_model(str(model))
-    config = _load_config(model_path, options.trust_remote_code)
-    _check_targets(config, options)
+    checkpoint, model_path, config = check_inputs(model, out, options)
 
     from transformers import AutoTokenizer
 
@@ -146,6 +142,22 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
 
 
 # --- checks before loading -------------------------------------------------------------------
+
+
+def check_inputs(model: str | Path, out: Path, options: FinetuneOptions):
+    """The checks that need no weights and no data: OUT, --report-to, the config against the targets.
+
+    Returns (checkpoint to resume or None, local model path, config). `--fsdp`/`--ddp` run them once
+    before launching the processes, so that such mistakes get one message.
+    """
+    from moekit.build.sources import resolve_model
+
+    checkpoint = _check_output(Path(out), partial_dir(Path(out)), options.resume)
+    _check_report_to(options.report_to)
+    model_path = resolve_model(str(model))
+    config = _load_config(model_path, options.trust_remote_code)
+    _check_targets(config, options)
+    return checkpoint, model_path, config
 
 
 def _check_output(out: Path, staging: Path, resume: bool) -> Path | None:
