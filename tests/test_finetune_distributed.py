@@ -142,6 +142,8 @@ def test_launch_options_are_checked(moe, chat_data, tmp_path, capsys):
     assert code != 0 and "--ddp needs at least 2 processes" in output
     code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o"), "--num-processes", "2"], capsys)
     assert code != 0 and "--num-processes needs --fsdp or --ddp" in output
+    code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o"), "--fsdp", "--bits", "8"], capsys)
+    assert code != 0 and "--fsdp needs --bits 4 or 16" in output
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "file").write_text("x")
     code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "used"), "--ddp", "--num-processes", "2", "--target", "attn,experts", "--experts", "5"], capsys)

@@ -43,6 +43,8 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
         raise click.UsageError(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}") from None
     if num_processes is not None and launch_kind is None:
         raise click.UsageError("--num-processes needs --fsdp or --ddp")
+    if launch_kind == "fsdp" and parsed.bits == 8:  # no quant_storage for LLM.int8 weights: FSDP cannot flatten them with the rest
+        raise click.UsageError("--fsdp needs --bits 4 or 16: bitsandbytes' 8-bit weights cannot be sharded by FSDP (use --ddp)")
     if launch_kind is not None:
         from moekit.finetune import distributed
 
