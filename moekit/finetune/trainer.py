@@ -13,6 +13,7 @@ for `--resume`; a run that fails earlier leaves nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -262,6 +263,13 @@ def _load_teacher(path: Path, student_config, compute_dtype, device_map, options
 # --- training --------------------------------------------------------------------------------
 
 
+def _checkpointing_args(config_class, enabled: bool) -> dict:
+    # transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing* (the old names warn); 5.17 has only the old
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
 def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOptions, compute_dtype, teacher):
     from trl import SFTConfig
 
@@ -277,8 +285,7 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         warmup_steps=options.warmup_ratio,  # a float below 1 is a share of the steps
         lr_scheduler_type="cosine",
         optim=options.optimizer,
-        gradient_checkpointing=options.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **_checkpointing_args(SFTConfig, options.gradient_checkpointing),
         max_length=options.max_seq_len,
         packing=options.packing,
         assistant_only_loss=data.format == "messages",
