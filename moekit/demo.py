@@ -3,7 +3,7 @@
     run_demo(out, preset="standard") -> dict    (the report.json content)
 
 1. make or reuse the zoo (`moekit.zoo`): a tiny Llama base and one expert per domain;
-2. build the MoE of `recipes/tiny-4x.yaml` with `moekit.build.build`, once per compared gate mode;
+2. build the MoE of `moekit/zoo/tiny-4x.yaml` (linked as `recipes/tiny-4x.yaml`) with `moekit.build.build`, once per compared gate mode;
 3. evaluate every MoE and every source on each domain's held-out split, on all of them together
    (`mixed`) and on held-out chat conversations (`chat`) with `moekit.eval.evaluate`;
 4. QLoRA fine-tune the better MoE on a small mixed chat set with `moekit.finetune.trainer.finetune`
@@ -31,7 +31,7 @@ from moekit.zoo.corpora import DOMAINS
 from moekit.zoo.settings import PRESETS as ZOO_PRESETS
 from moekit.zoo.settings import ZooSettings
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny-4x.yaml"
+RECIPE = Path(__file__).resolve().parent / "zoo" / "tiny-4x.yaml"  # package data; recipes/tiny-4x.yaml links to it
 GATE_MODES = ("hidden", "calibrated")
 MIXED = "mixed"
 CHAT = "chat"
@@ -84,7 +84,7 @@ def run_demo(
         settings = settings.model_copy(update={"finetune_steps": finetune_steps})
     recipe_path = Path(recipe) if recipe else RECIPE
     if not recipe_path.is_file():
-        raise RecipeError(f"the demo recipe {recipe_path} does not exist", hint="run from a moekit checkout or pass --recipe PATH")
+        raise RecipeError(f"the demo recipe {recipe_path} does not exist", hint="pass --recipe PATH")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")

@@ -135,3 +135,19 @@ def test_demo_refuses_a_non_empty_output_without_touching_it(tmp_path, capsys):
     assert exit_info.value.code != 0
     assert "exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_default_recipe_ships_in_the_wheel_and_is_the_one_in_recipes():
+    # A wheel install has no recipes/ folder: the demo's recipe must be package data.
+    import fnmatch
+    import tomllib
+
+    import moekit
+    from moekit.demo import RECIPE
+
+    package = Path(moekit.__file__).resolve().parent
+    relative = RECIPE.relative_to(package).as_posix()
+    root = package.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["moekit"]
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), (relative, patterns)
+    assert (root / "recipes" / "tiny-4x.yaml").resolve() == RECIPE
