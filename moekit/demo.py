@@ -26,7 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moekit.errors import OutputError, RecipeError
+from moekit.errors import RecipeError
+from moekit.output import output_in_place
 from moekit.zoo.corpora import DOMAINS
 from moekit.zoo.settings import PRESETS as ZOO_PRESETS
 from moekit.zoo.settings import ZooSettings
@@ -85,19 +86,8 @@ def run_demo(
     recipe_path = Path(recipe) if recipe else RECIPE
     if not recipe_path.is_file():
         raise RecipeError(f"the demo recipe {recipe_path} does not exist", hint="pass --recipe PATH")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputError(f"output directory {out} exists and is not empty", hint="choose another -o or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _run(out, settings, preset, recipe_path, cache, echo)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+    with output_in_place(Path(out), overwrite=overwrite) as directory:
+        return _run(directory, settings, preset, recipe_path, cache, echo)
 
 
 def _run(out: Path, settings: DemoSettings, preset: str, recipe_path: Path, cache: Path | None, echo) -> dict:

@@ -40,6 +40,26 @@ def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def output_in_place(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Like `staged_output`, but the work is written at `out` itself, for outputs that record their own
+    paths (the demo's reports). An old `out` is set aside and restored if the work fails."""
+    check_output(out, overwrite)
+    old = out.with_name(f".{out.name}.moekit-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.is_dir():
+        out.rename(old)
+    out.mkdir(parents=True)
+    try:
+        yield out
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if old.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite and any(out.iterdir()):
