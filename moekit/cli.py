@@ -8,6 +8,7 @@ stays fast and does not import torch. This is the only module that exits: librar
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -37,7 +38,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS or not _module_exists(COMMANDS[name][0]):
             return None
         module = importlib.import_module(f"moekit.commands.{COMMANDS[name][0]}")
-        return getattr(module, "command")
+        return module.command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
@@ -61,8 +62,20 @@ def cli() -> None:
     """
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a kill (SIGTERM) cleans up like Ctrl-C: staged output removed, an old OUT restored
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning MoekitError and Ctrl-C into a message and an exit code."""
+    """Entry point: run the CLI, turning MoekitError, Ctrl-C and SIGTERM into a message and an exit code."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, prog_name="moekit", standalone_mode=False)
     except MoekitError as err:
@@ -70,11 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         if err.hint:
             click.echo(f"  hint: {err.hint}", err=True)
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted: OUT is as it was before (a fine-tune keeps its checkpoints in OUT.partial for --resume)", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()

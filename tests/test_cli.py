@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,42 @@ def test_every_shipped_recipe_is_valid(recipe):
 
     parsed = load_recipe(recipe)
     assert len(parsed.experts) >= 2
+
+
+# A command that stages output like `build` and waits to be killed; the parent kills it mid-write.
+_SLOW_COMMAND = """
+import sys, time
+from pathlib import Path
+import click
+from moekit.cli import cli, main
+from moekit.output import staged_output
+
+@click.command("slow")
+@click.argument("out", type=click.Path(path_type=Path))
+def slow(out):
+    with staged_output(out, overwrite=True) as staging:
+        (staging / "half.bin").write_bytes(b"x" * 10)
+        Path(sys.argv[2]).touch()  # tells the parent the work is under way
+        time.sleep(60)
+
+cli.get_command = lambda ctx, name: slow  # the lazy group only knows moekit's own commands
+main(["slow", sys.argv[1]])
+"""
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    out, started = tmp_path / "out", tmp_path / "started"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_COMMAND, str(out), str(started)], stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if started.exists() or process.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert started.exists(), process.stderr.read()
+    process.terminate()
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "started"]  # the staging directory is gone
+    assert (out / "old.txt").read_text() == "old"
