@@ -144,6 +144,16 @@ def test_launch_options_are_checked(moe, chat_data, tmp_path, capsys):
     assert code != 0 and "--num-processes needs --fsdp or --ddp" in output
     code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o"), "--fsdp", "--bits", "8"], capsys)
     assert code != 0 and "--fsdp needs --bits 4 or 16" in output
+    code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o"), "--fsdp", "--resume"], capsys)
+    assert code != 0 and "--resume under FSDP is not supported" in output and "without --fsdp" in output
+
+
+def test_a_run_launched_under_fsdp_refuses_resume(moe, chat_data, tmp_path, capsys, monkeypatch):
+    (tmp_path / "o.partial" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
+    code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o"), "--resume"], capsys)
+    assert code != 0 and "--resume under FSDP is not supported" in output and "Traceback" not in output
+    assert (tmp_path / "o.partial" / "checkpoints" / "checkpoint-3").is_dir()  # the checkpoint is kept for a one-GPU resume
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "file").write_text("x")
     code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "used"), "--ddp", "--num-processes", "2", "--target", "attn,experts", "--experts", "5"], capsys)
@@ -176,12 +186,13 @@ def test_fsdp_shards_4bit_experts_and_gathers_the_adapter(moe, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "fsdp_report.json").read_text())
     assert report["flat_parameters"] >= 2 and report["experts_params4bit_before_wrap"] == 2 * 3 * 3
+    # unit by unit, only what trains: the same names and values as gathering the whole model
+    assert report["gathered_names"] == report["full_gather_names"] and report["gathered_vs_full_gather"] == 0.0
     assert report["loss"] == pytest.approx(report["reference_loss"], rel=1e-5)
     assert report["max_update_difference"] < 1e-5, report
     assert report["adapter_keys"] == report["reference_adapter_keys"]
     assert report["adapter_max_difference"] < 1e-5
     assert report["optimizer_state_max_difference"] < 1e-5  # FSDP's optimizer file resumes on one process
-    assert report["reload_max_difference"] == 0.0  # a checkpoint's adapter loads back into the sharded model
 
 
 def _fsdp_worker(moe: str, out: str) -> None:
@@ -196,8 +207,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
 
     from moekit.finetune.distributed import (
         adapter_parameter_names,
-        gathered_parameters,
-        load_into_fsdp,
+        gathered_trainable,
         optimizer_state_from_fsdp,
         save_gathered_adapter,
     )
@@ -248,22 +258,13 @@ def _fsdp_worker(moe: str, out: str) -> None:
     losses = [torch.zeros(()) for _ in range(2)]
     dist.all_gather(losses, loss.detach())
 
-    with gathered_parameters(wrapped, rank0_to_cpu=False) as root:
-        if rank == 0:
-            # copies: leaving the context puts the shards back into these parameters
-            trained = {name: param.detach().clone() for name, param in root.named_parameters() if param.requires_grad}
-            verify_changed(snapshot, root)
-            save_gathered_adapter(model, Path(out) / "adapter", adapter_names, trained)
+    trained = gathered_trainable(wrapped)  # what the trainer saves, unit by unit
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):  # the whole model, for comparison
+        everything = {name: param.detach().clone() for name, param in wrapped.named_parameters() if param.requires_grad}
+    if rank == 0:
+        verify_changed(snapshot, trained)
+        save_gathered_adapter(model, Path(out) / "adapter", adapter_names, trained)
     dist.barrier()
-    # resume: wipe the adapter's shards; loading the saved adapter must bring it back
-    with torch.no_grad():
-        for param in wrapped.parameters():
-            if param.requires_grad:
-                param.zero_()
-    saved = load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
-    load_into_fsdp(wrapped, {name: saved[key] for key, name in adapter_names.items()})
-    with gathered_parameters(wrapped, rank0_to_cpu=False) as root:
-        reloaded = {name: param.detach().clone() for name, param in root.named_parameters() if ".lora_" in name}
     if rank == 0:
         reference = adapted()
         reference_loss = reference(input_ids=batch, labels=batch).loss
@@ -283,6 +284,9 @@ def _fsdp_worker(moe: str, out: str) -> None:
         PeftModel.from_pretrained(load(), Path(out) / "adapter")
         report = {
             "flat_parameters": flat,
+            "gathered_names": sorted(trained),
+            "full_gather_names": sorted(everything),
+            "gathered_vs_full_gather": max(float((trained[name] - everything[name]).abs().max()) for name in everything),
             "experts_params4bit_before_wrap": params4bit,
             "loss": float(sum(losses) / 2),
             "reference_loss": float(reference_loss),
@@ -291,7 +295,6 @@ def _fsdp_worker(moe: str, out: str) -> None:
             "reference_adapter_keys": sorted(wanted),
             "adapter_max_difference": max(float((saved[key] - wanted[key]).abs().max()) for key in wanted),
             "optimizer_state_max_difference": optimizer_difference,
-            "reload_max_difference": max(float((reloaded[name] - trained[name]).abs().max()) for name in adapter_names.values()),
         }
         (Path(out) / "fsdp_report.json").write_text(json.dumps(report))
     dist.barrier()

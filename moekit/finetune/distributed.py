@@ -21,7 +21,6 @@ FSDP config without a word, so `--fsdp` refuses to start there.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from moekit.errors import TrainingError
@@ -112,21 +111,40 @@ def finetune_arguments(model: str, out: Path, options: dict) -> list[str]:
     return arguments
 
 
-@contextmanager
-def gathered_parameters(fsdp_root, *, rank0_to_cpu: bool):
-    """Every parameter of an FSDP (version 1, `use_orig_params`) model whole, for reading; yields the root.
+def gathered_trainable(fsdp_root) -> dict:
+    """Every trainable parameter of an FSDP (version 1, `use_orig_params`) model, whole, on the CPU, named as in
+    the unwrapped model: what checkpoints, the final adapter and `verify_changed` need.
 
-    Inside, the root's `named_parameters()` carry the names of the unwrapped model (FSDP drops its
-    `_fsdp_wrapped_module.` prefixes) and full tensors, so that `verify_changed` and the adapter writer
-    work as on one process. A collective: every process must enter. `rank0_to_cpu` (for GPUs) gathers
-    into rank 0's CPU memory only, so no GPU ever holds the unsharded model; other ranks keep their shards.
+    One FSDP unit at a time, and only units that hold trainable parameters (PEFT's wrap policy gives every LoRA
+    and router layer a unit of its own), so the frozen 4-bit weights are never gathered and no process holds
+    more than one small unit unsharded. The Trainer's own FSDP save would gather the whole model into a full
+    state dict instead (and fails outright on a single process with rank-0 CPU offload). A collective: every
+    process must call it.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if not isinstance(fsdp_root, FullyShardedDataParallel):
         raise TrainingError("moekit supports FSDP version 1 (the shipped fsdp_qlora.yaml), not fsdp_version 2", hint="set fsdp_version: 1 in the accelerate config")
-    with FullyShardedDataParallel.summon_full_params(fsdp_root, writeback=False, rank0_only=rank0_to_cpu, offload_to_cpu=rank0_to_cpu):
-        yield fsdp_root
+    gathered = {}
+    for prefix, unit in fsdp_root.named_modules():
+        if not isinstance(unit, FullyShardedDataParallel):
+            continue
+        # a unit's own parameters carry one FSDP prefix; those of units nested in it carry more
+        own = [(name, param) for name, param in unit.named_parameters() if name.count(FSDP_PREFIX) == 1 and param.requires_grad]
+        if not own:
+            continue
+        # with use_orig_params the same Parameter objects show the unsharded data inside the context
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            for name, param in own:
+                gathered[_unwrapped_name(f"{prefix}.{name}" if prefix else name)] = param.detach().to("cpu", copy=True)
+    return gathered
+
+
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def _unwrapped_name(name: str) -> str:
+    return name.replace(FSDP_PREFIX, "")
 
 
 # PEFT 0.21 picks a model's adapter entries by module name, and under FSDP each LoRA layer is its own FSDP unit
@@ -145,7 +163,7 @@ def adapter_parameter_names(peft_model) -> dict[str, str]:
 
 def save_gathered_adapter(peft_model, directory: Path, names: dict[str, str], parameters: dict) -> None:
     """Write `directory` as `PeftModel.save_pretrained` does (adapter_config.json, adapter_model.safetensors)
-    from gathered `{parameter name: tensor}` (a full state dict or `gathered_parameters`' named parameters)."""
+    from gathered `{parameter name: tensor}` (`gathered_trainable`)."""
     from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save_file
 
@@ -159,16 +177,6 @@ def save_gathered_adapter(peft_model, directory: Path, names: dict[str, str], pa
         config.inference_mode = training_mode
     tensors = {key: parameters[name].detach().to("cpu").contiguous() for key, name in names.items()}
     save_file(tensors, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-
-
-def load_into_fsdp(fsdp_root, tensors: dict) -> None:
-    """Copy `{parameter name: full tensor}` (adapter, routers) into a sharded FSDP model; every process calls it."""
-    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
-
-    with FullyShardedDataParallel.state_dict_type(fsdp_root, StateDictType.FULL_STATE_DICT):
-        result = fsdp_root.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise TrainingError(f"the checkpoint does not fit the model: unexpected {', '.join(result.unexpected_keys[:3])}")
 
 
 def optimizer_state_from_fsdp(fsdp_state: dict, optimizer, names: dict[int, str]) -> dict:

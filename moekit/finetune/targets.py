@@ -274,9 +274,10 @@ def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return snapshot
 
 
-def verify_changed(snapshot: dict[str, torch.Tensor], model: nn.Module) -> None:
-    """Raise TrainingError naming every snapshotted adapter/router that training left unchanged."""
-    params = dict(model.named_parameters())
+def verify_changed(snapshot: dict[str, torch.Tensor], model: nn.Module | dict[str, torch.Tensor]) -> None:
+    """Raise TrainingError naming every snapshotted adapter/router that training left unchanged; `model` may
+    also be `{parameter name: tensor}` (the trainable parameters gathered from an FSDP model)."""
+    params = model if isinstance(model, dict) else dict(model.named_parameters())
     unchanged = [name for name, before in snapshot.items() if name in params and torch.equal(params[name].detach().cpu(), before)]
     vanished = [name for name in snapshot if name not in params]
     if unchanged or vanished:

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +90,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     device = _device()
     compute_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     # FSDP flattens quantized and plain parameters together, so they must share one storage dtype.
-    quant_storage = compute_dtype if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else torch.uint8
+    quant_storage = compute_dtype if _under_fsdp() else torch.uint8
     device_map = {"": device} if device.type == "cuda" else None
     base = load_moe_for_training(model_path, bits=options.bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=options.trust_remote_code)
     from transformers import set_seed
@@ -130,13 +129,13 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
 
     from moekit.finetune.targets import verify_changed
 
-    with trainer.full_parameters() as trained:  # under FSDP a collective: every process enters
-        if not trainer.is_world_process_zero():
-            return FinetuneResult(out, out / "adapter", trainer.state.global_step, None, None, table, peak)
-        verify_changed(snapshot, trained)
-        log = _read_log(staging / LOG_FILE)
-        losses = _loss_summary(log)
-        _write_outputs(staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
+    trained = trainer.trained_parameters()  # under FSDP a collective: every process calls it
+    if not trainer.is_world_process_zero():
+        return FinetuneResult(out, out / "adapter", trainer.state.global_step, None, None, table, peak)
+    verify_changed(snapshot, trained)
+    log = _read_log(staging / LOG_FILE)
+    losses = _loss_summary(log)
+    _write_outputs(staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
     _move_into_place(staging, out)
     adapter_dir = out / "adapter" if is_peft_model(peft_model) else None
     return FinetuneResult(out, adapter_dir, trainer.state.global_step, losses.get("first"), losses.get("last"), table, peak, losses)
@@ -154,11 +153,26 @@ def check_inputs(model: str | Path, out: Path, options: FinetuneOptions):
     from moekit.build.sources import resolve_model
 
     checkpoint = _check_output(Path(out), partial_dir(Path(out)), options.resume)
+    if checkpoint is not None and _under_fsdp():
+        raise TrainingError(FSDP_RESUME_REFUSAL)
     _check_report_to(options.report_to)
     model_path = resolve_model(str(model))
     config = _load_config(model_path, options.trust_remote_code)
     _check_targets(config, options)
     return checkpoint, model_path, config
+
+
+# Seen on an H100 (one process under the shipped FSDP config): the optimizer state loaded from an FSDP checkpoint
+# reaches Adam in bf16 beside float32 routers, and the first step fails. The checkpoint itself is whole and resumes
+# on one process (verified there), so that is the way offered.
+FSDP_RESUME_REFUSAL = (
+    "--resume under FSDP is not supported yet (FSDP's optimizer state comes back in the wrong dtype); "
+    "resume the run on one GPU without --fsdp: its checkpoints are whole"
+)
+
+
+def _under_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _check_output(out: Path, staging: Path, resume: bool) -> Path | None:
@@ -398,24 +412,39 @@ class MoeSFTTrainer(SFTTrainer):
 
                 save_routers(self.model, Path(output_dir) / ROUTERS_FILE)
 
-    @contextmanager
-    def full_parameters(self):
-        """The trained model with every parameter whole, named as before training: the PEFT model itself on
-        one process or under DDP, the gathered FSDP root under FSDP (`distributed.gathered_parameters`;
-        every process must enter)."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self.is_fsdp_enabled:
-            yield self.accelerator.unwrap_model(self.model)
-            return
-        from moekit.finetune.distributed import gathered_parameters
+            return super().save_model(output_dir, _internal_call)
+        # the Trainer would gather the whole model into a full state dict; a checkpoint needs only what trains
+        from moekit.finetune.distributed import gathered_trainable
 
-        with gathered_parameters(self.model_wrapped, rank0_to_cpu=self.args.device.type == "cuda") as root:
-            yield root
+        trained = gathered_trainable(self.model_wrapped)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=trained)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # The Trainer would also write FSDP's whole-model file (4-bit weights included, gathered from every GPU);
+        # the adapter and routers are already in the checkpoint (save_model), so only the optimizer is FSDP's.
+        from accelerate.utils import save_fsdp_optimizer
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def trained_parameters(self):
+        """The trained model, named as before training: the PEFT model itself on one process or under DDP;
+        under FSDP, its trainable parameters gathered whole (`distributed.gathered_trainable`; every process
+        must call this)."""
+        if not self.is_fsdp_enabled:
+            return self.accelerator.unwrap_model(self.model)
+        from moekit.finetune.distributed import gathered_trainable
+
+        return gathered_trainable(self.model_wrapped)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         checkpoint = Path(resume_from_checkpoint)
-        if self.is_fsdp_enabled:
-            self._load_into_fsdp(checkpoint)
-            return
         if is_peft_model(self.model) and not _is_fsdp_checkpoint(checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         elif is_peft_model(self.model):  # written under FSDP, resumed on one process: its adapter file is whole
@@ -436,22 +465,6 @@ class MoeSFTTrainer(SFTTrainer):
         self.optimizer.load_state_dict(optimizer_state_from_fsdp(saved, self.optimizer, names))
         self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
 
-    def _load_into_fsdp(self, checkpoint: Path) -> None:
-        """Adapter and routers of a checkpoint (written on one process or under FSDP) into the sharded model."""
-        from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-        from safetensors.torch import load_file
-
-        from moekit.finetune.distributed import load_into_fsdp
-
-        tensors = {}
-        if is_peft_model(self.model):
-            saved = load_file(str(checkpoint / SAFETENSORS_WEIGHTS_NAME))
-            tensors.update({name: saved[key] for key, name in self.adapter_names.items()})
-        if self.train_routers:
-            saved = load_file(str(checkpoint / ROUTERS_FILE))
-            tensors.update({name: saved[key] for key, name in self.router_names.items()})
-        load_into_fsdp(self.model_wrapped, tensors)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         if self.teacher is None and "loss" in logs:
@@ -463,8 +476,9 @@ class MoeSFTTrainer(SFTTrainer):
 
 
 def _is_fsdp_checkpoint(checkpoint: Path) -> bool:
-    """Trainer checkpoints written under FSDP hold FSDP's own model file besides the adapter."""
-    return any(path.name.startswith("pytorch_model_fsdp") for path in checkpoint.iterdir())
+    """Checkpoints written under FSDP hold FSDP's optimizer file (`optimizer.bin`, keyed by parameter name);
+    the others torch's (`optimizer.pt`)."""
+    return (checkpoint / "optimizer.bin").is_file()
 
 
 def _router_names(model) -> dict[str, str]:
@@ -523,11 +537,11 @@ def _loss_summary(log: list[dict]) -> dict:
 
 
 def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_ref, model_path, data, table, losses, steps, peak, plan_peak) -> None:
-    """`trained` is `model` itself, or under FSDP the gathered root module (`MoeSFTTrainer.full_parameters`)."""
+    """`trained` is `model` itself, or under FSDP its gathered trainable parameters (`MoeSFTTrainer.trained_parameters`)."""
     from moekit.finetune.distributed import save_gathered_adapter
     from moekit.finetune.targets import save_routers
 
-    gathered = None if trained is model else dict(trained.named_parameters())
+    gathered = trained if isinstance(trained, dict) else None
     if is_peft_model(model) and gathered is None:
         model.save_pretrained(staging / "adapter")
     elif is_peft_model(model):
