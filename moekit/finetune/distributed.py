@@ -9,8 +9,8 @@ ordinary single-process code path runs (`moekit.finetune.trainer.finetune`), whe
 and accelerate wrap the model in DDP or FSDP. The shipped configs live in `moekit/finetune/accelerate/`:
 
 - `ddp.yaml`: data parallel, one full (4-bit) copy of the model per GPU.
-- `fsdp_qlora.yaml`: FSDP FULL_SHARD wrapped by decoder layer, `use_orig_params`, full state dicts on save
-  (the adapter and checkpoints are gathered whole, as on one GPU). Under it (`ACCELERATE_USE_FSDP=true`)
+- `fsdp_qlora.yaml`: FSDP FULL_SHARD wrapped by decoder layer, `use_orig_params`, FSDP's optimizer state saved
+  whole. The adapter and routers are written by moekit from `gathered_trainable`, in the single-GPU format. Under it (`ACCELERATE_USE_FSDP=true`)
   the trainer stores 4-bit weights in the compute dtype (`bnb_4bit_quant_storage`) so FSDP can flatten
   quantized and plain parameters of one layer together.
 
