@@ -163,13 +163,7 @@ def run_path(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with _autocast(torch, args, device):
-            loss = peft_model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        loss = _train_step(torch, peft_model, optimizer, args, input_ids, device)
         if step >= args.warmup:
             step_times.append(time.perf_counter() - t0)
         losses.append(float(loss))
@@ -192,6 +186,18 @@ def run_path(args) -> dict:
     }
 
 
+def _train_step(torch, model, optimizer, args, input_ids, device):
+    """One optimizer step; on a GPU it returns only when the GPU has finished it (for timing)."""
+    with _autocast(torch, args, device):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss
+
+
 def _autocast(torch, args, device):
     """bf16 autocast, as a Trainer with bf16=True runs the forward (LoRA weights stay fp32 for the optimizer)."""
     import contextlib
@@ -207,13 +213,7 @@ def _profile_step(torch, model, optimizer, args, vocab, device) -> dict:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        with _autocast(torch, args, device):
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _train_step(torch, model, optimizer, args, input_ids, device)
     wall = time.perf_counter() - start
     averages = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -45,7 +45,7 @@ def output_in_place(out: Path, *, overwrite: bool) -> Iterator[Path]:
     """Like `staged_output`, but the work is written at `out` itself, for outputs that record their own
     paths (the demo's reports). An old `out` is set aside and restored if the work fails."""
     check_output(out, overwrite)
-    old = out.with_name(f".{out.name}.moekit-old")
+    old = _set_aside(out)
     shutil.rmtree(old, ignore_errors=True)
     if out.is_dir():
         out.rename(old)
@@ -64,10 +64,15 @@ def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite and any(out.iterdir()):
             raise OutputError(f"{out} appeared while it was being written; nothing was replaced")
-        old = out.with_name(f".{out.name}.moekit-old")
+        old = _set_aside(out)
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
         staging.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
+
+
+def _set_aside(out: Path) -> Path:
+    """Where an old OUT waits while its replacement is written."""
+    return out.with_name(f".{out.name}.moekit-old")
