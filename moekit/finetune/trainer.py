@@ -399,7 +399,7 @@ class MoeSFTTrainer(SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         if is_peft_model(self.model):
             super()._save(output_dir, state_dict=state_dict)
-            if self.is_fsdp_enabled and self.args.should_save:  # PEFT wrote an empty adapter (distributed.py says why)
+            if self.is_fsdp_enabled and self.args.should_save:  # PEFT names entries by the wrapped modules (distributed.py says why)
                 from moekit.finetune.distributed import save_gathered_adapter
 
                 save_gathered_adapter(self.accelerator.unwrap_model(self.model), Path(output_dir), self.adapter_names, state_dict)
