@@ -132,7 +132,8 @@ def test_router_input_is_what_the_moe_block_sees(arch, base_class, request, tiny
                 cos_sin = base.model.rotary_emb(residual, position_ids)
                 from transformers.masking_utils import create_sliding_window_causal_mask
 
-                mask = create_sliding_window_causal_mask(config=base.config, inputs_embeds=residual, attention_mask=prompts.attention_mask, past_key_values=None, position_ids=position_ids)
+                # no cache: passed by position, its keyword is `past_key_values` before transformers 5.2x and `cache` after
+                mask = create_sliding_window_causal_mask(base.config, residual, prompts.attention_mask, None, position_ids=position_ids)
                 attn, _ = layer.self_attn(layer.input_layernorm(residual), position_embeddings=cos_sin, attention_mask=mask)
                 expected = layer.post_attention_layernorm(residual + attn)
         real = prompts.attention_mask.bool()

@@ -195,3 +195,20 @@ def test_import_moekit_registers_phixtral_with_auto_classes(phixtral_dir, order)
         "assert type(model).__name__ == 'PhixtralForCausalLM' and type(config).__module__.startswith('moekit.'), type(model)"
     )
     run_python(code, phixtral_dir)
+
+
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+def test_decoding_with_either_cache_argument_equals_the_full_forward(phi_models, input_ids, cache_name):
+    """transformers 5.2x passes the KV cache as `cache`, earlier 5.x as `past_key_values`: both must be used."""
+    from transformers.cache_utils import DynamicCache
+
+    model = phixtral_from_phi(phi_models[0], phi_models)
+    ids = input_ids[:1]
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :4], use_cache=True, **{cache_name: cache}).logits]
+        for position in range(4, ids.shape[1]):
+            steps.append(model(ids[:, position : position + 1], use_cache=True, **{cache_name: cache}).logits)
+    assert cache.get_seq_length() == ids.shape[1]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)

@@ -30,6 +30,20 @@ from transformers.models.phi.modeling_phi import PhiAttention, PhiMLP, PhiRotary
 
 from .configuration_phixtral import PhixtralConfig
 
+# transformers 5.2x renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name is
+# deprecated there); earlier 5.x releases know only `past_key_values`. `generate` passes the cache under the
+# installed version's name, so every forward below takes either and hands it on under that name: a cache passed
+# under the other name would otherwise be dropped, and each decoding step would start an empty one.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _cache_argument(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache given under either name (removed from `kwargs`); both at once is an error."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 class PhixtralSparseMoeBlock(nn.Module):
     """Top-k softmax router over Phi-2 MLP experts; top-k weights renormalised to sum to 1 (as Mixtral)."""
@@ -87,13 +101,14 @@ class PhixtralDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = _cache_argument(past_key_values, kwargs)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         attn_outputs, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache},
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -108,7 +123,7 @@ class PhixtralPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PhixtralDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -144,6 +159,7 @@ class PhixtralModel(PhixtralPreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = _cache_argument(past_key_values, kwargs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -159,10 +175,10 @@ class PhixtralModel(PhixtralPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -170,7 +186,7 @@ class PhixtralModel(PhixtralPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache},
             position_ids=position_ids,
         )
         hidden_states = self.embed_dropout(inputs_embeds)
@@ -185,7 +201,7 @@ class PhixtralModel(PhixtralPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                past_key_values=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
@@ -198,7 +214,7 @@ class PhixtralModel(PhixtralPreTrainedModel):
 
         return MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_NAME: cache if use_cache else None},
             hidden_states=all_hidden_states,
             router_logits=all_router_logits,
         )
@@ -238,7 +254,7 @@ class PhixtralForCausalLM(PhixtralPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_cache_argument(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -266,7 +282,7 @@ class PhixtralForCausalLM(PhixtralPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits,
         )
