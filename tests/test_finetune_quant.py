@@ -92,18 +92,33 @@ def test_bits16_unfused_model_equals_the_original(moe_dir, input_ids, reference_
     torch.testing.assert_close(logits_of(model, input_ids), reference_logits, atol=2e-5, rtol=1e-5)
 
 
-def test_4bit_model_computes_with_its_dequantized_weights_and_stays_close(moe_dir, input_ids, reference_logits):
+def _cpu_repack_settings() -> list[bool]:
+    """bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 kernel at the first CPU forward (eval mode,
+    no grad) on CPUs that have the instruction set; test with the repack off everywhere and on where it can run."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return [False, True] if has_avx512bf16() else [False]
+
+
+@pytest.mark.parametrize("cpu_repack", _cpu_repack_settings(), ids=lambda on: "repack" if on else "no-repack")
+def test_4bit_model_computes_with_its_dequantized_weights_and_stays_close(moe_dir, input_ids, reference_logits, cpu_repack):
     import bitsandbytes as bnb
 
     model = load_moe_for_training(moe_dir, bits=4, device_map="cpu")
+    layers = [(parent, name, child) for parent in list(model.modules()) for name, child in parent.named_children() if isinstance(child, bnb.nn.Linear4bit)]
+    # dequantized before the first forward: after a repack, `weight.data` is in the CPU kernel's layout and
+    # `dequantize_4bit(weight.data, quant_state)` would return another matrix
+    dequantized = [bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(torch.bfloat16) for _, _, child in layers]
+    for _, _, child in layers:
+        child.support_avx512bf16_for_cpu = cpu_repack
     quantized = logits_of(model, input_ids)
+    repacked = [getattr(child.weight.quant_state, "packing_format_for_cpu", False) for _, _, child in layers]
+    assert all(repacked) if cpu_repack else not any(repacked)  # the path under test really ran
     # the same model with every 4-bit layer replaced by a bf16 nn.Linear holding its dequantized weight
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                dense = nn.Linear(child.in_features, child.out_features, bias=False, dtype=torch.bfloat16)
-                dense.weight.data = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(torch.bfloat16)
-                setattr(parent, name, dense)
+    for (parent, name, child), weight in zip(layers, dequantized):
+        dense = nn.Linear(child.in_features, child.out_features, bias=False, dtype=torch.bfloat16)
+        dense.weight.data = weight
+        setattr(parent, name, dense)
     torch.testing.assert_close(logits_of(model, input_ids), quantized, atol=0.05, rtol=0.02)
     cosine = torch.nn.functional.cosine_similarity(quantized.flatten(), reference_logits.flatten(), dim=0)
     assert cosine > 0.9, f"4-bit logits far from the original (cosine {cosine:.3f})"  # tiny random weights: 0.95 here
