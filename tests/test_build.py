@@ -200,3 +200,26 @@ def _load(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+def rope_as_transformers_4_reads_it(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) as transformers 4.x's MixtralConfig takes them from config.json: flat keys,
+    rope_theta defaulting to Mixtral's 1e6; it knows nothing of `rope_parameters`."""
+    return config.get("rope_theta", 1e6), config.get("rope_scaling")
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_config_has_the_legacy_rope_keys_of_the_base(tmp_path, tiny_tokenizer, rope_scaling):
+    """transformers 4.x readers get the base's rope settings, not Mixtral's default rope_theta of 1e6."""
+    from transformers import AutoConfig
+
+    from moekit.testing import make_dense_checkpoint
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else {**rope_scaling, "rope_theta": 500000.0}
+    base = make_dense_checkpoint(tmp_path / "base", "llama", tokenizer=tiny_tokenizer, rope_parameters=rope)
+    out = tmp_path / "moe"
+    build(parse_recipe(recipe_text({"base": base, "e0": base}, "random", experts=("e0", "e0"), top_k=1)), out, BuildOptions(device="cpu", allow_same_experts=True))
+    config = json.loads((out / "config.json").read_text())
+    assert rope_as_transformers_4_reads_it(config) == (rope["rope_theta"], rope_scaling)
+    # transformers 5 still reads rope_parameters, unchanged by the extra keys
+    assert AutoConfig.from_pretrained(out).rope_parameters == AutoConfig.from_pretrained(base).rope_parameters

@@ -238,11 +238,43 @@ def test_export_changes_only_expert_1(expert1, moe, tmp_path, capsys, tiny_token
     metadata = json.loads((out / "moekit.json").read_text())
     assert metadata["kind"] == "export" and metadata["architecture"] == "mixtral"
     assert (out / "moekit-finetune.json").is_file() and (out / "README.md").is_file()
+    # the base's tokenizer files unchanged (transformers 4.x and llama.cpp read them), but for the chat template
+    # the fine-tune was trained with
+    from transformers import AutoTokenizer
+
+    from moekit.build.sources import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if name == "tokenizer_config.json":
+            without_template = [{k: v for k, v in json.loads((d / name).read_text()).items() if k != "chat_template"} for d in (out, moe)]
+            assert without_template[0] == without_template[1]
+        elif name != "chat_template.jinja" and (moe / name).is_file():
+            assert (out / name).read_bytes() == (moe / name).read_bytes(), name
+    trained_template = AutoTokenizer.from_pretrained(expert1 / "adapter").chat_template
+    assert trained_template and AutoTokenizer.from_pretrained(out).chat_template == trained_template
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]  # legacy key for transformers 4.x readers
 
     ids = tiny_tokenizer(["1 + 2 = 3. The quick brown fox."], return_tensors="pt").input_ids
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     merged, _ = load_finetuned(expert1, dtype=torch.float32, device="cpu")
     assert torch.allclose(logits(exported, ids), logits(merged, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("base_has_jinja", [True, False])
+def test_export_writes_the_trained_chat_template_into_the_base_tokenizer_files(tmp_path, base_has_jinja):
+    from moekit.finetune.export import _write_chat_template
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "chat_template": "old"}))
+    if base_has_jinja:
+        (tmp_path / "chat_template.jinja").write_text("old")
+    _write_chat_template(tmp_path, "{{ messages }}")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 64
+    if base_has_jinja:  # transformers reads the file first: it carries the template, the config stays as it was
+        assert (tmp_path / "chat_template.jinja").read_text() == "{{ messages }}" and config["chat_template"] == "old"
+    else:
+        assert config["chat_template"] == "{{ messages }}"
 
 
 def test_export_refuses_an_adapter_that_did_not_train(expert1, tmp_path, capsys):

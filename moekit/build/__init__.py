@@ -22,6 +22,7 @@ from moekit.build.arch import ARCHITECTURES, choose_architecture
 from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
 from moekit.build.families import family_of
 from moekit.build.sources import SourceModel, copy_tokenizer_files, open_source
+from moekit.config_file import save_config
 from moekit.errors import IncompatibleModelsError
 from moekit.output import check_output, staged_output
 from moekit.recipe import Recipe
@@ -157,7 +158,7 @@ def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, 
 
     with staged_output(out, overwrite=options.overwrite) as staging:
         _write_weights(build_plan, staging, options.shard_size, inputs.dtype)
-        build_plan.config.save_pretrained(staging)
+        save_config(build_plan.config, staging)
         arch.write_extra_files(staging)
         _write_generation_config(inputs.base.path, staging)
         copy_tokenizer_files(inputs.base.path, staging)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from moekit import __version__
+from moekit.config_file import save_config
 from moekit.errors import OutputError, SourceError, TrainingError
 
 FINETUNE_METADATA = "moekit-finetune.json"
@@ -85,13 +86,13 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
         config = model.config
         config.dtype = out_dtype
         config.use_cache = True
-        config.save_pretrained(staging)
+        save_config(config, staging)
         for code in base.glob("*.py"):  # model code of remote-code architectures (Phixtral)
             shutil.copy2(code, staging / code.name)
         if (base / "generation_config.json").is_file():
             shutil.copy2(base / "generation_config.json", staging / "generation_config.json")
         copy_tokenizer_files(base, staging)
-        tokenizer.save_pretrained(staging)  # the fine-tune's tokenizer, with the chat template it was trained with
+        _write_chat_template(staging, tokenizer.chat_template)
         shutil.copy2(finetune_dir / FINETUNE_METADATA, staging / FINETUNE_METADATA)
         if (finetune_dir / "loss.png").is_file():
             shutil.copy2(finetune_dir / "loss.png", staging / "loss.png")
@@ -100,6 +101,27 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
 
         write_model_card(staging)
     return out
+
+
+def _write_chat_template(directory: Path, template: str | None) -> None:
+    """Put the chat template the fine-tune was trained with into the base's copied tokenizer files.
+
+    Only the template can differ from the base's tokenizer (the trainer adds one when the base has none). The
+    files are otherwise the base's, unchanged: a tokenizer re-saved by transformers 5 cannot be read by
+    transformers 4.x or llama.cpp's converter.
+    """
+    if not template:
+        return
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():  # transformers reads this file before the tokenizer_config.json key
+        if jinja.read_text(encoding="utf-8") != template:
+            jinja.write_text(template, encoding="utf-8")
+        return
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if config.get("chat_template") != template:
+        config["chat_template"] = template
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
