@@ -147,6 +147,38 @@ def test_loss_covers_exactly_the_assistant_reply(moe, tmp_path, form):
     assert tokenizer.decode(labels) == "5. The quick brown fox.</s>"
 
 
+def test_a_single_process_that_sees_several_gpus_trains_on_one(moe, chat_data, tmp_path):
+    """Plain `moekit finetune` on a 2-GPU machine crashed in TRL (Trainer would use nn.DataParallel)."""
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    from moekit.finetune.data import load_training_data
+    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.targets import apply_targets
+    from moekit.finetune.trainer import MoeSFTTrainer, train_on_one_gpu
+
+    tokenizer = AutoTokenizer.from_pretrained(moe)
+    data = load_training_data(str(chat_data), tokenizer)
+    options = FinetuneOptions(data="unused", target="attn", max_steps=1, **QUICK)
+    model, _ = apply_targets(load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), options)
+
+    def make(args):
+        return MoeSFTTrainer(model=model, args=args, train_dataset=data.dataset, processing_class=tokenizer)
+
+    def two_gpu_args():
+        args = SFTConfig(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, max_steps=1, report_to=[])
+        args._n_gpu = 2  # what transformers counts on a machine with two visible GPUs and no launcher
+        return args
+
+    with pytest.raises(ValueError, match="DataParallel"):  # what users met
+        make(two_gpu_args())
+    args = two_gpu_args()
+    note = train_on_one_gpu(args)
+    assert args.n_gpu == 1 and "2 GPUs" in note and "--ddp" in note and "--fsdp" in note
+    make(args)  # no DataParallel, no error
+    assert train_on_one_gpu(SFTConfig(output_dir=str(tmp_path / "c2"), use_cpu=True, report_to=[])) is None
+
+
 def test_adapter_and_routers_load_with_plain_peft(trained, moe, tiny_tokenizer):
     """PEFT's own loader on the MoE in moekit's per-expert layout reproduces load_finetuned."""
     from peft import PeftModel

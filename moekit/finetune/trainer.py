@@ -110,7 +110,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     created = not staging.exists()
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        trainer = _make_trainer(peft_model, tokenizer, data, staging, options, compute_dtype, teacher)
+        trainer = _make_trainer(peft_model, tokenizer, data, staging, options, compute_dtype, teacher, echo)
         if len(trainer.train_dataset) == 0:
             raise DataError(f"no example of {options.data} has a trainable token within --max-seq-len {options.max_seq_len}", hint="raise --max-seq-len or shorten the prompts")
         if checkpoint is not None:
@@ -284,7 +284,21 @@ def _checkpointing_args(config_class, enabled: bool) -> dict:
     return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
 
 
-def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOptions, compute_dtype, teacher):
+def train_on_one_gpu(args) -> str | None:
+    """Keep a single process on one GPU when several are visible; returns what to tell the user, or None.
+
+    Without a distributed launcher, `Trainer` would wrap the model in `nn.DataParallel` over every visible GPU,
+    which TRL's SFTTrainer refuses (and which would replicate the whole 4-bit model per step anyway). A user who
+    types plain `moekit finetune` on a 2-GPU machine gets what the memory plan describes: one GPU.
+    """
+    visible = args.n_gpu  # transformers counts the visible GPUs here when no launcher set up a process group
+    if visible <= 1:
+        return None
+    args._n_gpu = 1  # what Trainer itself sets for a model it must not replicate
+    return f"{visible} GPUs are visible; training on one (cuda:0). To use all of them: --ddp (a model copy per GPU) or --fsdp (the model sharded)"
+
+
+def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOptions, compute_dtype, teacher, echo: Callable[[str], None] = lambda _line: None):
     from trl import SFTConfig
 
     text_config = model.config.get_text_config()
@@ -316,6 +330,8 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    if (note := train_on_one_gpu(args)) is not None:
+        echo(note)
     return MoeSFTTrainer(
         model=model,
         args=args,
