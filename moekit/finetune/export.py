@@ -59,14 +59,14 @@ def load_finetuned(finetune_dir: str | Path, *, dtype: torch.dtype | str = torch
     return model, tokenizer
 
 
-def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = None, shard_size: int = 2 * 10**9) -> Path:
+def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = None, shard_size: int = 2 * 10**9, overwrite: bool = False) -> Path:
     """Write the merged fine-tune at `finetune_dir` to `out` in the base checkpoint's layout; returns `out`."""
     from moekit.output import check_output, staged_output
     from moekit.build.sources import copy_tokenizer_files
 
     finetune_dir, out = Path(finetune_dir), Path(out)
     metadata = read_finetune(finetune_dir)
-    check_output(out, overwrite=False)
+    check_output(out, overwrite=overwrite)
     base = base_model_path(metadata)
     out_dtype = _dtype(dtype) if dtype is not None else _config_dtype(base)
     model, tokenizer, adapted, routers_trained = _load_merged(finetune_dir, out_dtype, "cpu")
@@ -80,7 +80,7 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
         expected |= set(_routers(model))
     _verify_changes(tensors, base, expected)
 
-    with staged_output(out, overwrite=False) as staging:
+    with staged_output(out, overwrite=overwrite) as staging:
         _write_tensors(tensors, staging, out_dtype, shard_size)
         config = model.config
         config.dtype = out_dtype
