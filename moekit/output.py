@@ -75,19 +75,26 @@ def _read_only(path: Path) -> bool:
 
 
 class OutputLock:
-    """An exclusive lock on OUT for the life of a run: `flock` on `.OUT.moekit-lock`, which holds the PID."""
+    """An exclusive lock on OUT for the life of a run: `flock` on `.OUT.moekit-lock`, which holds the PID.
+    Re-entrant within a process: a command that locks OUT early and then stages it takes it twice."""
 
     def __init__(self, path: Path, fd: int, stale_pid: str | None):
         self.path = path
         self.fd = fd
         self.stale_pid = stale_pid  # PID left by an earlier holder that did not finish (killed), if any
+        self.count = 1
 
     def release(self) -> None:
-        if self.fd < 0:
+        self.count -= 1
+        if self.count > 0 or self.fd < 0:
             return
+        _held.pop(self.path, None)
         self.path.unlink(missing_ok=True)  # unlinked before unlocking: a waiter re-checks the path and retries
         os.close(self.fd)
         self.fd = -1
+
+
+_held: dict[Path, OutputLock] = {}
 
 
 def lock_path(out: Path) -> Path:
@@ -97,6 +104,9 @@ def lock_path(out: Path) -> Path:
 def lock_output(out: Path, what: str) -> OutputLock:
     """Lock OUT against other moekit runs; OutputError naming the other process if one holds it."""
     path = lock_path(Path(out).absolute())
+    if path in _held:
+        _held[path].count += 1
+        return _held[path]
     check_writable(path.parent, what)
     for _ in range(10):
         try:
@@ -127,7 +137,8 @@ def lock_output(out: Path, what: str) -> OutputLock:
         except OSError as err:
             os.close(fd)
             raise _output_error(err, what) from None
-        return OutputLock(path, fd, stale)
+        _held[path] = OutputLock(path, fd, stale)
+        return _held[path]
     raise OutputError(f"cannot lock {what}: its lock file keeps being replaced by another process")
 
 

@@ -166,19 +166,6 @@ def test_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path, caps
         process.communicate()
 
 
-def test_two_fine_tunes_into_one_out_cannot_share_its_partial_directory(tmp_path, capsys):
-    from moekit.output import lock_output
-
-    out = tmp_path / "o"
-    held = lock_output(out, "test")  # as a running fine-tune holds it
-    try:
-        code, output = run_cli(["finetune", "m", "--data", "d.jsonl", "-o", str(out)], capsys)
-        assert code != 0 and f"PID {os.getpid()}" in output and not (tmp_path / "o.partial").exists()
-    finally:
-        held.release()
-    assert not lock_path(out).exists()
-
-
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)
@@ -411,6 +398,20 @@ def test_kill_mid_checkpoint_resumes_from_the_newest_complete_one(moe, chat_data
     assert code == 0, output
     assert losses(out) == pytest.approx(losses(reference), rel=1e-4)
     assert not partial_dir(out).exists()
+
+
+def test_two_fine_tunes_started_together_into_one_out(moe, chat_data, tmp_path):
+    """Both start at once: one trains, the other is refused naming it; the log holds one run's steps in order."""
+    out = tmp_path / "run"
+    args = finetune_args(moe, chat_data, out, steps=3, save_steps=100)
+    processes = [subprocess.Popen([sys.executable, "-m", "moekit", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = [(process.pid, *finish(process, timeout=300)) for process in processes]
+    codes = sorted(code for _, code, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    (winner, _, _), (loser, _, refusal) = sorted(results, key=lambda result: result[1])
+    assert f"another moekit process (PID {winner})" in refusal and "Traceback" not in refusal, refusal
+    assert [r["step"] for r in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2, 3]
 
 
 def test_sigterm_mid_checkpoint_keeps_the_complete_one(moe, chat_data, tmp_path):

@@ -301,12 +301,21 @@ def model_entry(
 
 def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = None) -> EvalReport:
     """Evaluate the MoE at `model` against its sources; writes OUT/report.json, report.md and charts."""
-    from moekit.eval.report import write_report
-    from moekit.output import check_output
+    from moekit.output import check_output, lock_output
 
     options = options or EvalOptions()
     out = Path(out)
     check_output(out, options.overwrite, what="report directory")
+    lock = lock_output(out, f"report directory {out}")  # one evaluation per OUT, from the start
+    try:
+        return _evaluate(model, out, options)
+    finally:
+        lock.release()
+
+
+def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
+    from moekit.eval.report import write_report
+
     specs, metadata, expert_names = plan_models(model, options)
     sets = load_sets(options, metadata, expert_names)
     manager = None
