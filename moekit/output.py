@@ -148,7 +148,6 @@ def _read_pid(path: Path) -> str | None:
     except OSError:
         return None
 
-
 def _output_error(err: OSError, what: str) -> OutputError:
     if err.errno == errno.ENOSPC:
         return OutputError(f"the disk is full while writing {what}; nothing was written", hint="free space or choose another -o")
@@ -178,7 +177,9 @@ def staged_output(out: Path, *, overwrite: bool, what: str = "output directory")
     lock = lock_output(out, f"{what} {out}")
     staging = staging_dir(out)
     try:
-        recover_set_aside(out)
+        if set_aside_dir(out).exists():
+            recover_set_aside(out)
+            check_output(out, overwrite, what)  # again, with OUT back in its place
         if staging.exists():
             shutil.rmtree(staging)
             notice(f"removed {staging}, left by an earlier run{f' (PID {lock.stale_pid})' if lock.stale_pid else ''} that was killed")

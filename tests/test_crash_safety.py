@@ -50,7 +50,10 @@ def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> No
     while not condition():
         if process.poll() is not None:
             raise AssertionError(f"the child ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, "the child never reached the point"
+        if time.monotonic() > deadline:
+            process.kill()
+            process.communicate()
+            raise AssertionError("the child never reached the point")
         time.sleep(0.05)
 
 

@@ -477,6 +477,7 @@ class MoeSFTTrainer(SFTTrainer):
         saving = run_dir / SAVING
         if self.args.should_save:
             shutil.rmtree(saving, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no process writes into `saving` before it is empty
         self._get_output_dir = lambda trial=None: str(saving)
         try:
             super()._save_checkpoint(model, trial)
