@@ -65,22 +65,15 @@ def cli() -> None:
     """
 
 
-_interrupted = False
-
-
 def _interrupt(signum, frame) -> None:
-    """SIGTERM cleans up like Ctrl-C (staged output removed, OUT as it was): it raises KeyboardInterrupt,
-    once. Raised inside an import, the exception can reach a C extension's initialisation, which
-    aborts the interpreter ("Fatal Python error", exit 134); so during an import it is delivered again
-    50 ms later, by SIGALRM, until the import is over."""
-    global _interrupted
-    if _interrupted:
-        return  # already unwinding: let the clean-up finish
+    """SIGTERM cleans up like Ctrl-C (staged output removed, OUT as it was): it raises KeyboardInterrupt.
+    Raised inside an import, the exception can reach a C extension's initialisation, which aborts the
+    interpreter ("Fatal Python error", exit 134); so during an import it is delivered again 50 ms later,
+    by SIGALRM, until the import is over. Clean-ups that must not stop half-way hold signals (`signals_held`)."""
     if _importing(frame):
         signal.signal(signal.SIGALRM, _interrupt)
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         return
-    _interrupted = True
     raise KeyboardInterrupt
 
 
@@ -108,8 +101,6 @@ def signals_held() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning MoekitError, Ctrl-C and SIGTERM into a message and an exit code."""
-    global _interrupted
-    _interrupted = False
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         _run(argv)
