@@ -169,7 +169,7 @@ def test_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path, caps
         process.communicate()
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
 def test_outputs_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
@@ -551,7 +551,7 @@ def test_export_has_the_overwrite_it_hints_at(moe, tmp_path, capsys):
 # --- the demo ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_demo_overwrite_killed_keeps_the_old_report(tmp_path, kill):
     out = tmp_path / "D"
     before = old_output(out)
