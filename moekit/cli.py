@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -63,7 +66,37 @@ def cli() -> None:
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # a kill (SIGTERM) cleans up like Ctrl-C: staged output removed, an old OUT restored
+    """SIGTERM cleans up like Ctrl-C (staged output removed, OUT as it was): it raises KeyboardInterrupt.
+    Raised inside an import, the exception can reach a C extension's initialisation, which aborts the
+    interpreter ("Fatal Python error", exit 134); so during an import it is delivered again 50 ms later,
+    by SIGALRM, until the import is over. Clean-ups that must not stop half-way hold signals (`signals_held`)."""
+    if _importing(frame):
+        signal.signal(signal.SIGALRM, _interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
+    raise KeyboardInterrupt
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM are ignored for the duration (a clean-up that must not stop half-way)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _run(argv)
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, previous)
 
 

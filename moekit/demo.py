@@ -11,7 +11,8 @@
 5. write OUT/report.json (the eval report schema plus a `demo` section), OUT/report.md and charts.
 
 Everything goes through the same functions as `moekit build`, `moekit finetune` and `moekit eval`.
-OUT is written step by step (each step is itself atomic) and removed again if the demo fails.
+The demo is written into OUT's staging directory (`moekit.output.staged_output`) and replaces OUT only
+when complete; the paths its reports record are rewritten to OUT's before that (`relocate`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moekit.errors import RecipeError
-from moekit.output import output_in_place
+from moekit.output import staged_output
 from moekit.zoo.corpora import DOMAINS
 from moekit.zoo.settings import PRESETS as ZOO_PRESETS
 from moekit.zoo.settings import ZooSettings
@@ -86,8 +87,24 @@ def run_demo(
     recipe_path = Path(recipe) if recipe else RECIPE
     if not recipe_path.is_file():
         raise RecipeError(f"the demo recipe {recipe_path} does not exist", hint="pass --recipe PATH")
-    with output_in_place(Path(out), overwrite=overwrite) as directory:
-        return _run(directory, settings, preset, recipe_path, cache, echo)
+    out = Path(out).absolute()
+    with staged_output(out, overwrite=overwrite) as staging:
+        report = _run(staging, settings, preset, recipe_path, cache, echo)
+        relocate(staging, out)
+    return json.loads(json.dumps(report).replace(str(staging), str(out)))
+
+
+def relocate(staging: Path, out: Path) -> None:
+    """Rewrite the paths under `staging` that the demo's reports, fine-tune metadata and adapter config
+    record into the paths they will have under `out`."""
+    pairs = [(str(staging.resolve()), str(out.resolve())), (str(staging), str(out))]
+    for file in staging.rglob("*"):
+        if file.suffix in (".json", ".jsonl", ".md") and file.is_file():
+            text = original = file.read_text(encoding="utf-8")
+            for old, new in pairs:
+                text = text.replace(old, new)
+            if text != original:
+                file.write_text(text, encoding="utf-8")
 
 
 def _run(out: Path, settings: DemoSettings, preset: str, recipe_path: Path, cache: Path | None, echo) -> dict:

@@ -58,6 +58,16 @@ CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context and kernels, outside the alloca
 DENSE_TYPES = ("llama", "mistral", "phi", "phi3")
 MOE_TYPES = ("mixtral", "phixtral")
 KNOWN_TYPES = MOE_TYPES + DENSE_TYPES
+# A config.json without these would be filled in from transformers' defaults (Mixtral's 8 experts x 32 layers x 4096):
+# a plan, or an evaluation, of a model that is not the one on disk.
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+MOE_REQUIRED_FIELDS = ("num_local_experts", "num_experts_per_tok")
+
+
+def missing_fields(config_dict: dict, model_type: str | None) -> list[str]:
+    """The required fields a config.json (as a dict) leaves out, for a known architecture."""
+    required = REQUIRED_FIELDS + (MOE_REQUIRED_FIELDS if model_type in MOE_TYPES else ())
+    return [key for key in required if config_dict.get(key) is None]
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -206,6 +216,10 @@ def load_config(config_or_path):
         if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
             raise PlanError(f"the model is not a causal language model (architectures: {', '.join(architectures)})")
         raise PlanError(f"moekit plan does not know the architecture '{model_type}'", hint=f"known: {', '.join(KNOWN_TYPES)}")
+    missing = missing_fields(config_dict, model_type)
+    if missing:
+        raise PlanError(f"{name} lacks required config fields: {', '.join(missing)}",
+                        hint="transformers would fill them in with its defaults, which are not this model's; add them to config.json")
     try:
         return AutoConfig.for_model(model_type, **config_dict)
     except (ValueError, TypeError) as err:

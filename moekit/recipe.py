@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moekit.errors import RecipeError, did_you_mean
 
@@ -28,6 +28,21 @@ class Expert(BaseModel):
     negative_prompts: list[str] | None = Field(default=None, description="Text that should not be routed to this expert.")
     noise_scale: float | None = Field(default=None, description="Standard deviation of Gaussian noise added to this expert's MLP weights.")
     residual_scale: float | None = Field(default=None, description="Factor applied to this expert's down projection (its contribution to the residual stream).")
+
+    @field_validator("positive_prompts", "negative_prompts")
+    @classmethod
+    def _check_prompts(cls, prompts: list[str] | None) -> list[str] | None:
+        # An empty prompt has no token to route (NaN shares in the report); NUL and lone surrogates cannot be tokenized.
+        for index, prompt in enumerate(prompts or []):
+            if not prompt.strip():
+                raise ValueError(f"prompt {index} is empty; remove it or write the text it stands for")
+            if "\0" in prompt:
+                raise ValueError(f"prompt {index} holds a NUL character")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"prompt {index} holds a lone surrogate (an invalid \\u escape), which is not text") from None
+        return prompts
 
 
 class CalibrationSettings(BaseModel):

@@ -109,6 +109,16 @@ def test_qlora_fine_tune_ran_and_was_evaluated_with_its_adapter(demo_run):
     assert after < before  # it learnt the chat format of its training set, on held-out conversations
 
 
+def test_recorded_paths_point_into_out_not_into_its_staging_directory(demo_run):
+    """The demo is written into a staging directory and moved into place: every path it recorded is OUT's."""
+    out = demo_run["out"]
+    texts = {p: p.read_text(encoding="utf-8") for p in out.rglob("*") if p.suffix in (".json", ".jsonl", ".md") and p.is_file()}
+    assert texts and not [p for p, text in texts.items() if "moekit-staging" in text]
+    finetune = json.loads((out / "finetune" / "moekit-finetune.json").read_text())
+    assert Path(finetune["base_model_path"]).is_dir() and Path(finetune["base_model_path"]).parent == out.resolve()
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no staging or lock left
+
+
 def test_cli_prints_the_headline_table(demo_run):
     stdout = demo_run["stdout"]
     assert "| model | role |" in stdout and "ppl mixed" in stdout

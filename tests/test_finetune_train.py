@@ -368,11 +368,12 @@ def test_refuses_a_chat_template_that_cannot_be_applied(moe, chat_data, tmp_path
 
 
 def test_refuses_resume_without_checkpoint(moe, chat_data, tmp_path, capsys):
-    assert_refused([str(moe), "--data", str(chat_data), "--resume"], tmp_path / "o", capsys, "--resume: no checkpoint")
+    assert_refused([str(moe), "--data", str(chat_data), "--resume"], tmp_path / "o", capsys, "--resume: no complete checkpoint")
 
 
 def test_refuses_unfinished_run_without_resume(moe, chat_data, tmp_path, capsys):
     (tmp_path / "o.partial" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "o.partial" / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")  # complete
     code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "o")], capsys)
     assert code != 0 and "--resume" in output and not (tmp_path / "o").exists()
 

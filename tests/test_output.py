@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from moekit.errors import OutputError
-from moekit.output import output_in_place, staged_output
+from moekit.output import staged_output
 
 
-@pytest.mark.parametrize("writer", [output_in_place, staged_output])
+@pytest.mark.parametrize("writer", [staged_output])
 def test_failed_overwrite_keeps_the_old_output(tmp_path, writer):
     out = tmp_path / "out"
     out.mkdir()
@@ -20,7 +20,7 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path, writer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing staged or set aside is left
 
 
-@pytest.mark.parametrize("writer", [output_in_place, staged_output])
+@pytest.mark.parametrize("writer", [staged_output])
 def test_finished_overwrite_replaces_the_old_output(tmp_path, writer):
     out = tmp_path / "out"
     out.mkdir()
@@ -31,16 +31,10 @@ def test_finished_overwrite_replaces_the_old_output(tmp_path, writer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_in_place_refuses_a_non_empty_output_without_overwrite(tmp_path):
+def test_refuses_a_non_empty_output_without_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(OutputError, match="not empty"), output_in_place(out, overwrite=False):
+    with pytest.raises(OutputError, match="not empty"), staged_output(out, overwrite=False):
         pytest.fail("the body must not run")
     assert (out / "old.txt").read_text() == "old"
-
-
-def test_in_place_writes_at_the_output_path_itself(tmp_path):
-    out = tmp_path / "nested" / "out"
-    with output_in_place(out, overwrite=False) as directory:
-        assert directory == out and directory.is_dir()

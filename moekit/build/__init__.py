@@ -21,10 +21,10 @@ from moekit import __version__
 from moekit.build.arch import ARCHITECTURES, choose_architecture
 from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
 from moekit.build.families import family_of
-from moekit.build.sources import SourceModel, copy_tokenizer_files, open_source
+from moekit.build.sources import SourceModel, copy_tokenizer_files, load_tokenizer, open_source
 from moekit.config_file import save_config
 from moekit.errors import IncompatibleModelsError
-from moekit.output import check_output, staged_output
+from moekit.output import staged_output
 from moekit.recipe import Recipe
 from moekit.units import parse_size
 
@@ -142,13 +142,17 @@ def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, 
     """Build the MoE described by `recipe` into `out`. `recipe_text` is saved as written, if given."""
     options = options or BuildOptions()
     out = Path(out)
-    check_output(out, options.overwrite)
+    # OUT is locked and checked (writable, empty or --overwrite) before the sources are read and the gates computed.
+    with staged_output(out, overwrite=options.overwrite) as staging:
+        build_plan, routing = _build_into(staging, recipe, options, recipe_text)
+    return BuildResult(out=out, plan=build_plan, routing=routing, files=sorted(p.name for p in out.iterdir()))
+
+
+def _build_into(staging: Path, recipe: Recipe, options: BuildOptions, recipe_text: str | None) -> tuple[BuildPlan, dict | None]:
     inputs, arch = prepare(recipe, options)
     torch.manual_seed(recipe.moekit.seed)  # expert noise_scale draws from the global generator (mergekit's code)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(inputs.base.path, trust_remote_code=options.trust_remote_code)
+    tokenizer = load_tokenizer(inputs.base, options.trust_remote_code)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
     from moekit.build import gates as gate_init
 
@@ -156,23 +160,22 @@ def build(recipe: Recipe, out: Path | str, options: BuildOptions | None = None, 
     routers, features, prompts = gate_init.router_weights(recipe, inputs.base, tokenizer, device=device, dtype=gate_dtype)
     build_plan = _plan(inputs, arch, routers=lambda layer: routers[layer])
 
-    with staged_output(out, overwrite=options.overwrite) as staging:
-        _write_weights(build_plan, staging, options.shard_size, inputs.dtype)
-        save_config(build_plan.config, staging)
-        arch.write_extra_files(staging)
-        _write_generation_config(inputs.base.path, staging)
-        copy_tokenizer_files(inputs.base.path, staging)
-        (staging / "moekit-recipe.yaml").write_text(recipe_text if recipe_text is not None else _recipe_yaml(recipe), encoding="utf-8")
-        routing = None
-        if features is not None:
-            from moekit.build.report import write_routing_report
+    _write_weights(build_plan, staging, options.shard_size, inputs.dtype)
+    save_config(build_plan.config, staging)
+    arch.write_extra_files(staging)
+    _write_generation_config(inputs.base.path, staging)
+    copy_tokenizer_files(inputs.base.path, staging)
+    (staging / "moekit-recipe.yaml").write_text(recipe_text if recipe_text is not None else _recipe_yaml(recipe), encoding="utf-8")
+    routing = None
+    if features is not None:
+        from moekit.build.report import write_routing_report
 
-            routing = write_routing_report(staging / "routing", features, prompts, routers, recipe)
-        _write_metadata(staging, inputs, build_plan, options)
-        from moekit.publish.card import write_model_card
+        routing = write_routing_report(staging / "routing", features, prompts, routers, recipe)
+    _write_metadata(staging, inputs, build_plan, options)
+    from moekit.publish.card import write_model_card
 
-        write_model_card(staging, license=recipe.moekit.license)
-    return BuildResult(out=out, plan=build_plan, routing=routing, files=sorted(p.name for p in out.iterdir()))
+    write_model_card(staging, license=recipe.moekit.license)
+    return build_plan, routing
 
 
 def _write_weights(build_plan: BuildPlan, staging: Path, shard_size: int, dtype: torch.dtype) -> None:

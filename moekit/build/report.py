@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,16 +28,21 @@ def write_routing_report(directory: Path, features: list[LayerFeatures], prompts
         "gate_mode": recipe.gate_mode,
         "experts_per_token": recipe.experts_per_token,
         "experts": [e.source_model for e in recipe.experts],
-        "share": [[[round(v, 4) for v in row] for row in layer] for layer in shares.tolist()],
+        "share": [[[_rounded(v) for v in row] for row in layer] for layer in shares.tolist()],
         "own_expert_share": {
-            "per_layer": [[round(v, 4) for v in layer] for layer in own.tolist()],
-            "mean_per_expert": [round(v, 4) for v in own.mean(dim=0).tolist()],
-            "mean": round(own.mean().item(), 4),
+            "per_layer": [[_rounded(v) for v in layer] for layer in own.tolist()],
+            "mean_per_expert": [_rounded(v) for v in own.mean(dim=0).tolist()],
+            "mean": _rounded(own.mean().item()),
         },
     }
     (directory / "routing.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     _plot(directory / "routing.png", shares, recipe)
     return report
+
+
+def _rounded(value: float) -> float | None:
+    """None (JSON null) where a prompt set had no token to route: never NaN in a report."""
+    return round(value, 4) if math.isfinite(value) else None
 
 
 def _plot(path: Path, shares: torch.Tensor, recipe: Recipe) -> None:

@@ -56,7 +56,7 @@ def _fetch_from_hub(ref: str, repo_id: str, revision: str | None, allow_pickle: 
 
     try:
         path = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-        if allow_pickle and not any(path.glob("*.safetensors")):
+        if allow_pickle and not any((path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")):
             path = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.bin"]))
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -114,16 +114,16 @@ def open_source(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool
     path = resolve_model(ref, allow_pickle=allow_pickle)
     if not (path / "config.json").is_file():
         raise SourceError(f"source model '{ref}' ({path}) has no config.json")
-    has_safetensors = any(path.glob("*.safetensors"))
-    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
-    if not has_safetensors:
-        if not has_pickle:
-            raise SourceError(f"source model '{ref}' ({path}) has no weights (*.safetensors)")
-        if not allow_pickle:
-            raise SourceError(
-                f"source model '{ref}' has weights only in pickle format (.bin), which can run arbitrary code when loaded",
-                hint="convert it to safetensors, or pass --allow-pickle if you trust it",
-            )
+    files = weight_files(ref, path)
+    pickles = [file.name for file in files if not file.name.endswith(".safetensors")]
+    if pickles and not allow_pickle:
+        raise SourceError(
+            f"source model '{ref}' would be read from pickle files ({', '.join(pickles[:3])}), which can run arbitrary code when loaded",
+            hint="convert it to safetensors, or pass --allow-pickle if you trust it",
+        )
+    for file in files:
+        if file.name.endswith(".safetensors"):
+            check_safetensors(ref, file)
     _refuse_legacy_layout(ref, path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -132,6 +132,65 @@ def open_source(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool
     except OSError as err:
         raise SourceError(f"cannot read the config of source model '{ref}': {err}") from None
     return SourceModel(ref=ref, path=path, config=config)
+
+
+def weight_files(ref: str, path: Path) -> list[Path]:
+    """The tensor files mergekit's loader will read for `path`, chosen as it chooses them
+    (`ShardedTensorIndex.from_disk`): `model.safetensors`, else `pytorch_model.bin`, each alone or
+    through its `.index.json`; every shard an index names, whatever its extension. Other files in the
+    directory (a stray `decoy.safetensors`) are never read, so they decide nothing."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        file, index = path / name, path / f"{name}.index.json"
+        if index.exists():
+            try:
+                weight_map = read_json(index)["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise SourceError(f"source model '{ref}': cannot read {index}: {err}") from None
+            files = [path / shard for shard in shards]
+            if any(Path(shard).is_absolute() or ".." in Path(shard).parts for shard in shards):
+                raise SourceError(f"source model '{ref}': {index} names files outside the model directory")
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SourceError(f"source model '{ref}': {index} names shards that do not exist: {', '.join(missing[:3])}")
+            return files
+        if file.exists():
+            return [file]
+    raise SourceError(f"source model '{ref}' ({path}) has no weights (model.safetensors or model.safetensors.index.json)",
+                      hint="weights must be named as transformers saves them; pickle-only models (pytorch_model.bin) need --allow-pickle")
+
+
+def check_safetensors(ref: str, file: Path) -> None:
+    """SourceError for a truncated or corrupted safetensors file (its header must parse and its data fit the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SourceError(f"source model '{ref}': {file} is not a readable safetensors file ({str(err).splitlines()[0][:200]})",
+                          hint="the file is truncated or corrupted: download or copy it again") from None
+
+
+def load_tokenizer(source: SourceModel, trust_remote_code: bool):
+    """The tokenizer of `source`; custom tokenizer code (`auto_map`) only with --trust-remote-code."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        custom = "auto_map" in (_tokenizer_config(source.path) or {})
+        raise SourceError(
+            f"cannot load the tokenizer of '{source.ref}': {str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__}",
+            hint="its tokenizer_config.json asks for custom code (auto_map): pass --trust-remote-code if you trust it" if custom and not trust_remote_code else None,
+        ) from None
+
+
+def _tokenizer_config(path: Path) -> dict | None:
+    try:
+        return read_json(path / "tokenizer_config.json")
+    except (OSError, ValueError):
+        return None
 
 
 def _refuse_legacy_layout(ref: str, path: Path) -> None:

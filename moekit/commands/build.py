@@ -52,7 +52,7 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
                f"{format_count(result.plan.parameters_total)} parameters ({format_count(result.plan.parameters_active)} active per token) -> {out}")
     if result.routing:
         shares = result.routing["own_expert_share"]["mean_per_expert"]
-        click.echo("share of each expert's prompts routed to it (mean over layers): " + ", ".join(f"{i}: {s:.0%}" for i, s in enumerate(shares)))
+        click.echo("share of each expert's prompts routed to it (mean over layers): " + ", ".join(f"{i}: {'n/a' if s is None else f'{s:.0%}'}" for i, s in enumerate(shares)))
     if push_to_hub:
         from moekit.publish import publish
 

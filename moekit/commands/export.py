@@ -12,8 +12,9 @@ import click
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory for the merged checkpoint.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype [default: the base MoE's].")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 2GB or 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (the old OUT stays until the new one is complete).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
-def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, push_to_hub: str | None) -> None:
+def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, overwrite: bool, push_to_hub: str | None) -> None:
     """Merge the adapter and routers of a `moekit finetune` output (FINETUNE_DIR) into full-precision
     weights, written in the same layout as `moekit build` and loadable with plain transformers.
 
@@ -27,7 +28,7 @@ def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, p
         shard_bytes = parse_size(shard_size)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--shard-size") from None
-    export(finetune_dir, out, dtype=dtype, shard_size=shard_bytes)
+    export(finetune_dir, out, dtype=dtype, shard_size=shard_bytes, overwrite=overwrite)
     click.echo(f"exported {finetune_dir} -> {out}")
     if push_to_hub:
         from moekit.publish import publish

@@ -41,6 +41,8 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
         if first["type"] == "missing":
             raise click.UsageError(f"missing option {flag}") from None
         raise click.UsageError(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}") from None
+    if push_to_hub:
+        _check_push(model, push_to_hub)
     if num_processes is not None and launch_kind is None:
         raise click.UsageError("--num-processes needs --fsdp or --ddp")
     if launch_kind == "fsdp" and parsed.bits == 8:  # no quant_storage for LLM.int8 weights: FSDP cannot flatten them with the rest
@@ -67,6 +69,20 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
 
         published = publish(out, push_to_hub)
         click.echo(f"published to {published.url}")
+
+
+def _check_push(model: str, repo_id: str) -> None:
+    """What `publish` would refuse after training, refused before it: a bad repo id, a base that is not on the Hub."""
+    from moekit.errors import PublishError
+    from moekit.publish.card import is_hub_ref
+    from moekit.publish.hub import REPO_ID
+
+    if not REPO_ID.match(repo_id):
+        raise PublishError(f"--push-to-hub '{repo_id}' is not a Hub repository id", hint="write it as USER/NAME or ORG/NAME")
+    if not is_hub_ref(model, {}):
+        raise PublishError(f"--push-to-hub: the fine-tune would start from {model}, which is not a Hub repository, so its card could not name its base model; nothing was trained",
+                           hint="fine-tune the MoE by its Hub id, or leave out --push-to-hub and afterwards run "
+                           "`moekit publish OUT --repo-id REPO --base-model USER/MOE` once the MoE is on the Hub")
 
 
 def _report(result, out: Path) -> None:

@@ -70,7 +70,7 @@ class ModelSpec:
     name: str
     ref: str
     path: Path
-    role: Literal["moe", "source"]
+    role: Literal["moe", "dense", "source"]  # the evaluated model is "dense" when its config has no experts
     experts: list[int] = field(default_factory=list)  # expert slots this source fills in the MoE
     base: bool = False
     adapter: Path | None = None  # a finetune directory: load through moekit.finetune.export
@@ -118,6 +118,7 @@ def plan_models(model: str | Path, options: EvalOptions) -> tuple[list[ModelSpec
     except SourceError as err:
         raise SourceError(f"cannot evaluate {model}: {err.message}", hint=err.hint) from None
     metadata = read_metadata(moe_path)
+    role = _model_role(moe_path, model)
     expert_refs = [expert["source_model"] for expert in metadata.get("experts", [])]
     expert_names = _unique([label(ref) for ref in expert_refs])
     if options.against is not None:
@@ -126,7 +127,7 @@ def plan_models(model: str | Path, options: EvalOptions) -> tuple[list[ModelSpec
         refs = list(dict.fromkeys([r for r in [metadata.get("base_model"), *expert_refs] if r]))
     moe_name = label(str(model)) if not Path(model).is_dir() else Path(model).resolve().name
     names = _unique([moe_name, *(label(ref) for ref in refs)])
-    specs = [ModelSpec(names[0], str(model), moe_path, "moe")]
+    specs = [ModelSpec(names[0], str(model), moe_path, role)]
     for name, ref in zip(names[1:], refs):
         try:
             path = _resolve(ref, metadata)
@@ -145,6 +146,24 @@ def plan_models(model: str | Path, options: EvalOptions) -> tuple[list[ModelSpec
         read_finetune(adapter)  # SourceError now, before any model is loaded, if it is not a finetune output
         specs.insert(1, ModelSpec(_unique([*names, f"{moe_name}+{label(str(adapter))}"])[-1], str(adapter), adapter, "moe", adapter=adapter))
     return specs, metadata, expert_names
+
+
+def _model_role(path: Path, ref) -> str:
+    """'moe' or 'dense' from config.json; SourceError for a config missing what the model's shape needs."""
+    from moekit.plan import MOE_TYPES, missing_fields
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"cannot evaluate {ref}: {path} has no config.json") from None
+    except (OSError, ValueError) as err:
+        raise SourceError(f"cannot evaluate {ref}: cannot read {path / 'config.json'}: {err}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    missing = missing_fields(config, model_type) if model_type else []
+    if missing:
+        raise SourceError(f"cannot evaluate {ref}: its config.json lacks required fields: {', '.join(missing)}",
+                          hint="transformers would fill them in with its defaults, which are not this model's; add them to config.json")
+    return "moe" if model_type in MOE_TYPES or config.get("num_local_experts") or config.get("num_experts") else "dense"
 
 
 def load_sets(options: EvalOptions, metadata: dict, expert_names: list[str]):
@@ -247,7 +266,7 @@ def model_entry(
     *,
     name: str,
     path: str,
-    role: Literal["moe", "source"],
+    role: Literal["moe", "dense", "source"],
     batch_size: int = 8,
     max_length: int = 1024,
     reference_tokenizer=None,
@@ -282,12 +301,21 @@ def model_entry(
 
 def evaluate(model: str | Path, out: Path | str, options: EvalOptions | None = None) -> EvalReport:
     """Evaluate the MoE at `model` against its sources; writes OUT/report.json, report.md and charts."""
-    from moekit.eval.report import write_report
-    from moekit.output import check_output
+    from moekit.output import check_output, lock_output
 
     options = options or EvalOptions()
     out = Path(out)
     check_output(out, options.overwrite, what="report directory")
+    lock = lock_output(out, f"report directory {out}")  # one evaluation per OUT, from the start
+    try:
+        return _evaluate(model, out, options)
+    finally:
+        lock.release()
+
+
+def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
+    from moekit.eval.report import write_report
+
     specs, metadata, expert_names = plan_models(model, options)
     sets = load_sets(options, metadata, expert_names)
     manager = None

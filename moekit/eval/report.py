@@ -109,7 +109,7 @@ def markdown_table(report: dict) -> str:
             cells.append(f"**{text}**" if value is not None and value == best[column] else text)
         lines.append(f"| {name} | {model['role']} | " + " | ".join(cells) + " |")
     sources = [m for m in models if m["role"] == "source"]
-    for moe in (m for m in models if m["role"] == "moe"):
+    for moe in (m for m in models if m["role"] != "source"):
         if not sources:
             break
         cells = []
@@ -189,7 +189,7 @@ def plot_perplexity(report: dict, path: Path) -> None:
         bars = ax.bar(range(len(models)), values, color=[colors[i % len(colors)] for i in range(len(models))],
                       hatch=None, edgecolor="black", linewidth=0.3)
         for bar, model in zip(bars, models):
-            if model["role"] == "moe":
+            if model["role"] != "source":
                 bar.set_hatch("//")
         ax.bar_label(bars, fmt="%.1f", fontsize=6)
         ax.set_title(name, fontsize=9)

@@ -64,6 +64,7 @@ def load_training_data(ref: str, tokenizer) -> TrainingData:
     before = len(dataset)
     if data_format == "messages":
         _check_messages(dataset[0]["messages"], ref)
+        _check_contents(dataset, ref)
         dataset = dataset.filter(_has_assistant_reply, desc="checking conversations")
     else:
         dataset = dataset.filter(lambda row: bool(row["prompt"]) and bool(row["completion"]), desc="checking rows")
@@ -99,10 +100,17 @@ def load_rows(ref: str):
             raise DataError(f"{ref} is not a JSON, JSONL or Parquet file (suffixes accepted: {', '.join(FILE_BUILDERS)})")
         if len(builders) > 1:
             raise DataError(f"{ref} mixes JSON and Parquet files; put one kind in a directory")
+        import logging
+
+        datasets_logger = logging.getLogger("datasets")
+        level = datasets_logger.level
+        datasets_logger.setLevel(logging.CRITICAL)  # its log of a bad file would say less than the DataError below
         try:
             return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
         except Exception as err:  # noqa: BLE001 (the builders raise many types for unreadable files)
-            raise DataError(f"cannot read dataset {ref}: {_first_line(err)}") from None
+            raise DataError(f"cannot read dataset {ref}: {_json_problem(files) or _first_line(err)}") from None
+        finally:
+            datasets_logger.setLevel(level)
     if path.suffix.lower() in FILE_BUILDERS or ref.startswith((".", "/", "~")):
         raise DataError(f"dataset file {ref} does not exist")
     name, _, split = ref.partition(":")
@@ -137,6 +145,50 @@ def _has_training_template(tokenizer) -> bool:
 def _check_messages(messages, ref: str) -> None:
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise DataError(f"dataset {ref}: `messages` must be a list of {{role, content}} dicts, the first row has {str(messages)[:120]}")
+
+
+def _json_problem(files: list[Path]) -> str | None:
+    """Where a JSON Lines dataset that `datasets` could not read is wrong: the file and line, or that it is empty."""
+    import json
+
+    for file in files:
+        if file.suffix.lower() != ".jsonl":
+            continue
+        try:
+            with file.open(encoding="utf-8") as handle:
+                lines = 0
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    lines += 1
+                    try:
+                        json.loads(line)
+                    except ValueError as err:
+                        return f"{file}:{number} is not valid JSON ({err})"
+        except (OSError, UnicodeDecodeError) as err:
+            return f"{file}: {err}"
+        if lines == 0:
+            return f"{file} is empty (no rows)"
+    return None
+
+
+def _check_contents(dataset, ref: str) -> None:
+    """Every message has a role and a string content (a null content would fail inside the chat template)."""
+    for index, messages in enumerate(dataset["messages"]):
+        for message in messages or []:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                content = message.get("content") if isinstance(message, dict) else message
+                raise DataError(f"dataset {ref}, row {index + 1}: every message needs a `role` and a string `content`, found {json_repr(content)}",
+                                hint="fix or remove that row")
+
+
+def json_repr(value) -> str:
+    import json
+
+    try:
+        return json.dumps(value)[:120]
+    except (TypeError, ValueError):
+        return repr(value)[:120]
 
 
 def _has_assistant_reply(row) -> bool:

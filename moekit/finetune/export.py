@@ -60,14 +60,25 @@ def load_finetuned(finetune_dir: str | Path, *, dtype: torch.dtype | str = torch
     return model, tokenizer
 
 
-def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = None, shard_size: int = 2 * 10**9) -> Path:
+def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = None, shard_size: int = 2 * 10**9, overwrite: bool = False) -> Path:
     """Write the merged fine-tune at `finetune_dir` to `out` in the base checkpoint's layout; returns `out`."""
-    from moekit.output import check_output, staged_output
-    from moekit.build.sources import copy_tokenizer_files
+    from moekit.output import check_output, lock_output
 
     finetune_dir, out = Path(finetune_dir), Path(out)
     metadata = read_finetune(finetune_dir)
-    check_output(out, overwrite=False)
+    check_output(out, overwrite=overwrite)
+    lock = lock_output(out, f"export output {out}")  # one export per OUT, from the start
+    try:
+        _export(finetune_dir, out, metadata, dtype, shard_size, overwrite)
+    finally:
+        lock.release()
+    return out
+
+
+def _export(finetune_dir: Path, out: Path, metadata: dict, dtype, shard_size: int, overwrite: bool) -> None:
+    from moekit.build.sources import copy_tokenizer_files
+    from moekit.output import staged_output
+
     base = base_model_path(metadata)
     out_dtype = _dtype(dtype) if dtype is not None else _config_dtype(base)
     model, tokenizer, adapted, routers_trained = _load_merged(finetune_dir, out_dtype, "cpu")
@@ -81,7 +92,7 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
         expected |= set(_routers(model))
     _verify_changes(tensors, base, expected)
 
-    with staged_output(out, overwrite=False) as staging:
+    with staged_output(out, overwrite=overwrite) as staging:
         _write_tensors(tensors, staging, out_dtype, shard_size)
         config = model.config
         config.dtype = out_dtype
@@ -100,7 +111,6 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
         from moekit.publish.card import write_model_card
 
         write_model_card(staging)
-    return out
 
 
 def _write_chat_template(directory: Path, template: str | None) -> None:

@@ -8,12 +8,15 @@ against the config, the data against its columns and the chat template, then the
 
 Output is atomic. Training runs in the sibling directory `OUT.partial`; only a finished run is renamed
 to OUT. A run that fails after saving a checkpoint leaves `OUT.partial` (checkpoints, log) in place
-for `--resume`; a run that fails earlier leaves nothing.
+for `--resume`; a run that fails earlier leaves nothing (and a later run clears what a killed one left).
+Checkpoints are written into `checkpoints/.saving/` and renamed into place when whole, so `--resume`
+only ever sees complete ones. OUT is locked for the whole run (`moekit.output.lock_output`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -41,6 +44,8 @@ from moekit.errors import (
 from moekit.finetune.options import FinetuneOptions
 
 LOG_FILE = "training_log.jsonl"
+SETTINGS_FILE = "run-settings.json"  # in OUT.partial: what --resume must keep the same
+SAVING = ".saving"  # checkpoints/.saving/checkpoint-N: a checkpoint being written
 METADATA_FILE = "moekit-finetune.json"
 ROUTERS_FILE = "routers.safetensors"
 
@@ -64,6 +69,19 @@ def partial_dir(out: Path) -> Path:
 
 def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune the MoE at `model` (path, Hub id or zoo:NAME) into `out`; `echo` receives progress lines."""
+    from moekit.finetune.distributed import is_main_process
+    from moekit.output import lock_output
+
+    # one run per OUT: a second one is refused, naming the first, before it reads or writes anything
+    lock = lock_output(Path(out), f"fine-tune output {out}") if is_main_process() else None
+    try:
+        return _finetune(model, out, options, echo)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo: Callable[[str], None] | None) -> FinetuneResult:
     from moekit.build.sources import resolve_model
     from moekit.finetune.data import load_training_data
     from moekit.finetune.distributed import is_main_process
@@ -73,6 +91,11 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     out = Path(out)
     staging = partial_dir(out)
     checkpoint, model_path, config = check_inputs(model, out, options)
+    if checkpoint is None and staging.exists() and is_main_process():
+        from moekit.output import notice
+
+        shutil.rmtree(staging)  # no complete checkpoint in it (check_inputs refuses otherwise): nothing to resume
+        notice(f"removed {staging}, left by an earlier run that stopped before its first complete checkpoint")
 
     from transformers import AutoTokenizer
 
@@ -107,8 +130,9 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     # above before any creates it, and only the main process writes outputs.
     process = PartialState(cpu=device.type == "cpu")  # on CPUs, processes launched together join through gloo
     process.wait_for_everyone()
-    created = not staging.exists()
     staging.mkdir(parents=True, exist_ok=True)
+    if process.is_main_process and checkpoint is None:
+        _record_settings(staging, model_path, options)
     try:
         trainer = _make_trainer(peft_model, tokenizer, data, staging, options, compute_dtype, teacher, echo)
         if len(trainer.train_dataset) == 0:
@@ -120,8 +144,19 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
             torch.cuda.reset_peak_memory_stats()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     except BaseException as err:
-        if created and process.is_main_process and not _checkpoints(staging):
-            shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
+        if process.is_main_process:
+            from moekit.cli import signals_held
+
+            with signals_held():  # a second SIGTERM must not stop the clean-up half-way
+                shutil.rmtree(staging / "checkpoints" / SAVING, ignore_errors=True)  # a checkpoint cut off mid-save
+                if not _checkpoints(staging):
+                    shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            complete = _checkpoints(staging)
+            raise OutputError(
+                f"the disk is full while writing {staging}" + (f"; the newest complete checkpoint is {complete[-1].name}" if complete else "; no checkpoint was complete, nothing was kept"),
+                hint="free space, then run the same command" + (" with --resume" if complete else ""),
+            ) from None
         if isinstance(err, torch.cuda.OutOfMemoryError):
             raise TrainingError("the GPU ran out of memory while training", hint="lower --batch-size or --max-seq-len, keep --gradient-checkpointing on, or check `moekit plan` first") from None
         raise
@@ -136,6 +171,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
     log = _read_log(staging / LOG_FILE)
     losses = _loss_summary(log)
     _write_outputs(staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
+    (staging / SETTINGS_FILE).unlink(missing_ok=True)
     _move_into_place(staging, out)
     adapter_dir = out / "adapter" if is_peft_model(peft_model) else None
     return FinetuneResult(out, adapter_dir, trainer.state.global_step, losses.get("first"), losses.get("last"), table, peak, losses)
@@ -151,7 +187,9 @@ def check_inputs(model: str | Path, out: Path, options: FinetuneOptions):
     before launching the processes, so that such mistakes get one message.
     """
     from moekit.build.sources import resolve_model
+    from moekit.output import check_writable
 
+    check_writable(Path(out).absolute().parent, f"fine-tune output {out}")
     checkpoint = _check_output(Path(out), partial_dir(Path(out)), options.resume)
     if checkpoint is not None and _under_fsdp():
         raise TrainingError(FSDP_RESUME_REFUSAL)
@@ -159,6 +197,8 @@ def check_inputs(model: str | Path, out: Path, options: FinetuneOptions):
     model_path = resolve_model(str(model))
     config = _load_config(model_path, options.trust_remote_code)
     _check_targets(config, options)
+    if checkpoint is not None:
+        _check_same_settings(partial_dir(Path(out)), model_path, options)
     return checkpoint, model_path, config
 
 
@@ -179,14 +219,16 @@ def _check_output(out: Path, staging: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses unusable OUT / OUT.partial."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"output {out} exists and is not empty", hint="choose another -o")
+    checkpoints = _checkpoints(staging)
     if resume:
-        checkpoints = _checkpoints(staging)
         if not checkpoints:
-            raise TrainingError(f"--resume: no checkpoint of an earlier run in {staging / 'checkpoints'}", hint="run without --resume to start a new fine-tune")
+            raise TrainingError(f"--resume: no complete checkpoint of an earlier run in {staging / 'checkpoints'}",
+                                hint="run without --resume to start a new fine-tune" + (f" (it clears {staging})" if staging.exists() else ""))
         return checkpoints[-1]
-    if staging.exists():
-        raise OutputError(f"{staging} holds an unfinished run of {out}", hint="pass --resume to continue it, or delete it to start over")
-    return None
+    if checkpoints:
+        raise OutputError(f"{staging} holds an unfinished run of {out} (complete checkpoints up to {checkpoints[-1].name})",
+                          hint="pass --resume to continue it, or delete it to start over")
+    return None  # an OUT.partial without a complete checkpoint holds nothing to resume: the run clears it
 
 
 def _check_report_to(report_to: str) -> None:
@@ -198,9 +240,43 @@ def _check_report_to(report_to: str) -> None:
 
 
 def _checkpoints(staging: Path) -> list[Path]:
+    """The complete checkpoints, oldest first. A checkpoint is renamed to `checkpoint-N` only when whole
+    (`MoeSFTTrainer._save_checkpoint`); the trainer state, saved last, is checked as well for runs of older versions."""
     folder = staging / "checkpoints"
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()] if folder.is_dir() else []
     return sorted(found, key=_checkpoint_step)
+
+
+# Settings that decide the adapter's shape and what it adapts: a resumed run must use the recorded ones.
+RESUME_SETTINGS = ("bits", "target", "experts", "layers", "lora_r", "lora_alpha")
+
+
+def _run_settings(model_path: Path, options: FinetuneOptions) -> dict:
+    return {"model": str(Path(model_path).resolve()), **options.model_dump(mode="json", include=set(RESUME_SETTINGS))}
+
+
+def _record_settings(staging: Path, model_path: Path, options: FinetuneOptions) -> None:
+    (staging / SETTINGS_FILE).write_text(json.dumps(_run_settings(model_path, options), indent=2), encoding="utf-8")
+
+
+def _check_same_settings(staging: Path, model_path: Path, options: FinetuneOptions) -> None:
+    """Refuse --resume with settings that change the adapter, naming each difference."""
+    try:
+        recorded = json.loads((staging / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a run of an older version recorded nothing
+    now = _run_settings(model_path, options)
+    differences = [f"{'MODEL' if key == 'model' else '--' + key.replace('_', '-')} {_shown(recorded.get(key))} -> {_shown(value)}"
+                   for key, value in now.items() if key in recorded and recorded[key] != value]
+    if differences:
+        raise TrainingError(f"--resume with settings that differ from the run in {staging}: {'; '.join(differences)}",
+                            hint="resume with the run's own settings, or start over without --resume after deleting " + str(staging))
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "(all)" if value is None else str(value)
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
@@ -409,6 +485,26 @@ class MoeSFTTrainer(SFTTrainer):
         self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics((ce_sum / count).detach()).mean().item())
         self._metrics[mode]["kd_loss"].append(self.accelerator.gather_for_metrics((kl_sum / count).detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The Trainer writes checkpoint-N file by file; a kill or a full disk half-way would leave one that
+        # --resume cannot load. Write it under checkpoints/.saving/ and rename it into place when whole.
+        run_dir = Path(self._get_output_dir(trial=trial))
+        saving = run_dir / SAVING
+        if self.args.should_save:
+            shutil.rmtree(saving, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no process writes into `saving` before it is empty
+        self._get_output_dir = lambda trial=None: str(saving)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            name = f"checkpoint-{self.state.global_step}"
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+            (saving / name).rename(run_dir / name)
+            saving.rmdir()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # A checkpoint holds the adapter (PEFT) and the routers, which are trained in full outside it.

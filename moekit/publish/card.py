@@ -11,6 +11,7 @@ moekit.json, moekit-recipe.yaml, routing/, moekit-finetune.json and an eval repo
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -227,12 +228,12 @@ def _hub_ids(refs) -> list[str]:
 
 
 def _eval_results(report: dict | None) -> list[EvalResult]:
-    """The MoE's own results (role 'moe') as model-index entries: perplexity per evaluation set."""
+    """The evaluated model's own results (role 'moe' or 'dense') as model-index entries: perplexity per evaluation set."""
     results: list[EvalResult] = []
     if not report:
         return results
     for model in report.get("models", []):
-        if model.get("role") != "moe":
+        if model.get("role") == "source":
             continue
         for set_name, metrics in (model.get("metrics") or {}).items():
             for metric in ("perplexity", "loss"):
@@ -395,10 +396,14 @@ def _routing_section(directory: ModelDirectory) -> list[str]:
     shares = (routing.get("own_expert_share") or {}).get("mean_per_expert") or []
     lines = ["## Routing\n", "Share of each expert's own positive-prompt tokens that the initial routers send to it (mean over layers):\n"]
     if shares:
-        lines.append("| Expert | Share |\n|---|---|\n" + "\n".join(f"| {i} | {s:.0%} |" for i, s in enumerate(shares)) + "\n")
+        lines.append("| Expert | Share |\n|---|---|\n" + "\n".join(f"| {i} | {_percent(s)} |" for i, s in enumerate(shares)) + "\n")
     if (directory.path / "routing" / "routing.png").is_file():
         lines.append("![routing](routing/routing.png)\n")
     return lines
+
+
+def _percent(share) -> str:
+    return f"{share:.0%}" if isinstance(share, (int, float)) and math.isfinite(share) else "n/a"
 
 
 def _usage_section(directory: ModelDirectory, name: str, base_model: str | None) -> list[str]:
