@@ -105,24 +105,27 @@ class ExpertBlock(nn.Module):
     # --- LoRA ------------------------------------------------------------------------------------
 
     def add_lora(self, r: int, alpha: float, experts: list[int] | None = None, dropout: float = 0.0) -> None:
-        """Stacked LoRA on both projections (A as PEFT initialises it, B zero), float32, trainable.
-
-        `experts`: the experts adapted (default all); the others keep B at zero through a mask, so their
-        delta stays exactly zero while the stacked layout (and PEFT's per-expert rank slices) is kept.
-        """
+        """Stacked LoRA on both projections of the adapted `experts` (default all): A as PEFT initialises it,
+        B zero, float32, trainable. Experts left out have no LoRA parameters (their delta is exactly zero)."""
         self.lora_r, self.lora_alpha, self.lora_dropout = r, alpha, dropout
         self.adapted_experts = list(range(self.num_experts)) if experts is None else sorted(set(experts))
+        count = len(self.adapted_experts)
         device = self.storage(self.projections[0]).weight.device
         for name in self.projections:
-            experts_, out_features, in_features = self.storage(name).shape
-            lora_a = torch.empty(experts_ * r, in_features, device=device)
+            _, out_features, in_features = self.storage(name).shape
+            lora_a = torch.empty(count * r, in_features, device=device)
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # as PEFT's nn.Linear(in, r * experts)
-            self.register_parameter(f"lora_A_{name}", nn.Parameter(lora_a.view(experts_, r, in_features)))
-            self.register_parameter(f"lora_B_{name}", nn.Parameter(torch.zeros(experts_, out_features, r, device=device)))
-        mask = torch.zeros(self.num_experts, device=device)
-        mask[self.adapted_experts] = 1.0
-        # all experts adapted: no mask multiply in the forward
-        self.register_buffer("lora_mask", None if len(self.adapted_experts) == self.num_experts else mask, persistent=False)
+            self.register_parameter(f"lora_A_{name}", nn.Parameter(lora_a.view(count, r, in_features)))
+            self.register_parameter(f"lora_B_{name}", nn.Parameter(torch.zeros(count, out_features, r, device=device)))
+        subset = count < self.num_experts
+        # a subset is scattered into zero (experts, ...) factors per call: one small op, no per-expert copies
+        self.register_buffer("lora_index", torch.tensor(self.adapted_experts, device=device) if subset else None, persistent=False)
+
+    def expand_lora(self, factor: torch.Tensor) -> torch.Tensor:
+        """A LoRA parameter (adapted experts, ...) as (experts, ...), zero for the experts not adapted."""
+        if self.lora_index is None:
+            return factor
+        return factor.new_zeros((self.num_experts, *factor.shape[1:])).index_copy(0, self.lora_index.to(factor.device), factor)
 
     @property
     def has_lora(self) -> bool:
@@ -136,11 +139,8 @@ class ExpertBlock(nn.Module):
         return getattr(self, name)
 
     def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (E, r, in), B (E, out, r)) of projection `name`, B masked to the adapted experts."""
-        lora_a, lora_b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
-        if self.lora_mask is not None:
-            lora_b = lora_b * self.lora_mask[:, None, None]
-        return lora_a, lora_b
+        """(A (E, r, in), B (E, out, r)) of projection `name`, zero for experts not adapted."""
+        return self.expand_lora(getattr(self, f"lora_A_{name}")), self.expand_lora(getattr(self, f"lora_B_{name}"))
 
     # --- forward ---------------------------------------------------------------------------------
 
@@ -216,6 +216,20 @@ class ExpertBlock(nn.Module):
             lora_a, lora_b = self.lora_factors(name)
             weight = (weight.float() + self.lora_scaling * torch.bmm(lora_b.float(), lora_a.float())).to(weight.dtype)
         return weight
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the LoRA delta into 16-bit weights and drop the LoRA parameters (for export)."""
+        for name in self.projections:
+            storage = self.storage(name)
+            if storage.bits != 16:
+                raise TrainingError("LoRA can only be merged into 16-bit expert weights; load with bits=16 to merge")
+            storage.weight.copy_(self.dequantized(name, storage.weight.dtype, merge_lora=True))
+        for name in self.projections:
+            delattr(self, f"lora_A_{name}")
+            delattr(self, f"lora_B_{name}")
+        self.lora_index = None
+        self.adapted_experts = self.lora_r = self.lora_alpha = None
 
     def extra_repr(self) -> str:
         lora = f", lora_r={self.lora_r}, adapted_experts={self.adapted_experts}" if self.has_lora else ""
