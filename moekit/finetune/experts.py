@@ -147,13 +147,12 @@ class ExpertBlock(nn.Module):
     def _grouped_kernel_available(self, inputs: torch.Tensor) -> bool:
         if not hasattr(F, "grouped_mm"):
             return False
+        # grouped GEMMs need 16-byte aligned rows (LoRA ranks are padded in `_project`)
+        align = 16 // inputs.element_size()
+        if any(size % align for name in self.projections for size in self.storage(name).shape[1:]):
+            return False
         if inputs.device.type == "cuda":
-            dims = [size for name in self.projections for size in self.storage(name).shape[1:]]
-            return (
-                inputs.dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(inputs.device) >= (8, 0)
-                and all(size % 8 == 0 for size in dims)  # 16-byte aligned rows
-            )
+            return inputs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(inputs.device) >= (8, 0)
         return _torch_version() >= (2, 11)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -199,8 +198,9 @@ class ExpertBlock(nn.Module):
         # LoRA in the inputs' dtype unless autocast is on (as PEFT); the float32 parameters are cast, not copied per expert
         dtype = inputs.dtype
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
-        if grouped and inputs.device.type == "cuda" and self.lora_r % 8:
-            pad = 8 - self.lora_r % 8  # zero ranks: grouped GEMMs need 16-byte aligned rows
+        align = 16 // inputs.element_size()
+        if grouped and self.lora_r % align:
+            pad = align - self.lora_r % align  # zero ranks: grouped GEMMs need 16-byte aligned rows
             lora_a, lora_b = F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
         if self.training and self.lora_dropout > 0:
             inputs = F.dropout(inputs, self.lora_dropout)  # one dropped copy per projection input
