@@ -299,29 +299,26 @@ def test_routers_saved_under_checkpoint_keys_and_reloaded(trained, moe_dir, tmp_
         load_routers(dense, path)
 
 
-STOCK_PEFT = """
-import json, sys
-import torch
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM
+def run_stock_peft(moe, adapter, input_ids, tmp_path, *extra) -> tuple[torch.Tensor, dict]:
+    """(logits, report) of tests/stock_peft.py: stock transformers + PEFT in a process that never imports moekit."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-moe, adapter, ids, out = sys.argv[1:]
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32), adapter)
-model.eval()
-with torch.no_grad():
-    logits = model(input_ids=torch.load(ids)).logits
-torch.save(logits, out)
-adapted = sorted(name for name, module in model.named_modules() if isinstance(module, LoraLayer))
-print(json.dumps({"moekit_imported": any(name.startswith("moekit") for name in sys.modules), "adapted": adapted}))
-"""
+    torch.save(input_ids, tmp_path / "ids.pt")
+    script = Path(__file__).with_name("stock_peft.py")
+    result = subprocess.run(
+        [sys.executable, "-I", str(script), str(moe), str(adapter), str(tmp_path / "ids.pt"), str(tmp_path / "stock.pt"), *extra],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["moekit_imported"] is False
+    return torch.load(tmp_path / "stock.pt"), report
 
 
 def test_adapter_is_peft_format_and_loads_with_stock_peft(trained, moe_dir, tmp_path, input_ids):
     """In a process that never imports moekit, stock transformers + PEFT give moekit's fine-tuned logits."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     from moekit.finetune.adapter import load_adapter, save_adapter
@@ -337,17 +334,9 @@ def test_adapter_is_peft_format_and_loads_with_stock_peft(trained, moe_dir, tmp_
     assert gate_up_b.shape == (2 * INTERMEDIATE, 4 * NUM_EXPERTS)
     assert torch.count_nonzero(gate_up_b[:, 1::NUM_EXPERTS]) == 0 and torch.count_nonzero(gate_up_b[:, 0::NUM_EXPERTS]) > 0  # --experts 0,2
 
-    torch.save(input_ids, tmp_path / "ids.pt")
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", STOCK_PEFT, str(moe_dir), str(tmp_path / "adapter"), str(tmp_path / "ids.pt"), str(tmp_path / "stock.pt")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["moekit_imported"] is False
+    stock, report = run_stock_peft(moe_dir, tmp_path / "adapter", input_ids, tmp_path)
     # attention q/k/v/o + both fused expert parameters (two nested wrappers), per layer: nothing dropped
-    assert len(report["adapted"]) == NUM_LAYERS * (4 + 2)
-    stock = torch.load(tmp_path / "stock.pt")
+    assert len(report["adapted"]) == NUM_LAYERS * (4 + 2) and report["tensors"] == len(saved)
 
     ours, counts = load_adapter(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), tmp_path / "adapter")
     assert counts == {"lora_modules": 4 * NUM_LAYERS, "expert_blocks": NUM_LAYERS, "routers": NUM_LAYERS, "tensors": len(saved)}

@@ -139,9 +139,10 @@ def _load_merged(finetune_dir: Path, dtype: torch.dtype, device):
         if hasattr(model, "peft_config"):
             adapted = {name.removeprefix("base_model.model."): None for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
             model = model.merge_and_unload()
+        trained_experts = metadata.get("options", {}).get("experts")  # --experts; the adapter holds zero B slices for the others
         for name, block in expert_blocks(model).items():
             if block.has_lora:
-                adapted[name] = _adapted_experts(block)
+                adapted[name] = trained_experts if trained_experts is not None else block.adapted_experts
                 block.merge_lora()
     if (finetune_dir / ROUTERS_FILE).is_file():
         load_routers(model, finetune_dir / ROUTERS_FILE)
@@ -150,12 +151,6 @@ def _load_merged(finetune_dir: Path, dtype: torch.dtype, device):
     tokenizer_dir = next((d for d in (adapter_dir, finetune_dir / "tokenizer") if (d / "tokenizer_config.json").is_file()), base)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer, adapted, routers_trained
-
-
-def _adapted_experts(block) -> list[int]:
-    """The experts whose LoRA is not zero (an adapter stores zero B slices for experts left out of --experts)."""
-    lora_b = [block.lora_factors(name)[1] for name in block.projections]
-    return [expert for expert in range(block.num_experts) if any(torch.count_nonzero(b[expert]) for b in lora_b)]
 
 
 def _checkpoint_name(name: str, base_tensors) -> str:
