@@ -31,11 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import TrainingError
+from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, grouped_gemm_fits
 from moekit.finetune.expert_storage import ExpertStorage, quantize_tensor
 
-# family -> (first projection, second projection); the first is gated (gate rows, then up rows) for Mixtral
-PROJECTIONS = {"mixtral": ("gate_up_proj", "down_proj"), "phixtral": ("fc1", "fc2")}
-GATED = {"mixtral": True, "phixtral": False}
 PATHS = ("grouped", "per_expert")
 
 
@@ -147,9 +145,8 @@ class ExpertBlock(nn.Module):
     def _grouped_kernel_available(self, inputs: torch.Tensor) -> bool:
         if not hasattr(F, "grouped_mm"):
             return False
-        # grouped GEMMs need 16-byte aligned rows (LoRA ranks are padded in `_project`)
-        align = 16 // inputs.element_size()
-        if any(size % align for name in self.projections for size in self.storage(name).shape[1:]):
+        # LoRA ranks are padded in `_project`; the weights must fit as they are
+        if not grouped_gemm_fits([size for name in self.projections for size in self.storage(name).shape[1:]], inputs.element_size()):
             return False
         if inputs.device.type == "cuda":
             return inputs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(inputs.device) >= (8, 0)
@@ -198,7 +195,7 @@ class ExpertBlock(nn.Module):
         # LoRA in the inputs' dtype unless autocast is on (as PEFT); the float32 parameters are cast, not copied per expert
         dtype = inputs.dtype
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
-        align = 16 // inputs.element_size()
+        align = GROUPED_ALIGNMENT_BYTES // inputs.element_size()
         if grouped and self.lora_r % align:
             pad = align - self.lora_r % align  # zero ranks: grouped GEMMs need 16-byte aligned rows
             lora_a, lora_b = F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
