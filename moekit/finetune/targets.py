@@ -275,7 +275,7 @@ def _check_table(table: TrainableTable, chosen_layers: list[MoeLayer], chosen_ex
 
 
 def _label(name: str) -> str:
-    """'layer 1 expert 2 w_up (LoRA)' / 'layer 0 router' / 'layer 0 self_attn.q_proj (LoRA)' for a parameter name."""
+    """'layer 1 expert 2 gate_up_proj (LoRA)' / 'layer 0 router' / 'layer 0 self_attn.q_proj (LoRA)' for a parameter name."""
     layer = _LAYER.search(name)
     where = f"layer {layer.group(1)} " if layer else ""
     if _BLOCK_LORA.search(name):
