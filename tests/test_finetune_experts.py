@@ -91,15 +91,18 @@ def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dty
     loss, grads = run(block, router, hidden, lambda b, *args: b(*args))
     assert path_counts(block) == {"grouped": 1, "per_expert": 0}, "the grouped path did not run"
     ref_loss, ref_grads = run(block, router, hidden, reference_forward)
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    # bf16: outputs and gradients rounded to 8 bits of mantissa (grouped GEMMs accumulate in fp32); a wrong
+    # expert, offset or LoRA slice gives differences of order 1
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 1e-2}
     torch.testing.assert_close(loss, ref_loss, **tol)
     names = ["hidden", "router"] + [n for n, p in block.named_parameters() if "lora_" in n]
     for name, grad, ref in zip(names, grads, ref_grads):
         scale = ref.abs().max().clamp(min=1e-6)
         torch.testing.assert_close(grad.float() / scale, ref.float() / scale, **tol, msg=lambda m, name=name: f"{name}: {m}")
-    # an expert left out of --experts gets no LoRA gradient at all
+    # an expert left out of --experts has no LoRA parameters; every adapted one gets a gradient
     lora_b_grad = grads[names.index(f"lora_B_{block.projections[0]}")]
-    assert torch.count_nonzero(lora_b_grad[1]) == 0 and torch.count_nonzero(lora_b_grad[0]) > 0
+    assert lora_b_grad.shape[0] == 3 and all(torch.count_nonzero(lora_b_grad[i]) > 0 for i in range(3))
+    assert torch.count_nonzero(block.lora_factors(block.projections[0])[1][1]) == 0  # expert 1: zero delta
 
     # the expert-by-expert fallback computes the same
     block.grouped = False
@@ -155,11 +158,18 @@ def test_a_training_step_never_synchronises_with_the_host():
     block = make_block("mixtral", 4, "cuda", torch.bfloat16)
     router = nn.Linear(HIDDEN, EXPERTS, bias=False, device="cuda", dtype=torch.bfloat16)
     hidden = torch.randn(256, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    run(block, router, hidden, lambda b, *args: b(*args))  # warm-up: kernels load, caches fill
+    params = [router.weight] + [p for name, p in block.named_parameters() if "lora_" in name]
+
+    def step():
+        _loss, grads = run(block, router, hidden, lambda b, *args: b(*args))
+        with torch.no_grad():  # an SGD step on the router and the LoRA factors
+            torch._foreach_add_(params, [grad.to(p.dtype) for p, grad in zip(params, grads[1:])], alpha=-1e-3)
+
+    step()  # warm-up: kernels load, caches fill
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation now raises
     try:
-        run(block, router, hidden, lambda b, *args: b(*args))
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert block.path_counts["per_expert"] == 0
+    assert block.path_counts == {"grouped": 2}

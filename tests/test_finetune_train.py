@@ -121,6 +121,9 @@ def test_output_files_and_metadata(trained, moe, chat_data):
     assert metadata["data"]["loss_on"] == "assistant turns"
     assert metadata["trainable"]["by_kind"].keys() == {"attn", "experts", "gate"}
     assert metadata["trainable"]["by_expert"].keys() == {"0", "1", "2"}
+    # the expert blocks ran grouped throughout, never the expert-by-expert fallback
+    assert metadata["expert_paths"]["grouped"] > 0 and metadata["expert_paths"]["per_expert"] == 0
+    assert metadata["adapter_format"] == "peft"
     assert metadata["losses"]["last"] == result.last_loss
 
 

@@ -523,7 +523,6 @@ class ExpertPathCallback(TrainerCallback):
         counts = path_counts(self.model)
         if counts["grouped"] or counts["per_expert"]:
             self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step)")
-        state.expert_paths = counts
 
 
 class JsonlLogCallback(TrainerCallback):
