@@ -192,7 +192,7 @@ class ExpertBlock(nn.Module):
         if not self.has_lora:
             return outputs
         lora_a, lora_b = self.lora_factors(name)
-        # LoRA in the inputs' dtype unless autocast is on (as PEFT); the float32 parameters are cast, not copied per expert
+        # LoRA in the inputs' dtype: the float32 parameters are cast once per call (small), never copied per expert
         dtype = inputs.dtype
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
         align = GROUPED_ALIGNMENT_BYTES // inputs.element_size()
