@@ -503,8 +503,8 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
     # activations. Grouped experts re-materialise one projection of every expert at once and take the
     # gradients of all routed tokens together; otherwise one linear layer and one expert at a time.
     largest = max(lin.weight_numel for lin in shape.attention + shape.expert_mlp)
-    if grouped_experts(shape, options):
-        weights_at_once, rows_at_once = shape.experts * largest, tokens * shape.top_k
+    if grouped_experts(shape, options):  # bf16 expert weights are used as they are
+        weights_at_once, rows_at_once = (shape.experts * largest if options.bits < 16 else 0), tokens * shape.top_k
     else:
         weights_at_once = largest if options.bits < 16 else 0  # bf16 weights are used as they are
         rows_at_once = -(-tokens * shape.top_k // max(shape.experts, 1))
@@ -513,7 +513,8 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
     # tensor, so gradient checkpointing cannot drop it: every int8 layer's inputs stay for the whole step
     int8_inputs = 0
     if options.bits == 8:
-        mlp_inputs = 2 * h + 2 * shape.intermediate  # the MLP's input (shared by its first projections) and the down input
+        # MoE experts are int8 tensors of the expert block, whose backward keeps only the row offsets
+        mlp_inputs = 0 if shape.is_moe else 2 * h + 2 * shape.intermediate  # the MLP's input and the down input
         int8_inputs = shape.layers * tokens * (2 * h + 2 * shape.q_dim + shape.top_k * mlp_inputs)
     return {
         "int8_inputs": int8_inputs,
