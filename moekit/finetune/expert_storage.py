@@ -91,7 +91,7 @@ class NF4Storage(ExpertStorage):
 
         dtype = dtype or self.compute_dtype
         # whatever tensor holds the bytes now (a Parameter, or FSDP's view of its flat parameter), read as bytes
-        packed = self.weight.reshape(-1).view(torch.uint8)
+        packed = self.weight.reshape(-1).view(torch.uint8).unsqueeze(1)  # (bytes, 1), bitsandbytes' own layout
         # flat: bitsandbytes 0.50's CPU kernel reads a 2-D/3-D shape whose last dimension is not a multiple of the
         # block size wrongly (the packed bytes are the same either way)
         return bnb.functional.dequantize_4bit(packed, self.quant_state(dtype)).view(self.shape)
