@@ -445,3 +445,29 @@ def test_tied_embeddings_stay_tied(tiny_tokenizer):
     quantize_moe(model, bits=4)  # fp32 -> bf16 converts every unquantized parameter
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_layer_and_expert_subsets_survive_stock_peft(moe_dir, tmp_path, input_ids):
+    """--layers 1 --experts 1: PEFT's format names only layer 1's fused experts, expert 1's slices alone are non-zero,
+    and stock PEFT (no moekit in the process) computes what moekit's loader computes."""
+    from moekit.finetune.adapter import load_adapter, save_adapter
+
+    model, _ = apply_targets(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"),
+                             TrainingOptions(target="experts", experts="1", layers="1", lora_r=4))  # fmt: skip
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"]
+    assert not config["target_modules"] and not config["modules_to_save"]
+    stock, report = run_stock_peft(moe_dir, tmp_path / "adapter", input_ids, tmp_path)
+    assert len(report["adapted"]) == 2  # the two nested wrappers of layer 1's experts
+    ours, counts = load_adapter(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), tmp_path / "adapter")
+    assert counts["expert_blocks"] == 1 and counts["lora_modules"] == 0
+    block = ours.model.layers[1].mlp.experts
+    lora_b = block.lora_factors("down_proj")[1]
+    assert [int(torch.count_nonzero(lora_b[e])) > 0 for e in range(NUM_EXPERTS)] == [False, True, False]
+    torch.testing.assert_close(stock, logits_of(ours, input_ids), atol=1e-4, rtol=1e-4)
