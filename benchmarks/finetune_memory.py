@@ -1,21 +1,28 @@
-"""QLoRA memory and speed on a 4x7B-shaped Mixtral: moekit's per-expert NF4 path vs plain transformers+bitsandbytes+PEFT.
+"""QLoRA speed and memory of moekit's expert block against plain transformers + bitsandbytes + PEFT, on MoE shapes.
 
-Both paths build the same random-weight Mixtral directly in device memory, layer by layer (no 43 GB
-checkpoint on disk), then train LoRA r=16 on attention + all experts with gradient checkpointing:
+Rows (each path of each row runs in its own subprocess, so peaks are clean):
+- 4x7b: the 4x7B Mixtral shape, seq 1024, batch 2 (the targets: >= 2.0x plain tokens/s, >= 85% GPU busy,
+  peak <= 15.0 GB);
+- 4x7b-seq4096: the same at seq 4096, batch 1;
+- 8x7b-16l: 8 experts, 16 layers (as benchmarks/fsdp_scaling.py), seq 1024, batch 2;
+- phixtral-4x2.8b: Phi-2-shaped Phixtral with 4 fc1/fc2 experts, seq 1024, batch 2;
+- cli (--cli): the real `moekit finetune` with its defaults on a 4x7B-layer-shaped checkpoint written to disk.
 
-- moekit: each layer is quantized as it is built with `moekit.finetune.quantize.quantize_moe` (every linear
-  layer NF4 + double quantization, the fused experts unfused into per-expert NF4 layers), targets from
-  `moekit.finetune.targets.apply_targets`.
-- plain: what `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4, double
-  quant, bf16 compute))` gives: bitsandbytes replaces the `nn.Linear` layers (attention) and leaves the fused
-  3-D expert parameters in bf16; LoRA as a user would ask PEFT for it: target_modules q/k/v/o_proj + w1/w2/w3,
-  which PEFT rewrites into `target_parameters` on the fused `gate_up_proj`/`down_proj`.
+Both paths build the same random-weight model on the device one layer at a time, then train LoRA r=16 on
+attention + all experts with gradient checkpointing and bf16 autocast:
+- moekit: `quantize_moe` per layer (attention NF4 Linear4bit; each layer's experts one `ExpertBlock`: one NF4
+  tensor per projection, grouped GEMMs), targets from `apply_targets`;
+- plain: what `BitsAndBytesConfig(load_in_4bit=True)` gives (every nn.Linear NF4 except routers; Mixtral's fused
+  3-D experts stay bf16), LoRA as PEFT makes it (Mixtral experts via `target_parameters`, Phixtral fc1/fc2 modules);
+- moekit-per-expert (--per-expert): moekit with the expert-by-expert fallback forced, to measure the grouped path.
+LoRA dropout is 0 everywhere (PEFT's fused-parameter LoRA refuses any other value; moekit's default).
 
-LoRA dropout is 0 on both paths (PEFT's fused-parameter LoRA refuses any other value).
-Each path runs in its own subprocess so that peak memory is clean. Usage:
+One extra step per path runs under torch.profiler: "GPU busy" is the summed device time of its kernels over
+that step's wall time. Peaks are `torch.cuda.max_memory_allocated()` in decimal GB (1e9 bytes).
 
-    python benchmarks/finetune_memory.py --out results.json              # 4x7B shape, needs a ~80 GB GPU
-    python benchmarks/finetune_memory.py --tiny --out /tmp/tiny.json     # CPU smoke test of both paths
+    python benchmarks/finetune_memory.py --out results.json            # all rows, both paths (one H100/H200)
+    python benchmarks/finetune_memory.py --rows 4x7b --per-expert      # one row, with the fallback path too
+    python benchmarks/finetune_memory.py --tiny                        # CPU smoke run of every row and the CLI
 """
 
 from __future__ import annotations
@@ -25,265 +32,305 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {
-    "4x7b": {
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 4096,
-    },
-    "tiny": {
-        "vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 256,
-    },
-}  # fmt: skip
+from plan_accuracy import EIGHT_BY_7B, FOUR_BY_7B, PHIXTRAL_4X, TINY, TINY_PHI, make_config
+
+# row -> (architecture, shape, seq, batch); --tiny swaps in the tiny shape of the same architecture
+ROWS = {
+    "4x7b": ("mixtral", FOUR_BY_7B, 1024, 2),
+    "4x7b-seq4096": ("mixtral", FOUR_BY_7B, 4096, 1),
+    "8x7b-16l": ("mixtral", dict(EIGHT_BY_7B, num_hidden_layers=16), 1024, 2),
+    "phixtral-4x2.8b": ("phixtral", PHIXTRAL_4X, 1024, 2),
+}
+TINY_SHAPES = {"mixtral": TINY, "phixtral": TINY_PHI}
 GB = 1e9
 
 
-def _memory(torch, device) -> dict:
+def _memory(torch, device) -> float:
     if device.type == "cuda":
-        return {"allocated_gb": torch.cuda.memory_allocated() / GB, "peak_gb": torch.cuda.max_memory_allocated() / GB}
-    # CPU smoke runs: the process's peak resident set stands in for the peak
-    return {"allocated_gb": None, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+        return torch.cuda.max_memory_allocated() / GB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # CPU smoke runs: peak resident set
 
 
-def _init_(torch, module) -> None:
-    """Random weights like a trained model's scale; norms at one."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.02)
-            else:
-                param.fill_(1.0)
-
-
-def _plain_bnb_linears(torch, layer, device) -> None:
-    """What BitsAndBytesConfig(load_in_4bit) does to a layer: nn.Linear -> Linear4bit (NF4, double quant, bf16)."""
-    import bitsandbytes as bnb
-
-    for parent in list(layer.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:
-                new = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=torch.bfloat16,
-                    compress_statistics=True, quant_type="nf4", device="meta",
-                )  # fmt: skip
-                new.weight = bnb.nn.Params4bit(
-                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=new
-                ).to(device)
-                setattr(parent, name, new)
-
-
-def build_model(path: str, shape: str, device):
-    """The Mixtral built layer by layer on `device` with random weights, quantized as each layer is made."""
+def build_model(path: str, config, device):
+    """The MoE built on `device` one layer at a time, random weights, each layer quantized as it is made."""
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from torch import nn
+    from transformers import AutoModelForCausalLM
 
     from moekit.finetune.quantize import quantize_moe
 
-    config = MixtralConfig(**SHAPES[shape], tie_word_embeddings=False, use_cache=False)
     with torch.device("meta"):
-        model = MixtralForCausalLM(config).to(torch.bfloat16)
-    for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
-        module.to_empty(device=device)
-        _init_(torch, module)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # real fp32 frequencies
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def materialize(module, recurse=True):
+        module.to_empty(device=device, recurse=recurse)
+        with torch.no_grad():
+            for owner in module.modules() if recurse else [module]:
+                is_norm = isinstance(owner, nn.LayerNorm) or "Norm" in type(owner).__name__
+                for name, param in owner.named_parameters(recurse=False):
+                    if is_norm:
+                        param.fill_(1.0 if name == "weight" else 0.0)
+                    else:
+                        param.normal_(0.0, 0.02, generator=generator)
+
     for layer in model.model.layers:
-        layer.to_empty(device=device)
-        _init_(torch, layer)
-        if path == "moekit":
+        materialize(layer)
+        if path.startswith("moekit"):
             quantize_moe(layer, bits=4, compute_dtype=torch.bfloat16, device=device)
         else:
             _plain_bnb_linears(torch, layer, device)
-    if path == "moekit":
+    for module in model.modules():  # embeddings, final norm, lm_head
+        if any(param.is_meta for param in module.parameters(recurse=False)):
+            materialize(module, recurse=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)  # real frequencies
+    if path.startswith("moekit"):
         model.is_loaded_in_4bit = True
     return model
 
 
-def wrap_lora(path: str, model, r: int, targets: list[str]):
-    """LoRA r on attention + all experts: moekit's explicit per-expert targets, or PEFT's fused-parameter rewrite."""
-    if path == "moekit":
+def _plain_bnb_linears(torch, layer, device) -> None:
+    """What BitsAndBytesConfig(load_in_4bit) does to a layer: nn.Linear -> Linear4bit (NF4, double quant, bf16);
+    routers (`gate`) are kept in bf16 here, as moekit keeps them."""
+    import bitsandbytes as bnb
+
+    for parent in list(layer.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name != "gate":
+                new = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=torch.bfloat16,
+                    compress_statistics=True, quant_type="nf4", device="meta",
+                )  # fmt: skip
+                new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=new).to(device)
+                if child.bias is not None:
+                    new.bias = child.bias
+                setattr(parent, name, new)
+
+
+def wrap_lora(path: str, model, architecture: str, r: int):
+    """LoRA r on attention + all experts: moekit's apply_targets, or PEFT as a user would ask for it."""
+    if path.startswith("moekit"):
         from moekit.finetune.options import TrainingOptions
         from moekit.finetune.targets import apply_targets
 
-        options = TrainingOptions(target=targets, lora_r=r, lora_alpha=2 * r, lora_dropout=0.0)
-        peft_model, table = apply_targets(model, options)
-        return peft_model, table.to_dict()["by_kind"]
+        peft_model, _table = apply_targets(model, TrainingOptions(target="attn,experts", lora_r=r, lora_alpha=2 * r))
+        return peft_model
     from peft import LoraConfig, get_peft_model
 
     from moekit.finetune.quantize import prepare_for_training
 
-    prepare_for_training(model, gradient_checkpointing=True)  # same settings as moekit's path: frozen, non-reentrant
-    config = LoraConfig(
-        r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=(["q_proj", "k_proj", "v_proj", "o_proj"] if "attn" in targets else [])
-        + (["w1", "w2", "w3"] if "experts" in targets else []),
-    )  # fmt: skip
-    peft_model = get_peft_model(model, config)
-    converted = peft_model.peft_config["default"]
-    return peft_model, {
-        "target_modules": sorted(converted.target_modules or []),
-        "target_parameters": sorted(converted.target_parameters or []),
-    }
+    prepare_for_training(model, gradient_checkpointing=True)  # frozen, non-reentrant checkpointing, as moekit
+    if architecture == "mixtral":  # PEFT rewrites w1/w2/w3 into target_parameters on the fused experts
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+    else:
+        targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", target_modules=targets)
+    return get_peft_model(model, config)
 
 
 def run_path(args) -> dict:
     import torch
 
-    if args.tiny:
-        torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.expert_loop:
-        from moekit.finetune.quantize import MixtralExpertList
+    from moekit.finetune.experts import ExpertBlock, path_counts
 
-        MixtralExpertList.grouped = False  # the expert-by-expert path, for comparison
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    architecture, shape, _seq, _batch = ROWS[args.row]
+    config = make_config(architecture, TINY_SHAPES[architecture] if args.tiny else shape)
+    config.output_router_logits = False
+    config.use_cache = False
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = build_model(args.path, "tiny" if args.tiny else "4x7b", device)
-    peft_model, targets = wrap_lora(args.path, model, args.lora_r, args.targets.split(","))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    model = build_model(args.path, config, device)
+    peft_model = wrap_lora(args.path, model, architecture, args.lora_r)
+    if args.path == "moekit-per-expert":
+        ExpertBlock.grouped = False
     load_s = time.perf_counter() - start
-    loaded = _memory(torch, device)
-    experts_4bit = sum(
-        1 for name, p in peft_model.named_parameters() if ".experts." in name and p.__class__.__name__ == "Params4bit"
-    )
-    experts_bf16_gb = sum(
-        p.numel() * p.element_size() for name, p in peft_model.named_parameters()
-        if ".experts." in name and p.__class__.__name__ != "Params4bit" and not p.requires_grad
-    ) / GB  # fmt: skip
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=args.fused_adam)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     peft_model.train()
-    vocab = model.config.vocab_size
-    losses, step_times = [], []
+    step_times, losses = [], []
     for step in range(args.warmup + args.steps):
-        input_ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
         t0 = time.perf_counter()
-        loss = _train_step(torch, peft_model, optimizer, args, input_ids, device)
+        losses.append(_train_step(torch, peft_model, optimizer, input_ids, device))
         if step >= args.warmup:
             step_times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
     timed = sum(step_times)
-    profile = _profile_step(torch, peft_model, optimizer, args, vocab, device) if args.profile else None
+    paths = path_counts(peft_model)
+    busy = _profile_step(torch, peft_model, optimizer, torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device), device)
     return {
-        "path": args.path,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "loaded_gb": loaded["allocated_gb"],
-        "peak_gb": _memory(torch, device)["peak_gb"],
-        "tokens_per_s": args.steps * args.batch * args.seq / timed,
-        "step_s": timed / args.steps,
-        "load_s": load_s,
-        "trainable_params": trainable,
-        "expert_params4bit_tensors": experts_4bit,
-        "expert_weights_not_4bit_gb": experts_bf16_gb,
-        "targets": targets,
-        "losses": losses,
-        "profile": profile,
-    }
+        "row": args.row, "path": args.path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "peak_gb": _memory(torch, device), "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
+        "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, **busy,
+    }  # fmt: skip
 
 
-def _train_step(torch, model, optimizer, args, input_ids, device):
-    """One optimizer step; on a GPU it returns only when the GPU has finished it (for timing)."""
-    with _autocast(torch, args, device):
+def _train_step(torch, model, optimizer, input_ids, device) -> float:
+    """One optimizer step under bf16 autocast (as a Trainer with bf16=True); returns when the GPU is done."""
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return loss
+    return float(loss)  # synchronises
 
 
-def _autocast(torch, args, device):
-    """bf16 autocast, as a Trainer with bf16=True runs the forward (LoRA weights stay fp32 for the optimizer)."""
-    import contextlib
-
-    return torch.autocast(device.type, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
-
-
-def _profile_step(torch, model, optimizer, args, vocab, device) -> dict:
-    """One training step under torch.profiler: GPU busy time vs wall time, and the costliest ops."""
+def _profile_step(torch, model, optimizer, input_ids, device) -> dict:
+    """One step under torch.profiler: summed kernel time over wall time, and the costliest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    input_ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        _train_step(torch, model, optimizer, args, input_ids, device)
+        _train_step(torch, model, optimizer, input_ids, device)
     wall = time.perf_counter() - start
+    if device.type != "cuda":
+        return {"profiled_wall_s": wall, "gpu_kernel_s": None, "gpu_busy": None, "top_kernels": []}
     averages = prof.key_averages()
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = sorted(averages, key=lambda e: getattr(e, key, 0), reverse=True)[:25]
-    kernels_us = sum(getattr(e, "self_device_time_total", 0) for e in averages) if device.type == "cuda" else None
+    kernel_s = sum(event.self_device_time_total for event in averages) / 1e6
+    top = sorted(averages, key=lambda event: event.self_device_time_total, reverse=True)[:12]
     return {
-        "wall_s_profiled": wall,
-        "gpu_kernel_s": None if kernels_us is None else kernels_us / 1e6,
-        "top": [{"name": e.key[:90], "self_s": getattr(e, key, 0) / 1e6, "calls": e.count} for e in rows],
-    }
+        "profiled_wall_s": wall, "gpu_kernel_s": kernel_s, "gpu_busy": kernel_s / wall,
+        "top_kernels": [{"name": event.key[:80], "s": event.self_device_time_total / 1e6, "calls": event.count} for event in top],
+    }  # fmt: skip
+
+
+# --- the real CLI on a checkpoint on disk ------------------------------------------------------------
+
+
+def run_cli_row(args) -> dict:
+    """`moekit finetune` with its defaults (plus --max-steps, --packing) on a written checkpoint."""
+    import torch
+
+    from moekit.testing import make_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="moekit-bench-"))
+    shape = dict(TINY if args.tiny else FOUR_BY_7B, num_hidden_layers=2 if args.tiny else args.cli_layers)
+    config = make_config("mixtral", shape)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _dense_random(config, device)
+    checkpoint = work / "moe"
+    model.save_pretrained(checkpoint)
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(checkpoint)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    data = work / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i % 97} plus {i % 13}? Answer in words and explain."},
+                          {"role": "assistant", "content": f"{i % 97} plus {i % 13} is {i % 97 + i % 13}. " + "The quick brown fox jumps over the lazy dog. " * 8}]}
+            for i in range(4000)]  # fmt: skip
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    steps = 3 if args.tiny else args.cli_steps
+    seq = 64 if args.tiny else 1024
+    command = [sys.executable, "-m", "moekit", "finetune", str(checkpoint), "--data", str(data), "-o", str(work / "out"),
+               "--max-steps", str(steps), "--max-seq-len", str(seq), "--packing", "--save-steps", "100000"]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"row": "cli", "error": (proc.stderr or proc.stdout)[-3000:]}
+    log = [json.loads(line) for line in (work / "out" / "training_log.jsonl").read_text().splitlines()]
+    summary = next((record for record in log if "train_runtime" in record), {})
+    metadata = json.loads((work / "out" / "moekit-finetune.json").read_text())
+    batch = metadata["options"]["batch_size"] * metadata["options"]["grad_accum"]
+    runtime = summary.get("train_runtime")
+    expert_line = next((line for line in proc.stdout.splitlines() if line.startswith("expert blocks:")), None)
+    return {
+        "row": "cli", "path": "moekit finetune", "layers": shape["num_hidden_layers"], "steps": steps, "seq": seq, "batch": batch,
+        "wall_s": wall, "train_runtime_s": runtime, "tokens_per_s": steps * batch * seq / runtime if runtime else None,
+        "peak_gb": (metadata.get("peak_memory_bytes") or 0) / GB or None, "expert_paths": metadata.get("expert_paths"),
+        "expert_line": expert_line, "checkpoint_gb": sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB,
+    }  # fmt: skip
+
+
+def _dense_random(config, device):
+    """A bf16 random-weight model of `config` (fused experts, as transformers builds it), made on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.cpu() if device.type == "cuda" else model
+
+
+# --- driver -------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shape for a CPU smoke test")
-    parser.add_argument("--path", choices=["moekit", "plain", "both"], default="both")
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke run of every row")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    parser.add_argument("--paths", default="moekit,plain", help="moekit, plain, moekit-per-expert")
+    parser.add_argument("--per-expert", action="store_true", help="also run moekit with the expert-by-expert fallback")
+    parser.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True, help="the real `moekit finetune` row")
+    parser.add_argument("--cli-layers", type=int, default=4, help="layers of the 4x7B-shaped checkpoint for the CLI row")
+    parser.add_argument("--cli-steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--targets", default="attn,experts", help="LoRA targets (attn, experts)")
-    parser.add_argument("--fused-adam", action="store_true", help="torch's fused AdamW (both paths)")
-    parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast forward (both paths)")
-    parser.add_argument("--expert-loop", action="store_true", help="moekit: run experts one by one instead of grouped GEMMs")
-    parser.add_argument("--profile", action="store_true", help="profile one extra step (GPU busy vs wall, top ops)")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.tiny and args.seq == 1024:
-        args.seq = 32
     if args.child:
-        print("RESULT " + json.dumps(run_path(args)), flush=True)
+        result = run_cli_row(args) if args.row == "cli" else run_path(args)
+        print("RESULT " + json.dumps(result), flush=True)
         return
-    results = {"shape": "tiny" if args.tiny else "4x7b", "seq": args.seq, "batch": args.batch, "steps": args.steps,
-               "lora_r": args.lora_r, "targets": args.targets, "fused_adam": args.fused_adam, "autocast": args.autocast, "expert_loop": args.expert_loop, "paths": {}}  # fmt: skip
-    for path in (["moekit", "plain"] if args.path == "both" else [args.path]):
-        command = [sys.executable, __file__, "--child", "--path", path, "--seq", str(args.seq), "--batch", str(args.batch),
+    paths = args.paths.split(",") + (["moekit-per-expert"] if args.per_expert else [])
+    results = []
+    jobs = [(row, path) for row in args.rows.split(",") for path in paths] + ([("cli", "moekit")] if args.cli else [])
+    for row, path in jobs:
+        seq, batch = ((32, 2) if args.tiny else ROWS[row][2:]) if row in ROWS else (0, 0)  # the CLI row reports its own
+        command = [sys.executable, __file__, "--child", "--row", row, "--path", path, "--seq", str(seq), "--batch", str(batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r),
-                   "--targets", args.targets]  # fmt: skip
-        command += [flag for flag, on in (("--tiny", args.tiny), ("--fused-adam", args.fused_adam), ("--profile", args.profile), ("--expert-loop", args.expert_loop)) if on]
-        command.append("--autocast" if args.autocast else "--no-autocast")
+                   "--cli-layers", str(args.cli_layers), "--cli-steps", str(args.cli_steps)]  # fmt: skip
+        if args.tiny:
+            command.append("--tiny")
+        start = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            results["paths"][path] = {"error": (proc.stderr or proc.stdout)[-3000:], "returncode": proc.returncode}
-        else:
-            results["paths"][path] = json.loads(lines[-1][len("RESULT ") :])
-        print(json.dumps({path: {k: v for k, v in results["paths"][path].items() if k not in ("losses", "profile")}}, indent=1), flush=True)
-        profile = results["paths"][path].get("profile")
-        if profile:
-            print(f"{path} profile: wall {profile['wall_s_profiled']:.3f}s, GPU kernels {profile['gpu_kernel_s']}s")
-            for row in profile["top"]:
-                print(f"  {row['self_s']:8.4f}s {row['calls']:6d}  {row['name']}")
+        result = json.loads(lines[-1][len("RESULT ") :]) if proc.returncode == 0 and lines else {"error": (proc.stderr or proc.stdout)[-3000:]}
+        result.update(row=row, path=result.get("path", path), seq=seq or result.get("seq"), batch=batch or result.get("batch"), run_s=time.perf_counter() - start)
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "top_kernels")}), flush=True)
+        for kernel in result.get("top_kernels", [])[:8]:
+            print(f"    {kernel['s']:8.4f}s {kernel['calls']:6d}  {kernel['name']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
     print(table(results))
 
 
-def table(results: dict) -> str:
-    """The Markdown table for the README."""
-    lines = ["| path | loaded GB | peak GB | tokens/s | experts in 4-bit |", "|---|---|---|---|---|"]
-    for path, r in results["paths"].items():
+def table(results: list[dict]) -> str:
+    """The Markdown table for the README: speed against the plain path of the same row."""
+    plain = {r["row"]: r["tokens_per_s"] for r in results if r.get("path") == "plain" and "tokens_per_s" in r}
+    lines = ["| row | seq x batch | path | peak GB | tokens/s | vs plain | GPU busy | expert forwards (grouped / per-expert) |",
+             "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in results:
         if "error" in r:
-            lines.append(f"| {path} | error | | | |")
+            lines.append(f"| {r['row']} | | {r['path']} | error: {r['error'].strip().splitlines()[-1][:60] if r['error'].strip() else '?'} | | | | |")
             continue
-        loaded = "-" if r["loaded_gb"] is None else f"{r['loaded_gb']:.1f}"
-        four_bit = "yes" if r["expert_weights_not_4bit_gb"] == 0 else f"no ({r['expert_weights_not_4bit_gb']:.1f} GB bf16)"
-        lines.append(f"| {path} | {loaded} | {r['peak_gb']:.1f} | {r['tokens_per_s']:,.0f} | {four_bit} |")
+        speed = r.get("tokens_per_s")
+        ratio = f"{speed / plain[r['row']]:.2f}x" if speed and r["row"] in plain else "-"
+        busy = f"{100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") is not None else "-"
+        paths = r.get("expert_paths") or {}
+        paths_text = f"{paths.get('grouped', 0)} / {paths.get('per_expert', 0)}" if paths and (paths.get("grouped") or paths.get("per_expert")) else "-"
+        peak = f"{r['peak_gb']:.2f}" if r.get("peak_gb") else "-"
+        lines.append(f"| {r['row']} | {r['seq']} x {r['batch']} | {r['path']} | {peak} | {speed:,.0f} | {ratio} | {busy} | {paths_text} |" if speed else
+                     f"| {r['row']} | {r['seq']} x {r['batch']} | {r['path']} | {peak} | - | - | {busy} | {paths_text} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -146,6 +146,12 @@ def quantized_bytes(model) -> int:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
 
+    from moekit.finetune.expert_storage import ExpertStorage
+
+    for module in model.modules():
+        if isinstance(module, ExpertStorage):  # the expert block's quantization constants are buffers
+            for tensor in module.buffers():
+                add(tensor)
     for param in model.parameters():
         add(param)
         add(getattr(param, "SCB", None))

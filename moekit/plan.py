@@ -3,8 +3,8 @@
 `estimate(config_or_path, options)` counts, for the settings of `moekit finetune` (`TrainingOptions`):
 
 - weights by part (attention, experts, routers, embeddings/lm_head, norms) at the precision the trainer
-  loads them in: NF4 with double quantization for every linear layer (experts included, as per-expert
-  4-bit linears), int8 for `--bits 8`, bf16 for `--bits 16`; routers, embeddings, lm_head and norms stay
+  loads them in: NF4 with double quantization for every linear layer (experts included, one 4-bit tensor
+  per projection of all experts of a layer), int8 for `--bits 8`, bf16 for `--bits 16`; routers, embeddings, lm_head and norms stay
   in higher precision. The 4-bit constants are counted the way bitsandbytes stores them (below);
 - trainable parameters (LoRA A/B per targeted module, expert and layer; routers in full), their
   gradients and optimizer states;
@@ -159,8 +159,8 @@ def shape_from_config(config) -> ModelShape:
             attention = (Linear("q_proj", "attn", hidden, q_dim, bias), Linear("k_proj", "attn", hidden, kv_dim, bias),
                          Linear("v_proj", "attn", hidden, kv_dim, bias), Linear("o_proj", "attn", q_dim, hidden, bias))
             if model_type == "mixtral":
-                expert_mlp = (Linear("w1", "experts", hidden, inter, False), Linear("w2", "experts", inter, hidden, False),
-                              Linear("w3", "experts", hidden, inter, False))
+                # as moekit's expert block holds them (finetune/experts.py): gate and up fused, as in transformers 5
+                expert_mlp = (Linear("gate_up_proj", "experts", hidden, 2 * inter, False), Linear("down_proj", "experts", inter, hidden, False))
             else:
                 mlp_bias = bool(getattr(config, "mlp_bias", False))
                 expert_mlp = (Linear("gate_proj", "mlp", hidden, inter, mlp_bias), Linear("up_proj", "mlp", hidden, inter, mlp_bias),
@@ -488,15 +488,13 @@ def _layer_activation_bytes(shape: ModelShape, options: TrainingOptions, tokens:
 
 
 def grouped_experts(shape: ModelShape, options: TrainingOptions) -> bool:
-    """Whether quantize_moe's Mixtral experts run as grouped GEMMs (MixtralExpertList._grouped_projection).
+    """Whether the experts run as grouped GEMMs on the GPU: what `experts.ExpertBlock` decides from its own
+    storage (`expert_layout.grouped_on_gpu`), for every --bits and --experts choice."""
+    from moekit.finetune.expert_layout import grouped_on_gpu
 
-    They do when every expert of a layer has the same kind of frozen base (4- or 16-bit) and either no
-    adapter or the same LoRA: not for int8 experts, and not when --experts adapts only some of them.
-    """
-    if shape.model_type != "mixtral" or options.bits == 8:
-        return False
-    some_experts = options.experts is not None and len(options.experts) < shape.experts
-    return not ("experts" in options.target and some_experts)
+    family = shape.model_type if shape.is_moe else None
+    dims = [size for lin in shape.expert_mlp for size in (lin.out_features, lin.in_features)]
+    return grouped_on_gpu(family, dims, options.bits)
 
 
 def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: int, targets: _Trainable) -> dict[str, int]:
@@ -519,8 +517,8 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
     # activations. Grouped experts re-materialise one projection of every expert at once and take the
     # gradients of all routed tokens together; otherwise one linear layer and one expert at a time.
     largest = max(lin.weight_numel for lin in shape.attention + shape.expert_mlp)
-    if grouped_experts(shape, options):
-        weights_at_once, rows_at_once = shape.experts * largest, tokens * shape.top_k
+    if grouped_experts(shape, options):  # bf16 expert weights are used as they are
+        weights_at_once, rows_at_once = (shape.experts * largest if options.bits < 16 else 0), tokens * shape.top_k
     else:
         weights_at_once = largest if options.bits < 16 else 0  # bf16 weights are used as they are
         rows_at_once = -(-tokens * shape.top_k // max(shape.experts, 1))
@@ -529,7 +527,8 @@ def _activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: i
     # tensor, so gradient checkpointing cannot drop it: every int8 layer's inputs stay for the whole step
     int8_inputs = 0
     if options.bits == 8:
-        mlp_inputs = 2 * h + 2 * shape.intermediate  # the MLP's input (shared by its first projections) and the down input
+        # MoE experts are int8 tensors of the expert block, whose backward keeps only the row offsets
+        mlp_inputs = 0 if shape.is_moe else 2 * h + 2 * shape.intermediate  # the MLP's input and the down input
         int8_inputs = shape.layers * tokens * (2 * h + 2 * shape.q_dim + shape.top_k * mlp_inputs)
     return {
         "int8_inputs": int8_inputs,
@@ -563,13 +562,16 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
 
     # weights
     attn_values, attn_consts = (sum(x) for x in zip(*(_weight_bytes(lin, bits) for lin in shape.attention)))
-    expert_values, expert_consts = (sum(x) for x in zip(*(_weight_bytes(lin, bits) for lin in shape.expert_mlp)))
+    # MoE experts are stored one tensor per projection for all experts of a layer (finetune/experts.py), so the
+    # 4-bit constants are those of the stacked tensor; values per layer below cover all experts
+    stacked = [Linear(lin.name, lin.kind, lin.in_features, lin.out_features * experts, lin.bias) for lin in shape.expert_mlp]
+    expert_values, expert_consts = (sum(x) for x in zip(*(_weight_bytes(lin, bits) for lin in stacked)))
     router_numel = shape.experts * h
     embed_numel = vocab * h
     lm_head_numel = 0 if shape.tied_embeddings else vocab * h
     rows = [
         Row("weights", "attention", layers * attn_values, f"{bits}-bit" if bits < 16 else "bf16"),
-        Row("weights", "experts" if shape.is_moe else "mlp", layers * experts * expert_values,
+        Row("weights", "experts" if shape.is_moe else "mlp", layers * expert_values,
             f"{bits}-bit, {layers} layers x {experts} experts" if shape.is_moe else f"{bits}-bit" if bits < 16 else "bf16"),
     ]
     if shape.is_moe:
@@ -580,7 +582,7 @@ def _plan(shape: ModelShape, options: TrainingOptions, model_name: str) -> Memor
         Row("weights", "norms", (layers * shape.norm_numel_per_layer + shape.final_norm_numel) * COMPUTE_BYTES, "bf16"),
     ]
     if bits < 16:
-        rows.append(Row("weights", "quantization constants", layers * (attn_consts + experts * expert_consts),
+        rows.append(Row("weights", "quantization constants", layers * (attn_consts + expert_consts),
                         "NF4 absmax, double-quantized (8-bit per 64 values + fp32 per 256 blocks)" if bits == 4 else "int8 row scales (fp32)"))
     weights = sum(r.bytes for r in rows)
 

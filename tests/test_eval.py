@@ -373,11 +373,12 @@ def test_load_in_4bit_quantizes_the_moe_experts_too(report, moe, data_files):
     import bitsandbytes as bnb
 
     from moekit.eval import load_model, plan_models
+    from moekit.finetune.expert_storage import NF4Storage
 
     options = EvalOptions(against=[], load_in_4bit=True, device="cpu")
     (spec,), _, _ = plan_models(moe, options)
     model, tokenizer = load_model(spec, options, "cpu", trust_remote_code=False)
-    quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    quantized = [name for name, module in model.named_modules() if isinstance(module, (bnb.nn.Linear4bit, NF4Storage))]
     assert any(".experts." in name for name in quantized) and any("self_attn" in name for name in quantized)
     result = perplexity(model, tokenizer, documents(data_files["e0"], tokenizer))
     float_perplexity = entry(report, moe)["metrics"]["e0"]["perplexity"]

@@ -98,10 +98,10 @@ def test_only_rank_0_writes_and_reports(two_processes, one_process):
     assert metadata["steps"] == STEPS and metadata["options"]["batch_size"] == 2
 
 
-def test_two_process_adapter_loads_with_plain_peft_and_exports(two_processes, one_process, moe, tmp_path, capsys, tiny_tokenizer):
-    from peft import PeftModel
+def test_two_process_adapter_loads_and_exports(two_processes, one_process, moe, tmp_path, capsys, tiny_tokenizer):
     from safetensors.torch import load_file
 
+    from moekit.finetune.adapter import load_adapter
     from moekit.finetune.quantize import load_moe_for_training
 
     out, _ = two_processes
@@ -111,7 +111,8 @@ def test_two_process_adapter_loads_with_plain_peft_and_exports(two_processes, on
     for key in ours:  # the same training, so the same adapter up to float noise (Adam amplifies it where gradients are ~0)
         assert (ours[key] - reference[key]).norm() <= 0.02 * reference[key].norm(), key
     base = load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu")
-    PeftModel.from_pretrained(base, out / "adapter")  # plain PEFT, no moekit loader
+    _model, counts = load_adapter(base, out / "adapter")  # every tensor matched (it raises otherwise)
+    assert counts["expert_blocks"] == 2 and counts["routers"] == 2
     exported = tmp_path / "exported"
     code, output = run_cli(["export", str(out), "-o", str(exported)], capsys)
     assert code == 0, output
@@ -185,7 +186,10 @@ def test_fsdp_shards_4bit_experts_and_gathers_the_adapter(moe, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "fsdp_report.json").read_text())
-    assert report["flat_parameters"] >= 2 and report["experts_params4bit_before_wrap"] == 2 * 3 * 3
+    assert report["flat_parameters"] >= 2 and report["expert_nf4_tensors_before_wrap"] == 2 * 2  # gate_up, down per layer
+    # the grouped path ran under FSDP, never the per-expert fallback (2 layers, one forward)
+    assert report["expert_paths_under_fsdp"] == {"grouped": 2, "per_expert": 0}
+    assert report["adapter_load_counts"]["expert_blocks"] == 2
     # unit by unit, only what trains: the same names and values as gathering the whole model
     assert report["gathered_names"] == report["full_gather_names"] and report["gathered_vs_full_gather"] == 0.0
     assert report["loss"] == pytest.approx(report["reference_loss"], rel=1e-5)
@@ -200,19 +204,17 @@ def _fsdp_worker(moe: str, out: str) -> None:
     import functools
 
     import torch.distributed as dist
-    from peft import PeftModel
     from peft.utils.other import fsdp_auto_wrap_policy
     from safetensors.torch import load_file
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-    from moekit.finetune.distributed import (
-        adapter_parameter_names,
-        gathered_trainable,
-        optimizer_state_from_fsdp,
-        save_gathered_adapter,
-    )
+    from moekit.finetune.adapter import adapter_layout, load_adapter, save_adapter
+    from moekit.finetune.distributed import gathered_trainable, optimizer_state_from_fsdp
+    from moekit.finetune.expert_storage import NF4Storage
+    from moekit.finetune.experts import path_counts
     from moekit.finetune.options import TrainingOptions
-    from moekit.finetune.quantize import MixtralExpertList, load_moe_for_training
+    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.trainer import _router_modules
     from moekit.finetune.targets import (
         apply_targets,
         snapshot_trainable,
@@ -220,7 +222,6 @@ def _fsdp_worker(moe: str, out: str) -> None:
     )
 
     torch.set_num_threads(1)
-    MixtralExpertList.grouped = True  # the experts' path on GPUs (grouped GEMMs over the 4-bit weights), here on CPUs
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     options = TrainingOptions(lora_r=8, lora_dropout=0.0, gradient_checkpointing=False)
@@ -233,14 +234,14 @@ def _fsdp_worker(moe: str, out: str) -> None:
         generator = torch.Generator().manual_seed(2)
         with torch.no_grad():  # LoRA B starts at zero; make every adapter take part in the gradient
             for name, param in model.named_parameters():
-                if ".lora_B." in name:
+                if "lora_B" in name:
                     param.normal_(0.0, 0.02, generator=generator)
         return model
 
     model = adapted()
-    params4bit = sum(1 for name, p in model.named_parameters() if ".experts." in name and p.__class__.__name__ == "Params4bit")
+    expert_nf4 = sum(1 for module in model.modules() if isinstance(module, NF4Storage))
     snapshot = snapshot_trainable(model)
-    adapter_names = adapter_parameter_names(model)  # before wrapping, as MoeSFTTrainer does
+    layout = adapter_layout(model, _router_modules(model))  # before wrapping, as MoeSFTTrainer does
     vocab = model.config.vocab_size
     batch = torch.randint(0, vocab, (4, 24), generator=torch.Generator().manual_seed(1))  # (sequences, tokens), no padding
 
@@ -250,8 +251,11 @@ def _fsdp_worker(moe: str, out: str) -> None:
     )  # fmt: skip
     flat = sum(1 for module in wrapped.modules() if isinstance(module, FullyShardedDataParallel))
     half = batch[rank * 2 : rank * 2 + 2]
+    before_paths = path_counts(model)
     loss = wrapped(input_ids=half, labels=half).loss
     loss.backward()  # FSDP averages the gradients of the two halves: the gradient of the mean over 4
+    # FSDP hands the packed 4-bit weights to the blocks as plain views of its flat parameters
+    paths = {path: count - before_paths[path] for path, count in path_counts(model).items()}
     optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
     optimizer.step()  # the first step of momentum SGD moves by lr * gradient and keeps the gradient as state
     fsdp_optimizer_state = FullyShardedDataParallel.optim_state_dict(wrapped, optimizer)  # what the Trainer saves
@@ -263,7 +267,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
         everything = {name: param.detach().clone() for name, param in wrapped.named_parameters() if param.requires_grad}
     if rank == 0:
         verify_changed(snapshot, trained)
-        save_gathered_adapter(model, Path(out) / "adapter", adapter_names, trained)
+        save_adapter(model, Path(out) / "adapter", parameters=trained, layout=layout)
     dist.barrier()
     if rank == 0:
         reference = adapted()
@@ -279,15 +283,17 @@ def _fsdp_worker(moe: str, out: str) -> None:
         optimizer_difference = max(float((resumed_optimizer.state[p]["momentum_buffer"] - reference_optimizer.state[p]["momentum_buffer"]).abs().max()) for p in trainable)
         expected = {name: param.detach() for name, param in reference.named_parameters() if param.requires_grad}
         update_difference = max(float((trained[name] - expected[name]).abs().max()) for name in expected)
-        reference.save_pretrained(Path(out) / "reference_adapter")
+        save_adapter(reference, Path(out) / "reference_adapter", routers=_router_modules(reference))
         saved, wanted = load_file(str(Path(out) / "adapter" / "adapter_model.safetensors")), load_file(str(Path(out) / "reference_adapter" / "adapter_model.safetensors"))
-        PeftModel.from_pretrained(load(), Path(out) / "adapter")
+        _loaded, counts = load_adapter(load(), Path(out) / "adapter")
         report = {
             "flat_parameters": flat,
             "gathered_names": sorted(trained),
             "full_gather_names": sorted(everything),
             "gathered_vs_full_gather": max(float((trained[name] - everything[name]).abs().max()) for name in everything),
-            "experts_params4bit_before_wrap": params4bit,
+            "expert_nf4_tensors_before_wrap": expert_nf4,
+            "expert_paths_under_fsdp": paths,
+            "adapter_load_counts": counts,
             "loss": float(sum(losses) / 2),
             "reference_loss": float(reference_loss),
             "max_update_difference": update_difference,

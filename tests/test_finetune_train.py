@@ -121,6 +121,9 @@ def test_output_files_and_metadata(trained, moe, chat_data):
     assert metadata["data"]["loss_on"] == "assistant turns"
     assert metadata["trainable"]["by_kind"].keys() == {"attn", "experts", "gate"}
     assert metadata["trainable"]["by_expert"].keys() == {"0", "1", "2"}
+    # the expert blocks ran grouped throughout, never the expert-by-expert fallback
+    assert metadata["expert_paths"]["grouped"] > 0 and metadata["expert_paths"]["per_expert"] == 0
+    assert metadata["adapter_format"] == "peft"
     assert metadata["losses"]["last"] == result.last_loss
 
 
@@ -179,24 +182,23 @@ def test_a_single_process_that_sees_several_gpus_trains_on_one(moe, chat_data, t
     assert train_on_one_gpu(SFTConfig(output_dir=str(tmp_path / "c2"), use_cpu=True, report_to=[])) is None
 
 
-def test_adapter_and_routers_load_with_plain_peft(trained, moe, tiny_tokenizer):
-    """PEFT's own loader on the MoE in moekit's per-expert layout reproduces load_finetuned."""
-    from peft import PeftModel
+def test_adapter_loads_with_stock_transformers_and_peft(trained, moe, tiny_tokenizer, tmp_path):
+    """`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe), adapter)` in a process that never
+    imports moekit reproduces load_finetuned: attention and expert LoRA, and the routers (modules_to_save)."""
+    from test_finetune_quant import run_stock_peft
 
     from moekit.finetune.export import load_finetuned
     from moekit.finetune.quantize import load_moe_for_training
-    from moekit.finetune.targets import load_routers
 
     out, _ = trained
     ids = tiny_tokenizer(["3 + 4 = 7. The quick brown fox."], return_tensors="pt").input_ids
-    base = load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu")
-    base_logits = logits(base, ids)
-    plain = PeftModel.from_pretrained(base, out / "adapter")
-    load_routers(plain, out / "routers.safetensors")
-    plain.eval()
+    stock, report = run_stock_peft(moe, out / "adapter", ids, tmp_path)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] and config["target_parameters"] and config["lora_dropout"] == 0.0
     merged, _tokenizer = load_finetuned(out, dtype=torch.float32, device="cpu")
-    assert torch.allclose(logits(plain, ids), logits(merged, ids), atol=1e-5)
-    assert not torch.allclose(logits(merged, ids), base_logits, atol=1e-3)
+    torch.testing.assert_close(stock, logits(merged, ids), atol=1e-4, rtol=1e-4)
+    base_logits = logits(load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), ids)
+    assert not torch.allclose(stock, base_logits, atol=1e-3)
 
 
 def test_resume_continues_from_the_checkpoint(moe, chat_data, tmp_path, monkeypatch):

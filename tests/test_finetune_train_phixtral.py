@@ -36,3 +36,11 @@ def test_phixtral_expert_and_router_finetune_exports_exactly(tmp_path, tiny_toke
     plain = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32, trust_remote_code=True)
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, merged(ids).logits, atol=1e-5)
+        merged_logits = merged(ids).logits
+
+    # stock transformers (remote code) + PEFT, without moekit: per-expert fc1/fc2 LoRA of expert 1 and the routers
+    from test_finetune_quant import run_stock_peft
+
+    stock, report = run_stock_peft(moe, out / "adapter", ids, tmp_path, "--trust-remote-code")
+    assert report["adapted"] == sorted(f"base_model.model.model.layers.{layer}.mlp.experts.1.{name}" for layer in range(2) for name in ("fc1", "fc2"))
+    torch.testing.assert_close(stock, merged_logits, atol=1e-4, rtol=1e-4)

@@ -150,7 +150,8 @@ def _unwrapped_name(name: str) -> str:
 # PEFT 0.21 picks a model's adapter entries by module name, and under FSDP each LoRA layer is its own FSDP unit
 # (`..._fsdp_wrapped_module.self_attn.q_proj.lora_A.default._fsdp_wrapped_module`), so `save_pretrained` of the
 # wrapped model finds no entry and writes an empty adapter, and the Trainer's FSDP checkpoints likewise. moekit
-# reads PEFT's file layout once, before wrapping, and writes/reads the adapter of a wrapped model through it.
+# reads PEFT's file layout once, before wrapping (`adapter.adapter_layout`), and writes/reads the adapter of a
+# wrapped model through it.
 
 
 def adapter_parameter_names(peft_model) -> dict[str, str]:
@@ -159,24 +160,6 @@ def adapter_parameter_names(peft_model) -> dict[str, str]:
 
     by_storage = {param.data_ptr(): name for name, param in peft_model.named_parameters()}
     return {key: by_storage[tensor.data_ptr()] for key, tensor in get_peft_model_state_dict(peft_model).items()}
-
-
-def save_gathered_adapter(peft_model, directory: Path, names: dict[str, str], parameters: dict) -> None:
-    """Write `directory` as `PeftModel.save_pretrained` does (adapter_config.json, adapter_model.safetensors)
-    from gathered `{parameter name: tensor}` (`gathered_trainable`)."""
-    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = peft_model.peft_config[peft_model.active_adapter]
-    training_mode, config.inference_mode = config.inference_mode, True  # as save_pretrained writes it
-    try:
-        config.save_pretrained(str(directory))
-    finally:
-        config.inference_mode = training_mode
-    tensors = {key: parameters[name].detach().to("cpu").contiguous() for key, name in names.items()}
-    save_file(tensors, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def optimizer_state_from_fsdp(fsdp_state: dict, optimizer, names: dict[int, str]) -> dict:

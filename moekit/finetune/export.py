@@ -3,18 +3,18 @@
     export(finetune_dir, out, dtype=None) -> out
     load_finetuned(finetune_dir, dtype=..., device=...) -> (model, tokenizer)
 
-The MoE is loaded unquantized with the per-expert structure it was trained in
-(`load_moe_for_training(bits=16)`), the adapter is applied with plain PEFT and merged, the trained
-routers are copied in, and the weights are written under the base checkpoint's own tensor names
-(for Mixtral the Hub's legacy `block_sparse_moe.experts.E.w1/w2/w3` layout that `moekit build` writes),
-so the export loads with plain transformers. Before anything is renamed into place, every tensor is
+The MoE is loaded unquantized with the module structure it was trained in (`load_moe_for_training(bits=16)`),
+the adapter is loaded by `adapter.load_adapter` (which refuses tensors that match nothing), attention LoRA is
+merged by PEFT and expert LoRA by the expert blocks (W + alpha / r * B @ A per expert), the trained routers are
+copied in, and the weights are written under the base checkpoint's own tensor names (for Mixtral the Hub's
+legacy `block_sparse_moe.experts.E.w1/w2/w3` layout that `moekit build` writes, or the fused
+`mlp.experts.gate_up_proj` layout where the base has it), so the export loads with plain transformers. Before anything is renamed into place, every tensor is
 compared with the base: exactly the adapted modules and the routers must differ.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -84,12 +84,11 @@ def _export(finetune_dir: Path, out: Path, metadata: dict, dtype, shard_size: in
     model, tokenizer, adapted, routers_trained = _load_merged(finetune_dir, out_dtype, "cpu")
 
     base_tensors = _checkpoint_tensor_names(base)
-    tensors = _checkpoint_state_dict(model, base_tensors)
-    expected = {_checkpoint_name(name + ".weight", model) for name in adapted}
+    tensors, expected = _checkpoint_state_dict(model, base_tensors, adapted)
     if routers_trained:
-        from moekit.finetune.targets import _routers
+        from moekit.finetune.targets import describe_layers
 
-        expected |= set(_routers(model))
+        expected |= {_checkpoint_name(layer.router + ".weight", base_tensors) for layer in describe_layers(model) if layer.router is not None}
     _verify_changes(tensors, base, expected)
 
     with staged_output(out, overwrite=overwrite) as staging:
@@ -149,9 +148,11 @@ def _config_dtype(base: Path) -> torch.dtype:
 
 
 def _load_merged(finetune_dir: Path, dtype: torch.dtype, device):
-    """(merged model, tokenizer, names of the adapted modules, whether routers were loaded)."""
+    """(merged model, tokenizer, adapted modules {module name: experts adapted or None}, whether routers were loaded)."""
     from transformers import AutoTokenizer
 
+    from moekit.finetune.adapter import load_adapter
+    from moekit.finetune.experts import expert_blocks
     from moekit.finetune.quantize import load_moe_for_training
     from moekit.finetune.targets import load_routers
 
@@ -159,17 +160,23 @@ def _load_merged(finetune_dir: Path, dtype: torch.dtype, device):
     base = base_model_path(metadata)
     trust_remote_code = bool(metadata.get("options", {}).get("trust_remote_code", False))
     model = load_moe_for_training(base, bits=16, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
-    adapted: list[str] = []
+    adapted: dict[str, list[int] | None] = {}
     adapter_dir = finetune_dir / "adapter"
+    routers_trained = (finetune_dir / ROUTERS_FILE).is_file()
     if (adapter_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        peft_model = PeftModel.from_pretrained(model, adapter_dir)
-        adapted = [name.removeprefix("base_model.model.") for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)]
-        model = peft_model.merge_and_unload()
-    routers_trained = (finetune_dir / ROUTERS_FILE).is_file()
-    if routers_trained:
+        model, counts = load_adapter(model, adapter_dir)
+        routers_trained = routers_trained or bool(counts["routers"])
+        if hasattr(model, "peft_config"):
+            adapted = {name.removeprefix("base_model.model."): None for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+            model = model.merge_and_unload()
+        trained_experts = metadata.get("options", {}).get("experts")  # --experts; the adapter holds zero B slices for the others
+        for name, block in expert_blocks(model).items():
+            if block.has_lora:
+                adapted[name] = trained_experts if trained_experts is not None else block.adapted_experts
+                block.merge_lora()
+    if (finetune_dir / ROUTERS_FILE).is_file():
         load_routers(model, finetune_dir / ROUTERS_FILE)
     model.eval()
     model.config.use_cache = True  # the training loader turns it off
@@ -178,21 +185,32 @@ def _load_merged(finetune_dir: Path, dtype: torch.dtype, device):
     return model, tokenizer, adapted, routers_trained
 
 
-# in-memory per-expert names (moekit.finetune.quantize) -> the Hub's legacy Mixtral checkpoint names
-_MIXTRAL_EXPERT = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(w_gate|w_up|w_down)\.weight$")
-_MIXTRAL_ROUTER = re.compile(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$")
+def _checkpoint_name(name: str, base_tensors) -> str:
+    """In-memory name -> base checkpoint name: Mixtral routers live in the legacy `block_sparse_moe` where the base has it."""
+    legacy = name.replace(".mlp.", ".block_sparse_moe.")
+    return legacy if name not in base_tensors and legacy in base_tensors else name
 
 
-def _checkpoint_name(name: str, model) -> str:
-    if model.config.model_type != "mixtral":
-        return name  # Phixtral keeps its checkpoint names in memory
-    from moekit.finetune.quantize import MIXTRAL_EXPERT_PROJECTIONS
-
-    if match := _MIXTRAL_EXPERT.match(name):
-        return f"{match[1]}.block_sparse_moe.experts.{match[2]}.{MIXTRAL_EXPERT_PROJECTIONS[match[3]]}.weight"
-    if match := _MIXTRAL_ROUTER.match(name):
-        return f"{match[1]}.block_sparse_moe.gate.weight"
-    return name
+def _block_tensors(name: str, block, base_tensors) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """{checkpoint name: (tensor, expert; -1 for a fused tensor of all experts, None for a bias)} of a merged block."""
+    out: dict[str, tuple[torch.Tensor, int | None]] = {}
+    if block.family == "phixtral":
+        weights = {projection: block.dequantized(projection) for projection in block.projections}
+        for expert in range(block.num_experts):
+            for projection in block.projections:
+                out[f"{name}.{expert}.{projection}.weight"] = (weights[projection][expert], expert)
+                out[f"{name}.{expert}.{projection}.bias"] = (getattr(block, f"{projection}_bias")[expert], None)
+        return out
+    gate_up, down = block.dequantized("gate_up_proj"), block.dequantized("down_proj")
+    if f"{name}.gate_up_proj" in base_tensors:  # the fused layout (mergekit-moe, transformers 5's save_pretrained)
+        return {f"{name}.gate_up_proj": (gate_up, -1), f"{name}.down_proj": (down, -1)}
+    legacy = name.replace(".mlp.", ".block_sparse_moe.")
+    inter = down.shape[-1]
+    for expert in range(block.num_experts):
+        out[f"{legacy}.{expert}.w1.weight"] = (gate_up[expert, :inter], expert)
+        out[f"{legacy}.{expert}.w3.weight"] = (gate_up[expert, inter:], expert)
+        out[f"{legacy}.{expert}.w2.weight"] = (down[expert], expert)
+    return out
 
 
 def _checkpoint_tensor_names(base: Path) -> dict[str, tuple[int, ...]]:
@@ -209,21 +227,35 @@ def _checkpoint_tensor_names(base: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _checkpoint_state_dict(model, base_tensors: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The merged weights under the base checkpoint's names; the name sets and shapes must match exactly."""
-    tensors = {}
+def _checkpoint_state_dict(model, base_tensors: dict[str, tuple[int, ...]], adapted: dict) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(the merged weights under the base checkpoint's names, the names LoRA changed); the name sets and shapes
+    must match the base exactly."""
+    from moekit.finetune.experts import expert_blocks
+
+    blocks = expert_blocks(model)
+    tensors, expected = {}, set()
     for name, tensor in model.state_dict().items():
-        key = _checkpoint_name(name, model)
+        if any(name.startswith(block + ".") for block in blocks):
+            continue
+        key = _checkpoint_name(name, base_tensors)
         if key not in base_tensors and key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
             continue  # tied to the embeddings, not stored
         tensors[key] = tensor
+        if name.removesuffix(".weight") in adapted:
+            expected.add(key)
+    for name, block in blocks.items():
+        experts = adapted.get(name)
+        for key, (tensor, expert) in _block_tensors(name, block, base_tensors).items():
+            tensors[key] = tensor
+            if experts is not None and expert is not None and (expert == -1 or expert in experts):
+                expected.add(key)
     missing, extra = sorted(set(base_tensors) - set(tensors)), sorted(set(tensors) - set(base_tensors))
     if missing or extra:
         raise TrainingError(f"the merged model does not match the base checkpoint's layout (missing: {missing[:3]}, unexpected: {extra[:3]})")
     for key, tensor in tensors.items():
         if tuple(tensor.shape) != base_tensors[key]:
             raise TrainingError(f"{key}: merged shape {tuple(tensor.shape)} differs from the base checkpoint's {base_tensors[key]}")
-    return tensors
+    return tensors, expected
 
 
 def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[str]) -> None:

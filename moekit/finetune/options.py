@@ -44,7 +44,7 @@ class TrainingOptions(BaseModel):
     layers: list[int] | None = Field(default=None, description="Comma list or range of layer indices to adapt (default: all layers).")
     lora_r: int = Field(default=16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input (0, as Unsloth: on the experts it costs a copy of every expert input per step, and the adapter format stores 0).")
     batch_size: int = Field(default=2, ge=1, description="Sequences per device per step.")
     max_seq_len: int = Field(default=1024, ge=8, description="Longest training sequence in tokens; longer examples are truncated.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in the backward pass to save memory.")

@@ -1,10 +1,12 @@
 """What is trained: LoRA on attention and chosen experts, routers in full, and checks that it really happens.
 
-Targets are given to PEFT as an explicit list of full module names (`model.layers.0.mlp.experts.2.w_up`),
-never as a regex: for Mixtral-type models PEFT resolves a regex to bare leaf names (losing the layer and
-expert restriction) and rewrites `w1`/`w2`/`w3`/`gate` into fused-parameter targets. After wrapping, the
-table of trainable parameters is counted from the PEFT model itself, and every requested (layer, expert),
-attention block and router is checked to have trainable parameters.
+Attention targets are given to PEFT as an explicit list of full module names (`model.layers.0.self_attn.q_proj`),
+never as a regex: for Mixtral-type models PEFT resolves a regex to bare leaf names (losing the layer
+restriction) and rewrites `w1`/`w2`/`w3`/`gate` into fused-parameter targets. Expert LoRA is owned by each
+layer's `ExpertBlock` (`add_lora`: stacked A/B over the experts, the untargeted experts masked), and written in
+PEFT's own `target_parameters` format by `moekit.finetune.adapter`. After wrapping, the table of trainable
+parameters is counted from the model itself, and every requested (layer, expert), attention block and router
+is checked to have trainable parameters.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import torch
 from torch import nn
 
 from moekit.errors import TargetError, TrainingError
+from moekit.finetune.experts import ExpertBlock
 from moekit.finetune.options import TrainingOptions
 from moekit.finetune.quantize import prepare_for_training
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_BLOCK_LORA = re.compile(r"\.experts\.lora_[AB]_")  # stacked LoRA of an ExpertBlock: (experts, ...)
 _LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
 
 
@@ -34,7 +38,8 @@ class MoeLayer:
     index: int
     attention: list[str]  # linear layers of the attention block
     router: str | None  # router module (its `.weight` is trained in full)
-    experts: list[list[str]]  # per expert: its linear layers
+    experts: str | None  # the layer's ExpertBlock
+    num_experts: int = 0
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -62,19 +67,16 @@ def describe_layers(model: nn.Module) -> list[MoeLayer]:
         ] if hasattr(layer, "self_attn") else []  # fmt: skip
         mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
         mlp_name = f"{prefix}.mlp" if getattr(layer, "mlp", None) is not None else f"{prefix}.block_sparse_moe"
-        router, experts = None, []
+        router, experts, num_experts = None, None, 0
         if mlp is not None and hasattr(mlp, "gate") and hasattr(mlp, "experts"):
             router = f"{mlp_name}.gate"
-            if not isinstance(mlp.experts, nn.ModuleList):
+            if not isinstance(mlp.experts, ExpertBlock):
                 raise TargetError(
-                    f"the experts of {mlp_name} are fused parameters, which bitsandbytes and LoRA cannot target per expert",
+                    f"the experts of {mlp_name} are not moekit's quantized expert block ({type(mlp.experts).__name__})",
                     hint="load the model with moekit.finetune.quantize.load_moe_for_training (or call quantize_moe) first",
                 )
-            for expert_idx, expert in enumerate(mlp.experts):
-                experts.append(
-                    [f"{mlp_name}.experts.{expert_idx}.{name}" for name, module in expert.named_modules() if name and _is_linear(module)]
-                )
-        described.append(MoeLayer(index=index, attention=attention, router=router, experts=experts))
+            experts, num_experts = f"{mlp_name}.experts", mlp.experts.num_experts
+        described.append(MoeLayer(index=index, attention=attention, router=router, experts=experts, num_experts=num_experts))
     return described
 
 
@@ -141,6 +143,8 @@ def _classify(name: str, routers: set[str]) -> tuple[str, int | None, int | None
     if plain.removesuffix(".weight") in routers:
         return "gate", layer, None
     expert_match = _EXPERT.search(name)
+    if _BLOCK_LORA.search(name):
+        return "experts", layer, None
     if expert_match and ".lora_" in name:
         return "experts", layer, int(expert_match.group(1))
     if ".self_attn." in name and ".lora_" in name:
@@ -149,8 +153,14 @@ def _classify(name: str, routers: set[str]) -> tuple[str, int | None, int | None
 
 
 def _count_all(model: nn.Module) -> int:
-    total = 0
+    from moekit.finetune.experts import expert_blocks
+
+    storages = [block.storage(name) for block in expert_blocks(model).values() for name in block.projections]
+    packed = {id(storage.weight) for storage in storages}
+    total = sum(storage.numel for storage in storages)  # quantized experts counted as unpacked values
     for param in model.parameters():
+        if id(param) in packed:
+            continue
         quant_state = getattr(param, "quant_state", None)
         # a packed 4-bit tensor holds the values of its original shape in any storage dtype
         total += math.prod(quant_state.shape) if param.__class__.__name__ == "Params4bit" and quant_state is not None else param.numel()
@@ -180,7 +190,7 @@ def apply_targets(model: nn.Module, options: TrainingOptions):
         if out_of_range:
             raise TargetError(f"layer index {out_of_range[0]} is out of range: the model has {len(layers)} layers (0-{len(layers) - 1})")
     chosen_layers = [layer for layer in layers if options.layers is None or layer.index in options.layers]
-    num_experts = max((len(layer.experts) for layer in layers), default=0)
+    num_experts = max((layer.num_experts for layer in layers), default=0)
     if options.experts is not None:
         out_of_range = [i for i in options.experts if i >= num_experts]
         if out_of_range:
@@ -189,16 +199,16 @@ def apply_targets(model: nn.Module, options: TrainingOptions):
 
     lora_modules: list[str] = []
     routers: list[str] = []
+    blocks: list[str] = []
     for layer in chosen_layers:
         if "attn" in targets:
             if not layer.attention:
                 raise TargetError(f"layer {layer.index} has no attention linear layers to adapt")
             lora_modules += layer.attention
-        if "experts" in targets:
-            for expert_idx in chosen_experts:
-                if expert_idx >= len(layer.experts) or not layer.experts[expert_idx]:
-                    raise TargetError(f"layer {layer.index} has no linear layers in expert {expert_idx}")
-                lora_modules += layer.experts[expert_idx]
+        if "experts" in targets and layer.experts is not None:
+            if max(chosen_experts) >= layer.num_experts:
+                raise TargetError(f"layer {layer.index} has only {layer.num_experts} experts")
+            blocks.append(layer.experts)
         if "gate" in targets and layer.router is not None:
             routers.append(layer.router)
 
@@ -218,6 +228,8 @@ def apply_targets(model: nn.Module, options: TrainingOptions):
         wrapped = get_peft_model(model, config)
     base = _base_model(wrapped)
     modules = dict(base.named_modules())
+    for block in blocks:  # after PEFT wrapped, which freezes every parameter that is not its own
+        modules[block].add_lora(options.lora_r, options.lora_alpha, experts=chosen_experts, dropout=options.lora_dropout)
     for router in routers:
         modules[router].weight.requires_grad_(True)
 
@@ -225,11 +237,21 @@ def apply_targets(model: nn.Module, options: TrainingOptions):
     table = TrainableTable(requested=requested, total_params=_count_all(wrapped))
     router_set = set(routers)
     for name, param in wrapped.named_parameters():
-        if param.requires_grad:
-            kind, layer_idx, expert_idx = _classify(name, router_set)
-            table.rows.append({"name": name, "kind": kind, "layer": layer_idx, "expert": expert_idx, "params": param.numel()})
+        if not param.requires_grad:
+            continue
+        kind, layer_idx, expert_idx = _classify(name, router_set)
+        if _BLOCK_LORA.search(name):  # stacked over the experts: one row per adapted expert
+            block = _owner(wrapped, name)
+            for position, expert_idx in enumerate(block.adapted_experts):
+                table.rows.append({"name": _slice_name(name, position, expert_idx), "kind": kind, "layer": layer_idx, "expert": expert_idx, "params": param[position].numel()})
+            continue
+        table.rows.append({"name": name, "kind": kind, "layer": layer_idx, "expert": expert_idx, "params": param.numel()})
     _check_table(table, chosen_layers, chosen_experts, targets)
     return wrapped, table
+
+
+def _owner(model: nn.Module, parameter_name: str) -> nn.Module:
+    return model.get_submodule(parameter_name.rsplit(".", 1)[0])
 
 
 def _check_table(table: TrainableTable, chosen_layers: list[MoeLayer], chosen_experts: list[int], targets: set[str]) -> None:
@@ -253,9 +275,13 @@ def _check_table(table: TrainableTable, chosen_layers: list[MoeLayer], chosen_ex
 
 
 def _label(name: str) -> str:
-    """'layer 1 expert 2 w_up (LoRA)' / 'layer 0 router' / 'layer 0 self_attn.q_proj (LoRA)' for a parameter name."""
+    """'layer 1 expert 2 gate_up_proj (LoRA)' / 'layer 0 router' / 'layer 0 self_attn.q_proj (LoRA)' for a parameter name."""
     layer = _LAYER.search(name)
     where = f"layer {layer.group(1)} " if layer else ""
+    if _BLOCK_LORA.search(name):
+        match = _SLICE.match(name)
+        projection = (match[1] if match else name).split(".lora_")[1][2:]
+        return f"{where}expert {match[3] if match else '*'} {projection} (LoRA)"
     if ".lora_" not in name:
         return f"{where}router" if name.endswith("gate.weight") else name
     module = name.split(".lora_")[0]
@@ -266,20 +292,45 @@ def _label(name: str) -> str:
 
 
 def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of what training must change: every LoRA B (it starts at zero) and every trainable router weight."""
+    """Copies of what training must change: every LoRA B (it starts at zero) and every trainable router weight;
+    a stacked expert B once per adapted expert (`name[expert]`)."""
     snapshot = {}
     for name, param in model.named_parameters():
-        if param.requires_grad and (".lora_B." in name or ".lora_" not in name):
+        if not param.requires_grad:
+            continue
+        if _BLOCK_LORA.search(name) and ".lora_B_" in name:
+            for position, expert_idx in enumerate(_owner(model, name).adapted_experts):
+                snapshot[_slice_name(name, position, expert_idx)] = param[position].detach().to("cpu", copy=True)
+        elif ".lora_B." in name or ".lora_" not in name:
             snapshot[name] = param.detach().to("cpu", copy=True)
     return snapshot
+
+
+_SLICE = re.compile(r"^(.*)\[(\d+):expert (\d+)\]$")
+
+
+def _slice_name(name: str, position: int, expert: int) -> str:
+    """The name of one expert's slice of a stacked LoRA parameter: `name[position:expert E]`."""
+    return f"{name}[{position}:expert {expert}]"
+
+
+def _snapshot_value(params: dict, key: str):
+    """The tensor a snapshot key names in `params`, or None: a parameter, or a slice (`_slice_name`) of one."""
+    if key in params:
+        return params[key]
+    match = _SLICE.match(key)
+    if match and match[1] in params:
+        return params[match[1]][int(match[2])]
+    return None
 
 
 def verify_changed(snapshot: dict[str, torch.Tensor], model: nn.Module | dict[str, torch.Tensor]) -> None:
     """Raise TrainingError naming every snapshotted adapter/router that training left unchanged; `model` may
     also be `{parameter name: tensor}` (the trainable parameters gathered from an FSDP model)."""
     params = model if isinstance(model, dict) else dict(model.named_parameters())
-    unchanged = [name for name, before in snapshot.items() if name in params and torch.equal(params[name].detach().cpu(), before)]
-    vanished = [name for name in snapshot if name not in params]
+    now = {name: _snapshot_value(params, name) for name in snapshot}
+    unchanged = [name for name, before in snapshot.items() if now[name] is not None and torch.equal(now[name].detach().cpu(), before)]
+    vanished = [name for name in snapshot if now[name] is None]
     if unchanged or vanished:
         labels = sorted(dict.fromkeys(_label(name) for name in unchanged + vanished))
         raise TrainingError(

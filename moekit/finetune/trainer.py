@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -41,6 +40,7 @@ from moekit.errors import (
     TargetError,
     TrainingError,
 )
+from moekit.finetune.adapter import has_lora
 from moekit.finetune.options import FinetuneOptions
 
 LOG_FILE = "training_log.jsonl"
@@ -173,7 +173,7 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     _write_outputs(staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
     (staging / SETTINGS_FILE).unlink(missing_ok=True)
     _move_into_place(staging, out)
-    adapter_dir = out / "adapter" if is_peft_model(peft_model) else None
+    adapter_dir = out / "adapter" if has_lora(peft_model) else None
     return FinetuneResult(out, adapter_dir, trainer.state.global_step, losses.get("first"), losses.get("last"), table, peak, losses)
 
 
@@ -413,7 +413,7 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         args=args,
         train_dataset=data.dataset,
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(staging / LOG_FILE)],
+        callbacks=[JsonlLogCallback(staging / LOG_FILE), ExpertPathCallback(model, echo)],
         train_routers="gate" in options.target,
         teacher=teacher,
         kd_alpha=options.kd_alpha,
@@ -442,10 +442,10 @@ class MoeSFTTrainer(SFTTrainer):
         # Under FSDP the modules get wrapped (and renamed) at train(); note now, under the unwrapped names,
         # checkpoint key -> parameter name of each router and adapter file key -> parameter name of each LoRA weight.
         self.router_names = _router_names(model) if train_routers else {}
-        if self.is_fsdp_enabled and is_peft_model(model):
-            from moekit.finetune.distributed import adapter_parameter_names
+        from moekit.finetune.adapter import adapter_layout
 
-            self.adapter_names = adapter_parameter_names(model)
+        # file key -> parameter name of every adapter tensor (routers included), noted before FSDP wraps the model
+        self.adapter_layout = adapter_layout(model, _router_modules(model) if train_routers else []) if has_lora(model) else None
         self.teacher = teacher
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
@@ -507,22 +507,28 @@ class MoeSFTTrainer(SFTTrainer):
             saving.rmdir()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # A checkpoint holds the adapter (PEFT) and the routers, which are trained in full outside it.
+        # A checkpoint holds the adapter (PEFT's format, routers included) and the routers' own file; under
+        # FSDP `state_dict` is the gathered trainable parameters (`save_model`).
         output_dir = output_dir or self.args.output_dir
-        if is_peft_model(self.model):
-            super()._save(output_dir, state_dict=state_dict)
-            if self.is_fsdp_enabled and self.args.should_save:  # PEFT names entries by the wrapped modules (distributed.py says why)
-                from moekit.finetune.distributed import save_gathered_adapter
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        gathered = state_dict if self.is_fsdp_enabled else None
+        if self.adapter_layout is not None:
+            from moekit.finetune.adapter import save_adapter
 
-                save_gathered_adapter(self.accelerator.unwrap_model(self.model), Path(output_dir), self.adapter_names, state_dict)
-        if self.train_routers and self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            if self.is_fsdp_enabled:  # the modules are wrapped and sharded; `state_dict` is the gathered whole
-                _write_routers({key: state_dict[name] for key, name in self.router_names.items()}, Path(output_dir) / ROUTERS_FILE)
+            save_adapter(model, Path(output_dir), parameters=gathered, layout=self.adapter_layout)
+        if self.train_routers:
+            if gathered is not None:  # the modules are wrapped and sharded; `state_dict` is the gathered whole
+                _write_routers({key: gathered[name] for key, name in self.router_names.items()}, Path(output_dir) / ROUTERS_FILE)
             else:
                 from moekit.finetune.targets import save_routers
 
-                save_routers(self.model, Path(output_dir) / ROUTERS_FILE)
+                save_routers(model, Path(output_dir) / ROUTERS_FILE)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self.is_fsdp_enabled:
@@ -557,10 +563,10 @@ class MoeSFTTrainer(SFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         checkpoint = Path(resume_from_checkpoint)
-        if is_peft_model(self.model) and not _is_fsdp_checkpoint(checkpoint):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        elif is_peft_model(self.model):  # written under FSDP, resumed on one process: its adapter file is whole
-            self.model.load_adapter(str(checkpoint), self.model.active_adapter, is_trainable=True)
+        if self.adapter_layout is not None:  # written by `_save`, whole also when written under FSDP
+            from moekit.finetune.adapter import load_adapter_values
+
+            load_adapter_values(self.accelerator.unwrap_model(self.model), checkpoint, self.adapter_layout)
         if self.train_routers:
             from moekit.finetune.targets import load_routers
 
@@ -593,6 +599,13 @@ def _is_fsdp_checkpoint(checkpoint: Path) -> bool:
     return (checkpoint / "optimizer.bin").is_file()
 
 
+def _router_modules(model) -> list[str]:
+    """Router module names relative to the base model (what the adapter lists in `modules_to_save`)."""
+    from moekit.finetune.targets import describe_layers
+
+    return [layer.router for layer in describe_layers(model) if layer.router is not None]
+
+
 def _router_names(model) -> dict[str, str]:
     """Checkpoint key -> parameter name of every router of the (unwrapped) PEFT model."""
     from moekit.finetune.targets import _routers
@@ -606,6 +619,22 @@ def _write_routers(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({key: tensor.detach().to("cpu").contiguous() for key, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+class ExpertPathCallback(TrainerCallback):
+    """After the first optimizer step, says how the expert blocks ran (grouped GEMMs or expert by expert), once."""
+
+    def __init__(self, model, echo):
+        self.model, self.echo = model, echo
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step != 1:
+            return
+        from moekit.finetune.experts import path_counts
+
+        counts = path_counts(self.model)
+        if counts["grouped"] or counts["per_expert"]:
+            self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step)")
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -650,15 +679,14 @@ def _loss_summary(log: list[dict]) -> dict:
 
 def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_ref, model_path, data, table, losses, steps, peak, plan_peak) -> None:
     """`trained` is `model` itself, or under FSDP its gathered trainable parameters (`MoeSFTTrainer.trained_parameters`)."""
-    from moekit.finetune.distributed import save_gathered_adapter
+    from moekit.finetune.adapter import save_adapter
+    from moekit.finetune.experts import path_counts
     from moekit.finetune.targets import save_routers
 
     gathered = trained if isinstance(trained, dict) else None
-    if is_peft_model(model) and gathered is None:
-        model.save_pretrained(staging / "adapter")
-    elif is_peft_model(model):
-        save_gathered_adapter(model, staging / "adapter", trainer.adapter_names, gathered)
-    if is_peft_model(model):
+    if trainer.adapter_layout is not None:
+        save_adapter(model, staging / "adapter", parameters=gathered, layout=trainer.adapter_layout)
+    if trainer.adapter_layout is not None:
         tokenizer.save_pretrained(staging / "adapter")  # carries the chat template used in training
     else:
         tokenizer.save_pretrained(staging / "tokenizer")  # router-only training has no adapter
@@ -681,6 +709,8 @@ def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_r
         "peak_memory_bytes": peak,
         "planned_peak_bytes": plan_peak,
         "routers": ROUTERS_FILE if "gate" in options.target else None,
+        "adapter_format": "peft" if trainer.adapter_layout is not None else None,
+        "expert_paths": path_counts(model),
     }
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
     plot_losses(_read_log(staging / LOG_FILE), staging / "loss.png")

@@ -416,7 +416,12 @@ def _usage_section(directory: ModelDirectory, name: str, base_model: str | None)
                 f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
                 f'model = PeftModel.from_pretrained(base, "{name}"{subfolder})\n')
         note = ""
-        if (directory.path / "routers.safetensors").is_file():
+        adapter_config = directory.adapter_dir / "adapter_config.json" if directory.adapter_dir else None
+        routers_in_adapter = adapter_config is not None and adapter_config.is_file() and bool(json.loads(adapter_config.read_text(encoding="utf-8")).get("modules_to_save"))
+        if routers_in_adapter:
+            note = ("\nThe adapter also holds the trained routers (`modules_to_save`), so PEFT loads them too. "
+                    "`moekit export` on the fine-tune directory writes one checkpoint with everything merged in.\n")
+        elif (directory.path / "routers.safetensors").is_file():
             note = ("\nThe fine-tune also trained the routers: `routers.safetensors` holds them, and the adapter alone leaves "
                     "the base's routers in place. `moekit export` on the fine-tune directory writes one checkpoint with the "
                     "adapter and the routers merged in.\n")

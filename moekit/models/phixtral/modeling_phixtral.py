@@ -68,6 +68,10 @@ class PhixtralSparseMoeBlock(nn.Module):
         routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)  # (tokens, top_k)
         routing_weights = (routing_weights / routing_weights.sum(dim=-1, keepdim=True)).to(hidden_states.dtype)
 
+        if not isinstance(self.experts, nn.ModuleList):
+            # a fused replacement with the call signature of transformers' MixtralExperts (moekit's training block)
+            final_hidden_states = self.experts(hidden_states, selected_experts, routing_weights)
+            return final_hidden_states.reshape(batch_size, sequence_length, hidden_dim), router_logits
         final_hidden_states = torch.zeros_like(hidden_states)
         # (experts, top_k, tokens): which tokens chose each expert, and in which top-k slot
         expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)

@@ -1,0 +1,128 @@
+"""Frozen storage of one projection of all experts of a layer: one tensor (experts, out, in) at 4, 8 or 16 bits.
+
+    storage = quantize_tensor(weight, bits=4, compute_dtype=torch.bfloat16, quant_storage=torch.uint8, device="cuda")
+    storage.dequantize()  # (experts, out, in) in compute_dtype, one dequantization for all experts
+
+4-bit is NF4 with double-quantized absmax (bitsandbytes' functional API on the whole stacked tensor), 8-bit is
+LLM.int8's row-wise absmax quantization, 16-bit the tensor itself. The packed tensor is a frozen parameter (so
+FSDP shards it, and a bf16 `quant_storage` lets FSDP flatten it with bf16 parameters); the quantization constants
+are buffers. Dequantization reads the packed parameter through whatever tensor the module holds right now (under
+FSDP with `use_orig_params` a plain view of the flat parameter), never through its class.
+
+These modules never call bitsandbytes' `Linear4bit.forward`, which on a CPU with avx512_bf16 repacks the weight in
+place at its first call; the packed bytes here are only ever read by `dequantize_4bit`, so dequantizing after a
+forward gives the same weights as before it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NF4_BLOCKSIZE = 64
+
+
+class ExpertStorage(nn.Module):
+    """Base: `shape` (experts, out, in) of the stored weight, `dequantize(dtype)` -> that tensor."""
+
+    bits: int
+
+    def __init__(self, shape: tuple[int, ...], compute_dtype: torch.dtype):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.compute_dtype = compute_dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}"
+
+
+class DenseStorage(ExpertStorage):
+    bits = 16
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, device):
+        super().__init__(weight.shape, compute_dtype)
+        # a copy: a slice or view of a bigger tensor would otherwise keep it alive
+        self.weight = nn.Parameter(weight.detach().to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
+
+    def dequantize(self, dtype=None):
+        return self.weight.view(self.shape).to(dtype or self.compute_dtype)
+
+
+class NF4Storage(ExpertStorage):
+    bits = 4
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, quant_storage: torch.dtype, device):
+        import bitsandbytes as bnb
+
+        super().__init__(weight.shape, compute_dtype)
+        # quantized on `device` (bitsandbytes' kernel there), one tensor for all experts
+        packed, state = bnb.functional.quantize_4bit(
+            weight.detach().to(device=device, dtype=compute_dtype), blocksize=NF4_BLOCKSIZE,
+            compress_statistics=True, quant_type="nf4", quant_storage=quant_storage,
+        )  # fmt: skip
+        self.weight = nn.Parameter(packed, requires_grad=False)  # (numel / 2 / bytes per storage element, 1)
+        self.register_buffer("absmax", state.absmax, persistent=False)  # uint8, one per block of 64
+        self.register_buffer("code", state.code, persistent=False)
+        self.register_buffer("offset", state.offset, persistent=False)
+        self.register_buffer("nested_absmax", state.state2.absmax, persistent=False)
+        self.register_buffer("nested_code", state.state2.code, persistent=False)
+        self.nested_blocksize = state.state2.blocksize
+
+    def quant_state(self, dtype: torch.dtype):
+        from bitsandbytes.functional import QuantState
+
+        nested = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=self.nested_blocksize, dtype=torch.float32)
+        return QuantState(
+            absmax=self.absmax, shape=torch.Size([self.numel]), code=self.code, blocksize=NF4_BLOCKSIZE,
+            quant_type="nf4", dtype=dtype, offset=self.offset, state2=nested,
+        )  # fmt: skip
+
+    def dequantize(self, dtype=None):
+        import bitsandbytes as bnb
+
+        dtype = dtype or self.compute_dtype
+        # whatever tensor holds the bytes now (a Parameter, or FSDP's view of its flat parameter), read as bytes
+        packed = self.weight.reshape(-1).view(torch.uint8).unsqueeze(1)  # (bytes, 1), bitsandbytes' own layout
+        # flat: bitsandbytes 0.50's CPU kernel reads a 2-D/3-D shape whose last dimension is not a multiple of the
+        # block size wrongly (the packed bytes are the same either way)
+        return bnb.functional.dequantize_4bit(packed, self.quant_state(dtype)).view(self.shape)
+
+
+class Int8Storage(ExpertStorage):
+    bits = 8
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, device):
+        import bitsandbytes as bnb
+
+        super().__init__(weight.shape, compute_dtype)
+        rows = weight.detach().to(device=device, dtype=compute_dtype).reshape(-1, weight.shape[-1])  # (experts * out, in)
+        quantized, row_absmax, _ = bnb.functional.int8_vectorwise_quant(rows)
+        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self.register_buffer("row_absmax", row_absmax, persistent=False)
+
+    def dequantize(self, dtype=None):
+        # q * absmax / 127 per row (bitsandbytes' int8_vectorwise_dequant), straight in the compute dtype and in
+        # place: no float32 copy of the whole projection
+        rows = self.weight.reshape(-1, self.shape[-1]).view(torch.int8).to(dtype or self.compute_dtype)
+        rows.mul_((self.row_absmax / 127).to(rows.dtype)[:, None])
+        return rows.view(self.shape)
+
+
+def quantize_tensor(weight: torch.Tensor, *, bits: int, compute_dtype: torch.dtype, quant_storage: torch.dtype, device) -> ExpertStorage:
+    """`weight` (experts, out, in), any device, stored at `bits` on `device`."""
+    if bits == 4:
+        return NF4Storage(weight, compute_dtype, quant_storage, device)
+    if bits == 8:
+        return Int8Storage(weight, compute_dtype, device)
+    if bits == 16:
+        return DenseStorage(weight, compute_dtype, device)
+    raise ValueError(f"bits must be 4, 8 or 16, got {bits}")

@@ -1,0 +1,293 @@
+"""The expert block moekit trains: all experts of a layer as one quantized, grouped module, LoRA included.
+
+    block = build_expert_block("mixtral", {"gate_up_proj": w13, "down_proj": w2}, bits=4, compute_dtype=torch.bfloat16,
+                               quant_storage=torch.uint8, device="cuda", act_fn=nn.SiLU())
+    block(hidden_states, top_k_index, top_k_weights)  # the call signature of transformers' MixtralExperts
+
+It replaces transformers 5's fused `MixtralExperts` (and Phixtral's list of `PhiMLP` experts) and keeps their
+layout: one frozen tensor per projection for all experts (`expert_storage`), Mixtral `gate_up_proj` (E, 2I, H) with
+gate and up as one GEMM and `down_proj` (E, H, I); Phixtral `fc1` (E, I, H) and `fc2` (E, H, I) with biases.
+
+A forward sorts the (token, slot) pairs by expert once and runs each projection as one grouped GEMM over the
+per-expert row offsets (`torch.nn.functional.grouped_mm`). Counts and offsets stay on the device, so nothing
+waits for the host. A projection's weight is dequantized once for all experts and again in the backward pass
+instead of being kept. Where torch has no grouped kernel for the tensors at hand (CUDA before sm80 or not bf16,
+CPU torch < 2.11) the same math runs expert by expert. `path_counts` says which path ran: under FSDP the storage
+is read through plain tensor views, and the path does not depend on any parameter class.
+
+LoRA (`add_lora`) is owned by the block as stacked parameters, in PEFT's parameterisation of `target_parameters`
+on fused experts: per projection A (E, r, in) and B (E, out, r), delta W_e = alpha / r * B_e @ A_e, computed
+as grouped (x A^T) B^T without materialising any per-expert delta. `moekit.finetune.adapter` writes them in
+PEFT's key layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.errors import TrainingError
+from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, grouped_gemm_fits
+from moekit.finetune.expert_storage import ExpertStorage, quantize_tensor
+
+PATHS = ("grouped", "per_expert")
+
+
+def _torch_version() -> tuple[int, int]:
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _grouped_mm(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """(rows, in) grouped by expert @ (experts, in, out) -> (rows, out); offsets = cumulative rows per expert (int32).
+
+    grouped: torch's grouped GEMM (no host synchronisation); else one matmul per expert (reads the offsets on the host).
+    """
+    if grouped:
+        return F.grouped_mm(inputs, weight, offs=offsets)
+    outputs, start = [], 0
+    for expert_idx, end in enumerate(offsets.tolist()):
+        outputs.append(inputs[start:end] @ weight[expert_idx])
+        start = end
+    return torch.cat(outputs)
+
+
+class _FrozenExpertLinear(torch.autograd.Function):
+    """inputs @ W_e^T per expert group, W frozen: dequantized again in the backward pass instead of kept."""
+
+    @staticmethod
+    def forward(ctx, inputs, offsets, storage: ExpertStorage, grouped: bool):
+        ctx.storage, ctx.grouped = storage, grouped
+        ctx.save_for_backward(offsets)
+        weight = storage.dequantize(inputs.dtype)  # (experts, out, in)
+        return _grouped_mm(inputs, weight.transpose(1, 2), offsets, grouped)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (offsets,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        weight = ctx.storage.dequantize(grad_output.dtype)
+        return _grouped_mm(grad_output.contiguous(), weight, offsets, ctx.grouped), None, None, None
+
+
+class ExpertBlock(nn.Module):
+    """All experts of one MoE layer: frozen quantized projections, optional biases, optional stacked LoRA."""
+
+    # None: the grouped path wherever torch has a grouped kernel for the tensors; True / False force one path
+    grouped: bool | None = None
+
+    def __init__(self, family: str, storages: dict[str, ExpertStorage], biases: dict[str, torch.Tensor], act_fn: nn.Module):
+        super().__init__()
+        if family not in PROJECTIONS:
+            raise ValueError(f"unknown expert family {family!r}; known: {', '.join(PROJECTIONS)}")
+        self.family = family
+        self.projections = PROJECTIONS[family]
+        self.gated = GATED[family]
+        for name in self.projections:
+            self.add_module(name, storages[name])
+            if name in biases:
+                self.register_parameter(f"{name}_bias", nn.Parameter(biases[name], requires_grad=False))
+        self.act_fn = act_fn
+        first = storages[self.projections[0]]
+        self.num_experts, _, self.hidden_size = first.shape
+        self.lora_r: int | None = None
+        self.lora_alpha: float | None = None
+        self.lora_dropout = 0.0
+        self.adapted_experts: list[int] | None = None  # None: no LoRA
+        self.path_counts: Counter = Counter()
+
+    # --- LoRA ------------------------------------------------------------------------------------
+
+    def add_lora(self, r: int, alpha: float, experts: list[int] | None = None, dropout: float = 0.0) -> None:
+        """Stacked LoRA on both projections of the adapted `experts` (default all): A as PEFT initialises it,
+        B zero, float32, trainable. Experts left out have no LoRA parameters (their delta is exactly zero)."""
+        self.lora_r, self.lora_alpha, self.lora_dropout = r, alpha, dropout
+        self.adapted_experts = list(range(self.num_experts)) if experts is None else sorted(set(experts))
+        count = len(self.adapted_experts)
+        device = self.storage(self.projections[0]).weight.device
+        for name in self.projections:
+            _, out_features, in_features = self.storage(name).shape
+            lora_a = torch.empty(count * r, in_features, device=device)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))  # as PEFT's nn.Linear(in, r * experts)
+            self.register_parameter(f"lora_A_{name}", nn.Parameter(lora_a.view(count, r, in_features)))
+            self.register_parameter(f"lora_B_{name}", nn.Parameter(torch.zeros(count, out_features, r, device=device)))
+        subset = count < self.num_experts
+        # a subset is scattered into zero (experts, ...) factors per call: one small op, no per-expert copies
+        self.register_buffer("lora_index", torch.tensor(self.adapted_experts, device=device) if subset else None, persistent=False)
+
+    def expand_lora(self, factor: torch.Tensor) -> torch.Tensor:
+        """A LoRA parameter (adapted experts, ...) as (experts, ...), zero for the experts not adapted."""
+        if self.lora_index is None:
+            return factor
+        return factor.new_zeros((self.num_experts, *factor.shape[1:])).index_copy(0, self.lora_index.to(factor.device), factor)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.adapted_experts is not None
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.lora_r
+
+    def storage(self, name: str) -> ExpertStorage:
+        return getattr(self, name)
+
+    def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (E, r, in), B (E, out, r)) of projection `name`, zero for experts not adapted."""
+        return self.expand_lora(getattr(self, f"lora_A_{name}")), self.expand_lora(getattr(self, f"lora_B_{name}"))
+
+    # --- forward ---------------------------------------------------------------------------------
+
+    def _grouped_kernel_available(self, inputs: torch.Tensor) -> bool:
+        if not hasattr(F, "grouped_mm"):
+            return False
+        # LoRA ranks are padded in `_project`; the weights must fit as they are
+        if not grouped_gemm_fits([size for name in self.projections for size in self.storage(name).shape[1:]], inputs.element_size()):
+            return False
+        if inputs.device.type == "cuda":
+            return inputs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(inputs.device) >= (8, 0)
+        return _torch_version() >= (2, 11)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        # hidden_states (tokens, hidden); top_k_index / top_k_weights (tokens, top_k)
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)  # (tokens * top_k,)
+        # group the (token, slot) pairs by expert with one sort; counts by a scatter-add on the device
+        # (bincount would synchronise with the host to size its output)
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat_experts.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts, dtype=torch.int32))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # (experts,)
+        token_index = order // top_k  # (rows,) sorted by expert
+        weights = top_k_weights.reshape(-1)[order]  # (rows,)
+        row_experts = flat_experts[order] if hasattr(self, f"{self.projections[0]}_bias") else None
+
+        available = self._grouped_kernel_available(hidden_states)
+        if self.grouped and not available:
+            raise TrainingError(f"the grouped expert path was forced, but torch has no grouped GEMM for {hidden_states.dtype} on {hidden_states.device.type} here")
+        grouped = available if self.grouped is None else self.grouped
+        self.path_counts[PATHS[0] if grouped else PATHS[1]] += 1
+
+        first, second = self.projections
+        expert_inputs = hidden_states[token_index]  # (rows, hidden)
+        intermediate = self._project(first, expert_inputs, offsets, grouped, row_experts)  # (rows, 2I) or (rows, I)
+        if self.gated:
+            gate, up = intermediate.chunk(2, dim=-1)
+            intermediate = self.act_fn(gate) * up  # (rows, I)
+        else:
+            intermediate = self.act_fn(intermediate)
+        expert_outputs = self._project(second, intermediate, offsets, grouped, row_experts) * weights[:, None]  # (rows, hidden)
+        final = torch.zeros_like(hidden_states)
+        return final.index_add_(0, token_index, expert_outputs.to(final.dtype))
+
+    def _project(self, name: str, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool, row_experts) -> torch.Tensor:
+        outputs = _FrozenExpertLinear.apply(inputs, offsets, self.storage(name), grouped)  # (rows, out)
+        bias = getattr(self, f"{name}_bias", None)
+        if bias is not None:
+            outputs = outputs + bias[row_experts].to(outputs.dtype)
+        if not self.has_lora:
+            return outputs
+        lora_a, lora_b = self.lora_factors(name)
+        # LoRA in the inputs' dtype: the float32 parameters are cast once per call (small), never copied per expert
+        dtype = inputs.dtype
+        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        align = GROUPED_ALIGNMENT_BYTES // inputs.element_size()
+        if grouped and self.lora_r % align:
+            pad = align - self.lora_r % align  # zero ranks: grouped GEMMs need 16-byte aligned rows
+            lora_a, lora_b = F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
+        if self.training and self.lora_dropout > 0:
+            inputs = F.dropout(inputs, self.lora_dropout)  # one dropped copy per projection input
+        hidden = _grouped_mm(inputs, lora_a.transpose(1, 2), offsets, grouped)  # (rows, r)
+        delta = _grouped_mm(hidden, lora_b.transpose(1, 2), offsets, grouped)  # (rows, out)
+        return outputs + delta * self.lora_scaling
+
+    @torch.no_grad()
+    def dequantized(self, name: str, dtype: torch.dtype | None = None, merge_lora: bool = False) -> torch.Tensor:
+        """The (experts, out, in) weight of projection `name`, with the LoRA delta added if `merge_lora`."""
+        weight = self.storage(name).dequantize(dtype)
+        if merge_lora and self.has_lora:
+            lora_a, lora_b = self.lora_factors(name)
+            weight = (weight.float() + self.lora_scaling * torch.bmm(lora_b.float(), lora_a.float())).to(weight.dtype)
+        return weight
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the LoRA delta into 16-bit weights and drop the LoRA parameters (for export)."""
+        for name in self.projections:
+            storage = self.storage(name)
+            if storage.bits != 16:
+                raise TrainingError("LoRA can only be merged into 16-bit expert weights; load with bits=16 to merge")
+            storage.weight.copy_(self.dequantized(name, storage.weight.dtype, merge_lora=True))
+        for name in self.projections:
+            delattr(self, f"lora_A_{name}")
+            delattr(self, f"lora_B_{name}")
+        self.lora_index = None
+        self.adapted_experts = self.lora_r = self.lora_alpha = None
+
+    def extra_repr(self) -> str:
+        lora = f", lora_r={self.lora_r}, adapted_experts={self.adapted_experts}" if self.has_lora else ""
+        return f"family={self.family}, experts={self.num_experts}{lora}"
+
+
+def _check_shapes(family: str, tensors: dict[str, torch.Tensor]) -> None:
+    if family == "mixtral":
+        expected = {"gate_up_proj", "down_proj"}
+    else:
+        expected = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    if set(tensors) != expected:
+        raise ValueError(f"{family} expert tensors must be {sorted(expected)}, got {sorted(tensors)}")
+    if family == "mixtral":
+        experts, double_inter, hidden = tensors["gate_up_proj"].shape
+        if tuple(tensors["down_proj"].shape) != (experts, hidden, double_inter // 2) or double_inter % 2:
+            raise ValueError(f"gate_up_proj {tuple(tensors['gate_up_proj'].shape)} and down_proj {tuple(tensors['down_proj'].shape)} are not (E, 2I, H) and (E, H, I)")
+    else:
+        experts, inter, hidden = tensors["fc1.weight"].shape
+        shapes = {"fc1.bias": (experts, inter), "fc2.weight": (experts, hidden, inter), "fc2.bias": (experts, hidden)}
+        wrong = [key for key, shape in shapes.items() if tuple(tensors[key].shape) != shape]
+        if wrong:
+            raise ValueError(f"phixtral expert tensors do not fit fc1.weight (E, I, H) = {(experts, inter, hidden)}: {', '.join(wrong)}")
+
+
+def build_expert_block(
+    family: str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    bits: int,
+    compute_dtype: torch.dtype,
+    quant_storage: torch.dtype = torch.uint8,
+    device: str | torch.device,
+    act_fn: nn.Module,
+) -> ExpertBlock:
+    """The expert block of one layer from its canonical fused tensors (any device, usually the CPU), quantized
+    straight onto `device`.
+
+    family "mixtral": `gate_up_proj` (E, 2I, H) (gate rows, then up rows), `down_proj` (E, H, I).
+    family "phixtral": `fc1.weight` (E, I, H), `fc1.bias` (E, I), `fc2.weight` (E, H, I), `fc2.bias` (E, H).
+    bits 4: NF4 with double-quantized absmax; 8: LLM.int8 row-wise; 16: `compute_dtype`. Biases stay in `compute_dtype`.
+    """
+    _check_shapes(family, tensors)
+    device = torch.device(device)
+    storages, biases = {}, {}
+    for name in PROJECTIONS[family]:
+        weight = tensors[name] if family == "mixtral" else tensors[f"{name}.weight"]
+        storages[name] = quantize_tensor(weight, bits=bits, compute_dtype=compute_dtype, quant_storage=quant_storage, device=device)
+        if family == "phixtral":
+            biases[name] = tensors[f"{name}.bias"].detach().to(device=device, dtype=compute_dtype, copy=True)
+    return ExpertBlock(family, storages, biases, act_fn)
+
+
+def expert_blocks(model: nn.Module) -> dict[str, ExpertBlock]:
+    """{module name: block} of every expert block of `model` (any wrapping)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, ExpertBlock)}
+
+
+def path_counts(model: nn.Module) -> dict[str, int]:
+    """How many block forwards ran grouped and expert by expert, over all expert blocks of `model`."""
+    totals = Counter({path: 0 for path in PATHS})
+    for block in expert_blocks(model).values():
+        totals.update(block.path_counts)
+    return dict(totals)

@@ -1,0 +1,175 @@
+"""The expert block: grouped forward and backward equal a per-expert reference, on CPU and (marked gpu) on CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.finetune.experts import build_expert_block, path_counts
+
+EXPERTS, HIDDEN, INTER, TOP_K, TOKENS, RANK = 4, 64, 96, 2, 40, 4
+
+DEVICES = [
+    pytest.param("cpu", torch.float32, id="cpu"),
+    pytest.param("cuda", torch.bfloat16, id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+]
+
+
+def canonical_tensors(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    if family == "mixtral":
+        return {"gate_up_proj": rand(EXPERTS, 2 * INTER, HIDDEN), "down_proj": rand(EXPERTS, HIDDEN, INTER)}
+    return {"fc1.weight": rand(EXPERTS, INTER, HIDDEN), "fc1.bias": rand(EXPERTS, INTER), "fc2.weight": rand(EXPERTS, HIDDEN, INTER), "fc2.bias": rand(EXPERTS, HIDDEN)}
+
+
+def make_block(family, bits, device, dtype, experts=None):
+    act_fn = nn.SiLU() if family == "mixtral" else nn.GELU(approximate="tanh")
+    block = build_expert_block(family, canonical_tensors(family), bits=bits, compute_dtype=dtype, device=device, act_fn=act_fn)
+    block.add_lora(RANK, 8, experts=experts)
+    with torch.no_grad():  # B starts at zero; make the LoRA branch count
+        for name in block.projections:
+            getattr(block, f"lora_B_{name}").normal_(0, 0.1)
+    return block
+
+
+def reference_forward(block, hidden, top_k_index, top_k_weights):
+    """Transformers' own per-expert loop (MixtralExperts.forward) on the dequantized weights plus LoRA deltas."""
+    first, second = block.projections
+    weights = {name: block.dequantized(name, torch.float32) for name in block.projections}
+    output = torch.zeros_like(hidden)
+    for expert in range(block.num_experts):
+        token_idx, slot = torch.where(top_k_index == expert)
+        if token_idx.numel() == 0:
+            continue
+        x = hidden[token_idx].float()
+
+        def project(name, inputs):
+            lora_a, lora_b = block.lora_factors(name)
+            out = inputs @ weights[name][expert].T + block.lora_scaling * (inputs @ lora_a[expert].float().T) @ lora_b[expert].float().T
+            bias = getattr(block, f"{name}_bias", None)
+            return out if bias is None else out + bias[expert].float()
+
+        h = project(first, x)
+        h = block.act_fn(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1] if block.gated else block.act_fn(h)
+        out = project(second, h) * top_k_weights[token_idx, slot, None].float()
+        output.index_add_(0, token_idx, out.to(output.dtype))
+    return output
+
+
+def run(block, router, hidden, forward):
+    """(loss, grads of hidden, router and every LoRA parameter) of one forward+backward through `forward`."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    logits = router(hidden)
+    probs = F.softmax(logits.float(), dim=-1)
+    top_k_weights, top_k_index = torch.topk(probs, TOP_K, dim=-1)
+    top_k_weights = (top_k_weights / top_k_weights.sum(-1, keepdim=True)).to(hidden.dtype)
+    out = forward(block, hidden, top_k_index, top_k_weights)
+    loss = (out.float() ** 2).mean()
+    params = [router.weight] + [p for n, p in block.named_parameters() if "lora_" in n]
+    grads = torch.autograd.grad(loss, [hidden] + params)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("device, dtype", DEVICES)
+@pytest.mark.parametrize("family", ["mixtral", "phixtral"])
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dtype, family, bits):
+    if bits == 8 and device == "cpu" and family == "phixtral":
+        pass  # covered: int8 runs on CPU too
+    torch.manual_seed(0)
+    block = make_block(family, bits, device, dtype, experts=[0, 2, 3])
+    router = nn.Linear(HIDDEN, EXPERTS, bias=False, device=device, dtype=dtype)
+    hidden = torch.randn(TOKENS, HIDDEN, device=device, dtype=dtype)
+
+    block.path_counts.clear()
+    loss, grads = run(block, router, hidden, lambda b, *args: b(*args))
+    assert path_counts(block) == {"grouped": 1, "per_expert": 0}, "the grouped path did not run"
+    ref_loss, ref_grads = run(block, router, hidden, reference_forward)
+    # bf16: outputs and gradients rounded to 8 bits of mantissa (grouped GEMMs accumulate in fp32); a wrong
+    # expert, offset or LoRA slice gives differences of order 1
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 1e-2}
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    names = ["hidden", "router"] + [n for n, p in block.named_parameters() if "lora_" in n]
+    for name, grad, ref in zip(names, grads, ref_grads):
+        scale = ref.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(grad.float() / scale, ref.float() / scale, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    # an expert left out of --experts has no LoRA parameters; every adapted one gets a gradient
+    lora_b_grad = grads[names.index(f"lora_B_{block.projections[0]}")]
+    assert lora_b_grad.shape[0] == 3 and all(torch.count_nonzero(lora_b_grad[i]) > 0 for i in range(3))
+    assert torch.count_nonzero(block.lora_factors(block.projections[0])[1][1]) == 0  # expert 1: zero delta
+
+    # the expert-by-expert fallback computes the same
+    block.grouped = False
+    fallback_loss, fallback_grads = run(block, router, hidden, lambda b, *args: b(*args))
+    assert block.path_counts["per_expert"] == 1
+    torch.testing.assert_close(fallback_loss, loss, **tol)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICES)
+def test_dequantized_weights_do_not_change_with_a_forward(device, dtype):
+    """The block never runs bitsandbytes' Linear4bit forward (which repacks CPU weights in place)."""
+    block = make_block("mixtral", 4, device, dtype)
+    before = {name: block.dequantized(name).clone() for name in block.projections}
+    hidden = torch.randn(TOKENS, HIDDEN, device=device, dtype=dtype)
+    index = torch.randint(0, EXPERTS, (TOKENS, TOP_K), device=device)
+    block(hidden, index, torch.full((TOKENS, TOP_K), 0.5, device=device, dtype=dtype)).sum().backward()
+    for name in block.projections:
+        assert torch.equal(block.dequantized(name), before[name])
+    # and the 4-bit weights are close to the tensors they were built from
+    original = canonical_tensors("mixtral")["gate_up_proj"].to(device)
+    relative = (before["gate_up_proj"].float() - original).norm() / original.norm()
+    assert 0 < relative < 0.15
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_identical_experts_equal_one_dense_mlp(bits):
+    """A block whose experts are all the same MLP computes that MLP, whatever the routing (weights sum to 1)."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(2 * INTER, HIDDEN) * 0.2
+    down = torch.randn(HIDDEN, INTER) * 0.2
+    tensors = {"gate_up_proj": gate_up.expand(EXPERTS, -1, -1).clone(), "down_proj": down.expand(EXPERTS, -1, -1).clone()}
+    block = build_expert_block("mixtral", tensors, bits=bits, compute_dtype=torch.float32, device="cpu", act_fn=nn.SiLU())
+    hidden = torch.randn(TOKENS, HIDDEN)
+    weights = F.softmax(torch.randn(TOKENS, TOP_K), -1)
+    index = torch.stack([torch.randperm(EXPERTS)[:TOP_K] for _ in range(TOKENS)])
+    w_gate_up, w_down = block.dequantized("gate_up_proj")[0], block.dequantized("down_proj")[0]
+    gate, up = (hidden @ w_gate_up.T).chunk(2, -1)
+    dense = (F.silu(gate) * up) @ w_down.T
+    torch.testing.assert_close(block(hidden, index, weights), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_factory_refuses_wrong_tensors():
+    tensors = canonical_tensors("mixtral")
+    with pytest.raises(ValueError, match="down_proj"):
+        build_expert_block("mixtral", {**tensors, "down_proj": tensors["down_proj"][:, :, :5]}, bits=16, compute_dtype=torch.float32, device="cpu", act_fn=nn.SiLU())
+    with pytest.raises(ValueError, match="must be"):
+        build_expert_block("phixtral", tensors, bits=16, compute_dtype=torch.float32, device="cpu", act_fn=nn.SiLU())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_never_synchronises_with_the_host():
+    block = make_block("mixtral", 4, "cuda", torch.bfloat16)
+    router = nn.Linear(HIDDEN, EXPERTS, bias=False, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(256, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    params = [router.weight] + [p for name, p in block.named_parameters() if "lora_" in name]
+
+    def step():
+        _loss, grads = run(block, router, hidden, lambda b, *args: b(*args))
+        with torch.no_grad():  # an SGD step on the router and the LoRA factors
+            torch._foreach_add_(params, [grad.to(p.dtype) for p, grad in zip(params, grads[1:])], alpha=-1e-3)
+
+    step()  # warm-up: kernels load, caches fill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation now raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert block.path_counts == {"grouped": 2}
