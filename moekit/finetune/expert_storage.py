@@ -104,7 +104,8 @@ class Int8Storage(ExpertStorage):
         import bitsandbytes as bnb
 
         super().__init__(weight.shape, compute_dtype)
-        rows = weight.detach().to(device=device, dtype=compute_dtype).reshape(-1, weight.shape[-1])  # (experts * out, in)
+        # float16 rows, as bitsandbytes' Int8Params quantizes them: its CUDA kernel takes no other dtype
+        rows = weight.detach().to(device=device, dtype=torch.float16).reshape(-1, weight.shape[-1])  # (experts * out, in)
         quantized, row_absmax, _ = bnb.functional.int8_vectorwise_quant(rows)
         self.weight = nn.Parameter(quantized, requires_grad=False)
         self.register_buffer("row_absmax", row_absmax, persistent=False)
