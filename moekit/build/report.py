@@ -40,21 +40,18 @@ def write_routing_report(directory: Path, features: list[LayerFeatures], prompts
 
 
 def _plot(path: Path, shares: torch.Tensor, recipe: Recipe) -> None:
-    import matplotlib
+    from moekit.eval.report import _pyplot, routing_heatmaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     num_layers, num_sets, num_experts = shares.shape
-    fig, axes = plt.subplots(1, num_sets, figsize=(2.2 * num_sets + 1.5, 0.22 * num_layers + 1.8), sharey=True, squeeze=False)
-    for index, ax in enumerate(axes[0]):
-        image = ax.imshow(shares[:, index, :].numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"prompts of\nexpert {index}", fontsize=9)
-        ax.set_xticks(range(num_experts))
-        ax.set_xlabel("routed to expert")
-        if index == 0:
-            ax.set_ylabel("layer")
+    fig, axes = plt.subplots(1, num_sets, figsize=(2.3 * num_sets + 1.8, 0.25 * num_layers + 2.4), sharey=True, squeeze=False,
+                             layout="constrained")
+    image = routing_heatmaps(axes[0], [f"prompts of expert {index}" for index in range(num_sets)],
+                             [shares[:, index, :].numpy() for index in range(num_sets)], [str(e) for e in range(num_experts)])
+    for ax in axes[0]:
+        ax.set_xlabel("routed to expert", fontsize=9)
+    axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
-    fig.suptitle(f"Routing of each expert's prompts (gate_mode={recipe.gate_mode}, top-{recipe.experts_per_token})", fontsize=10)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    fig.suptitle(f"Routing of each expert's prompts (gate_mode={recipe.gate_mode}, top-{recipe.experts_per_token})", fontsize=11)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -26,7 +26,6 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
     source_model and positive/negative prompts); moekit's own settings go under a `moekit:` key.
     Sources are local directories, Hub ids (org/name[@revision]) or zoo:NAME.
 
-    \b
     Gate modes: hidden (mergekit's default), cheap_embed, random, uniform_random, and calibrated
     (routers fitted on the tokens each router actually sees). See the README for details.
     """
