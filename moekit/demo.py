@@ -343,6 +343,13 @@ def demo_markdown(report: dict) -> str:
 
 
 def plot_headline(report: dict, path: Path) -> None:
+    """headline.png: see `headline_figure`."""
+    from moekit.eval.report import save
+
+    save(headline_figure(report), path)
+
+
+def headline_figure(report: dict):
     """Perplexity of every model relative to the best source on each set: bars below 0% beat every source; the
     best source itself (0%) is a diamond on the zero line."""
     from moekit.eval.report import TRAINING_OVERLAP_MARK, _pyplot, overlaps_training
@@ -369,5 +376,4 @@ def plot_headline(report: dict, path: Path) -> None:
     ax.set_ylabel("perplexity vs best source (%)")
     ax.set_title("Held-out perplexity relative to the best source on each set (lower is better; ◆ = that best source)", fontsize=11)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

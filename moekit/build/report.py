@@ -40,11 +40,19 @@ def write_routing_report(directory: Path, features: list[LayerFeatures], prompts
 
 
 def _plot(path: Path, shares: torch.Tensor, recipe: Recipe) -> None:
+    from moekit.eval.report import save
+
+    save(routing_figure(shares, recipe.gate_mode, recipe.experts_per_token), path)
+
+
+def routing_figure(shares: torch.Tensor, gate_mode: str, top_k: int):
+    """One heatmap per expert's prompt set: (layers, experts) share of its tokens' routing slots."""
     from moekit.eval.report import _pyplot, routing_heatmaps
 
     plt = _pyplot()
     num_layers, num_sets, num_experts = shares.shape
-    fig, axes = plt.subplots(1, num_sets, figsize=(2.3 * num_sets + 1.8, 0.25 * num_layers + 2.4), sharey=True, squeeze=False,
+    panel_width = min(2.3, 12 / num_sets)  # at most about 1400 px in all
+    fig, axes = plt.subplots(1, num_sets, figsize=(num_sets * panel_width + 1.8, min(0.25 * num_layers, 6) + 2.4), sharey=True, squeeze=False,
                              layout="constrained")
     image = routing_heatmaps(axes[0], [f"prompts of expert {index}" for index in range(num_sets)],
                              [shares[:, index, :].numpy() for index in range(num_sets)], [str(e) for e in range(num_experts)])
@@ -52,6 +60,5 @@ def _plot(path: Path, shares: torch.Tensor, recipe: Recipe) -> None:
         ax.set_xlabel("routed to expert", fontsize=9)
     axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
-    fig.suptitle(f"Routing of each expert's prompts (gate_mode={recipe.gate_mode}, top-{recipe.experts_per_token})", fontsize=11)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.suptitle(f"Routing of each expert's prompts (gate_mode={gate_mode}, top-{top_k})", fontsize=11)
+    return fig

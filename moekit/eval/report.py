@@ -215,6 +215,17 @@ def _pyplot():
 
 
 def plot_perplexity(report: dict, path: Path) -> None:
+    """perplexity.png: see `perplexity_figure`."""
+    save(perplexity_figure(report), path)
+
+
+def save(fig, path: Path) -> None:
+    """Write a chart at 100 dpi (the figure sizes are chosen for that) and free it."""
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
+def perplexity_figure(report: dict):
     """One panel per evaluation set (each with its own scale), one horizontal bar per model (MoE entries hatched),
     sized to stay readable at the width a model card shows it (about 800 px)."""
     plt = _pyplot()
@@ -245,12 +256,19 @@ def plot_perplexity(report: dict, path: Path) -> None:
     axes[0][0].invert_yaxis()  # first model on top (shared by every panel)
     for ax in list(axes.flat)[len(sets):]:
         ax.set_visible(False)
-    fig.suptitle(f"Perplexity per evaluation set (lower is better): {report['model']['name']} and MoEs hatched", fontsize=12)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.suptitle("Perplexity per evaluation set (lower is better; MoEs hatched)", fontsize=12)
+    overlaps = sorted({info["overlaps_training"]["model"] for info in (report.get("data") or {}).values() if info.get("overlaps_training")})
+    if overlaps:
+        fig.supxlabel(f"{TRAINING_OVERLAP_MARK} not held out: shares documents with the training data of {', '.join(overlaps)}", fontsize=9)
+    return fig
 
 
 def plot_routing(routing: dict, path: Path) -> None:
+    """A routing chart: see `routing_figure`."""
+    save(routing_figure(routing), path)
+
+
+def routing_figure(routing: dict):
     """Expert utilisation heatmaps (layers x experts): all tokens, then each evaluation set."""
     import numpy as np
 
@@ -259,7 +277,8 @@ def plot_routing(routing: dict, path: Path) -> None:
     panels += [(name, np.array(info["share"])) for name, info in routing.get("per_set", {}).items()]
     experts = routing["experts"]
     num_layers = len(routing["layers"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (0.5 * len(experts) + 0.7) + 1.8, 0.3 * num_layers + 2.6),
+    panel_width = min(0.4 * len(experts) + 0.6, 12 / len(panels))  # at most about 1400 px in all
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_width + 1.8, min(0.3 * num_layers, 6) + 2.4),
                              sharey=True, squeeze=False, layout="constrained")
     image = routing_heatmaps(axes[0], [title for title, _ in panels], [shares for _, shares in panels], experts)
     axes[0][0].set_ylabel("layer")
@@ -268,8 +287,7 @@ def plot_routing(routing: dict, path: Path) -> None:
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of top-k slots")
     fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']}) of {routing.get('model', 'the MoE')}; "
                  f"even = {1 / len(experts):.0%}", fontsize=11)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def routing_heatmaps(axes, titles: list[str], panels: list, experts: list[str]):
@@ -290,5 +308,5 @@ def routing_heatmaps(axes, titles: list[str], panels: list, experts: list[str]):
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         if annotate:
             for (layer, expert), value in np.ndenumerate(shares):
-                ax.text(expert, layer, f"{value:.0%}", ha="center", va="center", fontsize=7, color="white" if value < top * 0.6 else "black")
+                ax.text(expert, layer, f"{value:.0%}", ha="center", va="center", fontsize=8, color="white" if value < top * 0.6 else "black")
     return image
