@@ -40,7 +40,7 @@ def routing_stats(layers: int = 32, experts: int = 4) -> dict:
 
     return {"experts": [f"expert-{i}" for i in range(experts)], "experts_per_token": 2, "model": "moe-calibrated",
             "layers": [{"layer": i, "share": row, "entropy": 1.0, "load_cv": 0.2} for i, row in enumerate(shares())],
-            "per_set": {s: {"share": shares()} for s in DOMAINS}}
+            "per_set": {s: {"share": shares()} for s in SETS}}
 
 
 def _texts(fig):

@@ -244,7 +244,7 @@ def perplexity_figure(report: dict):
         for bar, model in zip(bars, models):
             if model["role"] == "moe":
                 bar.set_hatch("//")
-        ax.bar_label(bars, fmt="%.1f", fontsize=9, padding=3)
+        ax.bar_label(bars, labels=[_format(v if math.isfinite(v) else None, "perplexity") for v in values], fontsize=9, padding=3)
         finite = [v for v in values if math.isfinite(v)]
         ax.set_xlim(0, 1.3 * max(finite) if finite else 1)  # room for the value labels inside the panel
         mark = f" {TRAINING_OVERLAP_MARK}" if overlaps_training(report, name) else ""
@@ -277,14 +277,19 @@ def routing_figure(routing: dict):
     panels += [(name, np.array(info["share"])) for name, info in routing.get("per_set", {}).items()]
     experts = routing["experts"]
     num_layers = len(routing["layers"])
-    panel_width = min(0.4 * len(experts) + 0.6, 12 / len(panels))  # at most about 1400 px in all
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_width + 1.8, min(0.3 * num_layers, 6) + 2.4),
+    columns = min(len(panels), 4)  # wrapped, so that a model card's width keeps the labels legible
+    rows = -(-len(panels) // columns)
+    panel_width = min(0.4 * len(experts) + 0.6, 12 / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * panel_width + 1.8, rows * (min(0.3 * num_layers, 6 / rows + 2) + 1.6) + 0.8),
                              sharey=True, squeeze=False, layout="constrained")
-    image = routing_heatmaps(axes[0], [title for title, _ in panels], [shares for _, shares in panels], experts)
-    axes[0][0].set_ylabel("layer")
-    for ax in axes[0]:
+    image = routing_heatmaps(list(axes.flat), [title for title, _ in panels], [shares for _, shares in panels], experts)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for ax in list(axes.flat)[: len(panels)]:
         ax.set_xlabel("expert", fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of top-k slots")
+    for row in axes:
+        row[0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of top-k slots")
     fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']}) of {routing.get('model', 'the MoE')}; "
                  f"even = {1 / len(experts):.0%}", fontsize=11)
     return fig
