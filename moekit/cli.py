@@ -11,6 +11,7 @@ import difflib
 import importlib
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -107,13 +108,15 @@ def _run(argv: list[str] | None) -> None:
 
 
 def _interrupted_message(argv: list[str]) -> str:
-    """What an interrupted command left: only a fine-tune keeps something (its checkpoints)."""
-    command = next((arg for arg in argv if arg in COMMANDS), None)
-    if command != "finetune":
-        return "nothing was written; the output directory is as it was before"
+    """What an interrupted command left: only a fine-tune that saved a checkpoint keeps something (OUT.partial)."""
+    nothing = "nothing was written; the output directory is as it was before"
+    if next((arg for arg in argv if arg in COMMANDS), None) != "finetune":
+        return nothing
     out = next((value for flag, value in zip(argv, argv[1:]) if flag in ("-o", "--out")), None)
-    out = out or next((arg.removeprefix("--out=") for arg in argv if arg.startswith("--out=")), "OUT")
-    return f"{out} is as it was before; checkpoints saved so far are in {out}.partial: run the same command with --resume to continue"
+    out = out or next((arg.removeprefix("--out=") for arg in argv if arg.startswith("--out=")), None)
+    if out is None or not Path(f"{out}.partial").is_dir():  # the trainer removes it when no checkpoint was saved
+        return nothing
+    return f"{out} is as it was before; the checkpoints saved so far are in {out}.partial: run the same command with --resume to continue"
 
 
 if __name__ == "__main__":

@@ -60,11 +60,14 @@ def test_help_shows_typed_metavars_and_rewraps_every_paragraph():
             assert "--max-steps INTEGER" in done.stdout and "--target LIST" in done.stdout
 
 
-def test_interrupt_message_names_what_is_left():
+def test_interrupt_message_names_what_is_left(tmp_path):
     assert "partial" not in _interrupted_message(["build", "recipe.yaml", "-o", "moe"])
     assert "nothing was written" in _interrupted_message(["--verbose", "build", "recipe.yaml"])
-    finetune = _interrupted_message(["finetune", "moe", "--data", "d.jsonl", "-o", "runs/chat"])
-    assert "runs/chat.partial" in finetune and "--resume" in finetune
+    out = tmp_path / "chat"
+    assert "nothing was written" in _interrupted_message(["finetune", "moe", "--data", "d.jsonl", "-o", str(out)])  # no checkpoint yet
+    (tmp_path / "chat.partial").mkdir()
+    finetune = _interrupted_message(["finetune", "moe", "--data", "d.jsonl", "-o", str(out)])
+    assert f"{out}.partial" in finetune and "--resume" in finetune
 
 
 def test_plan_caps_the_default_sequence_length_and_hints_the_exact_flag(tmp_path):
