@@ -3,8 +3,8 @@
     python benchmarks/startup.py [--repeat 5] [--json results.json]
 
 Runs each command below in a fresh interpreter, `--repeat` times, and prints the median wall time, the
-median time spent importing modules (`python -X importtime`, top-level imports summed) and which heavy
-libraries were imported. Targets on a 2-core machine: an argument error in under 1 s, `moekit plan`
+median CPU time (user + system: what the run costs whatever else the machine does), the median time spent
+importing modules (`python -X importtime`, top-level imports summed) and which heavy libraries were imported. Targets on a 2-core machine: an argument error in under 1 s, `moekit plan`
 (config only) in under 3 s. The load average is printed too: on a busy machine every figure grows.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,10 +49,13 @@ def commands(work: Path) -> dict[str, list[str]]:
 
 
 def run_once(args: list[str]) -> dict:
-    """One plain run (wall time, exit code) and one under -X importtime (import time, heavy modules)."""
+    """One plain run (wall and CPU time, exit code) and one under -X importtime (import time, heavy modules)."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     plain = subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True)
     wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     traced = subprocess.run([sys.executable, "-X", "importtime", "-m", "moekit", *args], capture_output=True, text=True)
     import_us, heavy = 0, set()
     for line in traced.stderr.splitlines():
@@ -64,7 +68,7 @@ def run_once(args: list[str]) -> dict:
             import_us += int(cumulative)
         if name.strip().split(".")[0] in HEAVY:
             heavy.add(name.strip().split(".")[0])
-    return {"wall_s": wall, "import_s": import_us / 1e6, "exit_code": plain.returncode, "heavy": sorted(heavy)}
+    return {"wall_s": wall, "cpu_s": cpu, "import_s": import_us / 1e6, "exit_code": plain.returncode, "heavy": sorted(heavy)}
 
 
 def main() -> None:
@@ -79,15 +83,17 @@ def main() -> None:
             runs = [run_once(args) for _ in range(options.repeat)]
             results[label] = {
                 "wall_s": round(statistics.median(r["wall_s"] for r in runs), 2),
+                "cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 2),
                 "import_s": round(statistics.median(r["import_s"] for r in runs), 2),
                 "exit_code": runs[0]["exit_code"],
                 "heavy_imports": runs[0]["heavy"],
             }
     load_after = os.getloadavg()
     width = max(map(len, results))
-    print(f"{'command':<{width}}  {'wall s':>7}  {'import s':>8}  exit  heavy libraries imported")
+    print(f"{'command':<{width}}  {'wall s':>7}  {'CPU s':>6}  {'import s':>8}  exit  heavy libraries imported")
     for label, result in results.items():
-        print(f"{label:<{width}}  {result['wall_s']:>7.2f}  {result['import_s']:>8.2f}  {result['exit_code']:>4}  {', '.join(result['heavy_imports']) or '-'}")
+        print(f"{label:<{width}}  {result['wall_s']:>7.2f}  {result['cpu_s']:>6.2f}  {result['import_s']:>8.2f}  {result['exit_code']:>4}  "
+              f"{', '.join(result['heavy_imports']) or '-'}")
     print(f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs; median of {options.repeat} runs")
     if options.json:
         options.json.write_text(json.dumps({"results": results, "load_average": [load_before[0], load_after[0]], "cpus": os.cpu_count()}, indent=2))
