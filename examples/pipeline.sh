@@ -17,11 +17,14 @@ moekit finetune "$work/moe" --data examples/chat-sample.jsonl -o "$work/chat" \
     --target attn,experts,gate --experts 0,2 --lora-r 8 --batch-size 4 --max-seq-len 128 --max-steps 20 \
     --learning-rate 1e-3 --save-steps 10
 
-# 4. eval: the MoE, its fine-tune and every source on the chat set, with routing statistics
-moekit eval "$work/moe" --adapter "$work/chat" --data chat=examples/chat-sample.jsonl -o "$work/eval"
+# 4. eval: the MoE, its fine-tune and every source on held-out chats (none of them in the training file), with
+#    routing statistics for the MoE and for the fine-tune (its routers were trained). A set that shares examples
+#    with the training data would be marked in the report and in model cards as not held out.
+moekit eval "$work/moe" --adapter "$work/chat" --data chat=examples/chat-heldout.jsonl -o "$work/eval"
 
 # 5. export: adapter + routers merged into a standard checkpoint (plain transformers loads it)
 moekit export "$work/chat" -o "$work/chat-merged"
 
-# 6. publish: what would go to the Hub, and the model card (nothing is uploaded with --dry-run)
+# 6. publish: what would go to the Hub, and the model card (nothing is uploaded with --dry-run); the card of the
+#    MoE shows the MoE's own results next to its sources, not its fine-tune's
 moekit publish "$work/moe" --repo-id you/tiny-4x --report "$work/eval" --dry-run

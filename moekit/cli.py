@@ -7,12 +7,14 @@ stays fast and does not import torch. This is the only module that exits: librar
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -43,6 +45,14 @@ class LazyGroup(click.Group):
         module = importlib.import_module(f"moekit.commands.{COMMANDS[name][0]}")
         return module.command
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = click.utils.make_str(args[0])
+        if self.get_command(ctx, name) is None and not name.startswith("-"):
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=2, cutoff=0.6)
+            suggestion = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            ctx.fail(f"No such command {name!r}.{suggestion} (commands: {', '.join(self.list_commands(ctx))})")
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         if rows:
@@ -56,13 +66,17 @@ def _module_exists(module: str) -> bool:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="moekit")
-def cli() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show the warnings and log lines of torch, transformers, TRL and bitsandbytes that moekit hides.")
+def cli(verbose: bool) -> None:
     """moekit: build mixture-of-experts models out of dense checkpoints, fine-tune them with QLoRA,
     evaluate them against their sources and publish them to the Hugging Face Hub.
 
-    \b
     Start with `moekit demo` (offline, CPU, a few minutes), then `moekit build recipes/4x7b.yaml`.
     """
+    if not verbose:
+        from moekit.console import quiet_third_party
+
+        quiet_third_party()
 
 
 def _interrupt(signum, frame) -> None:
@@ -118,13 +132,25 @@ def _run(argv: list[str] | None) -> None:
             click.echo(f"  hint: {err.hint}", err=True)
         sys.exit(err.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: OUT is as it was before (a fine-tune keeps its checkpoints in OUT.partial for --resume)", err=True)
+        click.echo(f"interrupted: {_interrupted_message(sys.argv[1:] if argv is None else argv)}", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+
+
+def _interrupted_message(argv: list[str]) -> str:
+    """What an interrupted command left: only a fine-tune that saved a checkpoint keeps something (OUT.partial)."""
+    nothing = "nothing was written; the output directory is as it was before"
+    if next((arg for arg in argv if arg in COMMANDS), None) != "finetune":
+        return nothing
+    out = next((value for flag, value in zip(argv, argv[1:]) if flag in ("-o", "--out")), None)
+    out = out or next((arg.removeprefix("--out=") for arg in argv if arg.startswith("--out=")), None)
+    if out is None or not Path(f"{out}.partial").is_dir():  # the trainer removes it when no checkpoint was saved
+        return nothing
+    return f"{out} is as it was before; the checkpoints saved so far are in {out}.partial: run the same command with --resume to continue"
 
 
 if __name__ == "__main__":

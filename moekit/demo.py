@@ -142,7 +142,7 @@ def _run(out: Path, settings: DemoSettings, preset: str, recipe_path: Path, cach
             tuned = run_finetune(out / f"moe-{chosen}", out / "finetune", chat_train, settings, echo)
             timings["finetune"] = time.perf_counter() - started
             started = time.perf_counter()
-            tuned_report = _evaluate(out / f"moe-{chosen}", out / "eval" / f"{chosen}+qlora", data, settings, against=[], adapter=tuned.out)
+            tuned_report = _evaluate(out / f"moe-{chosen}", out / "eval" / f"{chosen}+finetune", data, settings, against=[], adapter=tuned.out)
             timings["eval finetuned"] = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
@@ -280,9 +280,7 @@ def combine_reports(reports: dict[str, dict], chosen: str, tuned_report: dict) -
     report = json.loads(json.dumps(reports[chosen]))
     sources = [m for m in first["models"] if m["role"] == "source"]
     others = [_moe_entry(reports[mode]) | {"routing": reports[mode]["routing"]} for mode in GATE_MODES if mode != chosen]
-    tuned = [m for m in tuned_report["models"] if "adapter" in m]
-    for entry in tuned:
-        entry["name"] = f"moe-{chosen}+qlora"
+    tuned = [m for m in tuned_report["models"] if "adapter" in m]  # named by eval: moe-<mode>+finetune, with its own routing
     report["models"] = [_moe_entry(reports[chosen]), *tuned, *others, *sources]
     report["data"] = first["data"]
     return report
@@ -362,26 +360,37 @@ def demo_markdown(report: dict) -> str:
 
 
 def plot_headline(report: dict, path: Path) -> None:
-    """Perplexity of every model relative to the best source on each set: bars below 0% beat every source."""
-    import matplotlib
+    """headline.png: see `headline_figure`."""
+    from moekit.eval.report import save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    save(headline_figure(report), path)
 
-    sets = [*DOMAINS, MIXED]
+
+def headline_figure(report: dict):
+    """Perplexity of every model relative to the best source on each set: bars below 0% beat every source; the
+    best source itself (0%) is a diamond on the zero line."""
+    from moekit.eval.report import TRAINING_OVERLAP_MARK, _pyplot, overlaps_training
+
+    plt = _pyplot()
+    sets = [name for name in (*DOMAINS, MIXED, CHAT) if all(name in m["metrics"] for m in report["models"])]
     models = report["models"]
     sources = [m for m in models if m["role"] == "source"]
     best = {name: min(m["metrics"][name]["perplexity"] for m in sources) for name in sets}
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(10, 4.4), layout="constrained")
     width = 0.8 / len(models)
     for index, model in enumerate(models):
+        color = colors[index % len(colors)]
+        x = [i + (index - (len(models) - 1) / 2) * width for i in range(len(sets))]
         relative = [100 * (model["metrics"][name]["perplexity"] / best[name] - 1) for name in sets]
-        ax.bar([i + (index - (len(models) - 1) / 2) * width for i in range(len(sets))], relative, width,
-               label=model["name"], hatch="//" if model["role"] == "moe" else None, edgecolor="black", linewidth=0.4)
+        ax.bar(x, relative, width, label=model["name"], color=color, hatch="//" if model["role"] == "moe" else None,
+               edgecolor="black", linewidth=0.4)
+        best_here = [i for i, name in enumerate(sets) if model["role"] == "source" and model["metrics"][name]["perplexity"] == best[name]]
+        ax.scatter([x[i] for i in best_here], [0] * len(best_here), marker="D", s=40, color=color, edgecolors="black", linewidths=0.6, zorder=3)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(sets)), sets)
+    ax.set_xticks(range(len(sets)), [name + (f" {TRAINING_OVERLAP_MARK}" if overlaps_training(report, name) else "") for name in sets], fontsize=10)
+    ax.set_xlabel("held-out evaluation set")
     ax.set_ylabel("perplexity vs best source (%)")
-    ax.set_title("Held-out perplexity relative to the best source model on each set (lower is better)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    ax.set_title("Held-out perplexity relative to the best source on each set (lower is better; ◆ = that best source)", fontsize=11)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig

@@ -549,7 +549,7 @@ def _check_options(shape: ModelShape, options: TrainingOptions) -> None:
     if shape.max_positions and options.max_seq_len > shape.max_positions:
         scaling = f" (it already uses {shape.rope_scaling.get('rope_type', shape.rope_scaling.get('type'))} rope scaling)" if shape.rope_scaling else ""
         raise PlanError(f"--max-seq-len {options.max_seq_len} is beyond the model's max_position_embeddings ({shape.max_positions}){scaling}",
-                        hint="train at most max_position_embeddings tokens; longer contexts need rope scaling (e.g. rope_scaling "
+                        hint=f"pass --max-seq-len {shape.max_positions} or less; longer contexts need rope scaling (e.g. rope_scaling "
                              "{'rope_type': 'linear' or 'yarn', 'factor': N}) set in the model's config.json first")
 
 
@@ -676,7 +676,14 @@ def estimate(config_or_path, options: TrainingOptions | None = None, *, gpu_memo
     config = load_config(config_or_path)
     name = config_or_path if isinstance(config_or_path, (str, Path)) else getattr(config, "_name_or_path", "") or config.model_type
     shape = shape_from_config(config)
+    capped = shape.max_positions and options.max_seq_len > shape.max_positions and "max_seq_len" not in options.model_fields_set
+    if capped:  # the default length, not the user's: plan for the longest the model takes rather than refuse
+        default = options.max_seq_len
+        options = options.model_copy(update={"max_seq_len": shape.max_positions})
     plan = _plan(shape, options, str(name))
+    if capped:
+        plan.notes.insert(0, f"sequence length capped at the model's max_position_embeddings ({shape.max_positions}; the default "
+                             f"--max-seq-len is {default}): pass --max-seq-len {shape.max_positions} to moekit finetune as well")
     if gpu_memory is not None:
         if gpu_memory <= 0:
             raise PlanError(f"GPU memory must be positive, got {gpu_memory} bytes")

@@ -104,7 +104,7 @@ def test_qlora_fine_tune_ran_and_was_evaluated_with_its_adapter(demo_run):
     assert finetune["steps"] == 20  # the quick preset
     assert (Path(finetune["directory"]) / "adapter" / "adapter_config.json").is_file()
     tuned = [m for m in report["models"] if m.get("adapter")]
-    assert len(tuned) == 1 and tuned[0]["name"].endswith("+qlora")
+    assert len(tuned) == 1 and tuned[0]["name"] == f"moe-{report['demo']['gate_mode']}+finetune"
     before, after = report["models"][0]["metrics"]["chat"]["perplexity"], tuned[0]["metrics"]["chat"]["perplexity"]
     assert after < before  # it learnt the chat format of its training set, on held-out conversations
 
@@ -117,6 +117,19 @@ def test_recorded_paths_point_into_out_not_into_its_staging_directory(demo_run):
     finetune = json.loads((out / "finetune" / "moekit-finetune.json").read_text())
     assert Path(finetune["base_model_path"]).is_dir() and Path(finetune["base_model_path"]).parent == out.resolve()
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no staging or lock left
+def test_fine_tuned_moe_has_one_name_and_its_own_routing(demo_run):
+    from moekit.eval.report import ROUTING_CHART, routing_chart
+
+    out, report = demo_run["out"], demo_run["report"]
+    tuned = next(m for m in report["models"] if m.get("adapter"))
+    directory = out / "eval" / f"{report['demo']['gate_mode']}+finetune"
+    eval_report = json.loads((directory / "report.json").read_text())
+    assert tuned["name"] in [m["name"] for m in eval_report["models"]]  # the same name in `moekit eval` and the demo
+    assert f"| {tuned['name']} |" in demo_run["stdout"]
+    chart = directory / routing_chart(tuned["name"])
+    assert chart.is_file() and chart.read_bytes() != (directory / ROUTING_CHART).read_bytes()  # the trained routers' own
+    assert tuned["routing"]["layers"] != report["routing"]["layers"]
+    assert routing_chart(tuned["name"]) in report["charts"] and (out / routing_chart(tuned["name"])).is_file()
 
 
 def test_cli_prints_the_headline_table(demo_run):

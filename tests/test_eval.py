@@ -15,9 +15,9 @@ from moekit.build import BuildOptions, build
 from moekit.cli import main
 from moekit.errors import DataError, SourceError
 from moekit.eval import EvalOptions, evaluate, model_entry
-from moekit.eval.data import load_set, render
+from moekit.eval.data import EvalSet, load_set, render, training_overlap
 from moekit.eval.metrics import perplexity
-from moekit.eval.report import markdown_table, write_report
+from moekit.eval.report import markdown_table, routing_chart, write_report
 from moekit.eval.routing import routing_stats
 from moekit.recipe import parse_recipe
 
@@ -356,7 +356,8 @@ def test_adapter_model_is_evaluated_as_a_second_moe_entry(moe, data_files, tmp_p
     (tmp_path / "chat.jsonl").write_text(chats, encoding="utf-8")
     tuned = tmp_path / "tuned"
     finetune(moe, tuned, FinetuneOptions(data=str(tmp_path / "chat.jsonl"), max_steps=2, target="gate", batch_size=4, max_seq_len=64, learning_rate=5e-2, save_steps=1000))
-    result = evaluate(moe, tmp_path / "r", EvalOptions(against=[], adapter=str(tuned), data={"e0": data_files["e0"]}, device="cpu")).to_dict()
+    data = {"e0": data_files["e0"], "train": str(tmp_path / "chat.jsonl")}  # the fine-tune's own training file as a set
+    result = evaluate(moe, tmp_path / "r", EvalOptions(against=[], adapter=str(tuned), data=data, device="cpu")).to_dict()
     _, tuned_entry = result["models"]
     assert tuned_entry["role"] == "moe" and tuned_entry["name"] == "moe+tuned" and tuned_entry["adapter"] == str(tuned)
     model, tokenizer = load_finetuned(tuned, dtype=torch.float32, device="cpu")
@@ -365,6 +366,13 @@ def test_adapter_model_is_evaluated_as_a_second_moe_entry(moe, data_files, tmp_p
         losses = [(model(ids, labels=ids).loss.item(), ids.shape[1] - 1) for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts)]
     assert tuned_entry["metrics"]["e0"]["loss"] == pytest.approx(sum(l * n for l, n in losses) / sum(n for _, n in losses), rel=1e-5)
     assert tuned_entry["routing"]["layers"] != result["routing"]["layers"]  # the routers were trained
+    chart = tmp_path / "r" / routing_chart("moe+tuned")  # and their routing is reported, not only the first MoE's
+    assert chart.is_file() and chart.read_bytes() != (tmp_path / "r" / "routing.png").read_bytes()
+    report_md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Routing of moe+tuned" in report_md and "## Routing of moe\n" in report_md
+    assert result["data"]["train"]["overlaps_training"] == {"model": "moe+tuned", "training_data": str(tmp_path / "chat.jsonl"), "documents": 8, "of": 8}
+    assert "overlaps_training" not in result["data"]["e0"]
+    assert "| ppl train ‡ |" in report_md and "`train` shares 8 of its 8 documents with the training data of moe+tuned" in report_md
     with pytest.raises(SourceError, match="not a moekit finetune output"):
         evaluate(moe, tmp_path / "r2", EvalOptions(adapter=str(tmp_path), device="cpu"))
 
@@ -384,3 +392,14 @@ def test_load_in_4bit_quantizes_the_moe_experts_too(report, moe, data_files):
     float_perplexity = entry(report, moe)["metrics"]["e0"]["perplexity"]
     assert result.perplexity != pytest.approx(float_perplexity, rel=1e-6)  # really quantized
     assert result.perplexity == pytest.approx(float_perplexity, rel=0.1)  # and still the same model
+
+
+def test_training_overlap_counts_documents_shared_with_training_data(tmp_path):
+    chats = [[{"role": "user", "content": f"{i} + 1 ="}, {"role": "assistant", "content": f"{i + 1}."}] for i in range(6)]
+    training = tmp_path / "train.jsonl"
+    training.write_text(json.dumps({"messages": chats[0]}) + "\n" + json.dumps({"prompt": "1 + 1 =", "completion": "2."}) + "\n"
+                        + json.dumps({"text": "plain text seen in training"}) + "\n", encoding="utf-8")
+    held_out = EvalSet("x", "x.jsonl", [chats[0], chats[1], chats[2], "plain text seen in training", "new text"])
+    assert training_overlap(held_out, str(training)) == 3  # the chat, the prompt/completion pair and the text
+    assert training_overlap(EvalSet("y", "y.jsonl", chats[3:]), str(training)) == 0
+    assert training_overlap(held_out, "org/hub-dataset") == 0  # not a local file: nothing to compare here

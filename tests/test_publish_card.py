@@ -200,3 +200,34 @@ def test_validate_card_rejects_broken_metadata():
         validate_card(broken)
     with pytest.raises(PublishError, match="base_model_relation"):
         validate_card(ModelCard("---\nbase_model_relation: blend\n---\n# x\n"))
+
+
+def test_a_card_shows_its_own_models_rows_and_marks_sets_overlapping_training(hub_build, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    finetune_dir = tmp_path / "ft"
+    model = AutoModelForCausalLM.from_pretrained(hub_build, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(finetune_dir / "adapter")
+    (finetune_dir / "moekit-finetune.json").write_text(json.dumps({
+        "kind": "finetune", "base_model": str(hub_build), "base_model_path": str(hub_build), "datasets": ["train.jsonl"]}))
+    metrics = lambda chat, held: {"chat": {"perplexity": chat, "loss": 1.0}, "held": {"perplexity": held, "loss": 1.0}}  # noqa: E731
+    report = {"model": {"name": "tiny-moe"}, "routing": {"model": "tiny-moe"}, "models": [
+        {"name": "tiny-moe", "path": str(hub_build), "role": "moe", "metrics": metrics(10.0, 11.0)},
+        {"name": "tiny-moe+ft", "path": str(finetune_dir), "adapter": str(finetune_dir), "role": "moe", "metrics": metrics(5.0, 10.5)},
+        {"name": "acme/tiny-code", "path": "x", "role": "source", "metrics": metrics(12.0, 12.5)},
+    ], "data": {"chat": {"source": "train.jsonl", "overlaps_training": {"model": "tiny-moe+ft", "training_data": "train.jsonl", "documents": 8, "of": 8}},
+                "held": {"source": "held.jsonl"}}}
+
+    build_card = model_card(hub_build, report=report)
+    text = str(build_card)
+    assert "| tiny-moe | moe | 10.000 | 11.000 |" in text and "| acme/tiny-code | source | 12.000 | 12.500 |" in text
+    assert "tiny-moe+ft" not in text and "‡" not in text  # the fine-tune's row and its training-data mark are not this model's
+    _, results = model_index_to_eval_results(build_card.data.to_dict()["model-index"])
+    assert {(r.dataset_name, r.metric_type): r.metric_value for r in results if r.metric_type == "perplexity"} == {("chat", "perplexity"): 10.0, ("held", "perplexity"): 11.0}
+
+    text = str(model_card(finetune_dir, report=report, base_model="me/tiny-moe"))
+    assert "| tiny-moe+ft | moe | 5.000 | 10.500 |" in text
+    assert "| tiny-moe | moe before fine-tuning | 10.000 | 11.000 |" in text
+    assert "| chat perplexity ‡ | held perplexity |" in text and "not held out: `chat` shares 8 of its 8 documents" in text

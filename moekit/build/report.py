@@ -46,21 +46,25 @@ def _rounded(value: float) -> float | None:
 
 
 def _plot(path: Path, shares: torch.Tensor, recipe: Recipe) -> None:
-    import matplotlib
+    from moekit.eval.report import save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    save(routing_figure(shares, recipe.gate_mode, recipe.experts_per_token), path)
 
+
+def routing_figure(shares: torch.Tensor, gate_mode: str, top_k: int):
+    """One heatmap per expert's prompt set: (layers, experts) share of its tokens' routing slots."""
+    from moekit.eval.report import _pyplot, routing_heatmaps
+
+    plt = _pyplot()
     num_layers, num_sets, num_experts = shares.shape
-    fig, axes = plt.subplots(1, num_sets, figsize=(2.2 * num_sets + 1.5, 0.22 * num_layers + 1.8), sharey=True, squeeze=False)
-    for index, ax in enumerate(axes[0]):
-        image = ax.imshow(shares[:, index, :].numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"prompts of\nexpert {index}", fontsize=9)
-        ax.set_xticks(range(num_experts))
-        ax.set_xlabel("routed to expert")
-        if index == 0:
-            ax.set_ylabel("layer")
+    panel_width = min(2.3, 12 / num_sets)  # at most about 1400 px in all
+    fig, axes = plt.subplots(1, num_sets, figsize=(num_sets * panel_width + 1.8, min(0.25 * num_layers, 6) + 2.4), sharey=True, squeeze=False,
+                             layout="constrained")
+    image = routing_heatmaps(axes[0], [f"prompts of expert {index}" for index in range(num_sets)],
+                             [shares[:, index, :].numpy() for index in range(num_sets)], [str(e) for e in range(num_experts)])
+    for ax in axes[0]:
+        ax.set_xlabel("routed to expert", fontsize=9)
+    axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
-    fig.suptitle(f"Routing of each expert's prompts (gate_mode={recipe.gate_mode}, top-{recipe.experts_per_token})", fontsize=10)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    fig.suptitle(f"Routing of each expert's prompts (gate_mode={gate_mode}, top-{top_k})", fontsize=11)
+    return fig

@@ -26,18 +26,19 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
     source_model and positive/negative prompts); moekit's own settings go under a `moekit:` key.
     Sources are local directories, Hub ids (org/name[@revision]) or zoo:NAME.
 
-    \b
     Gate modes: hidden (mergekit's default), cheap_embed, random, uniform_random, and calibrated
     (routers fitted on the tokens each router actually sees). See the README for details.
     """
     from pydantic import ValidationError
 
-    from moekit.build import BuildOptions, build, plan
+    from moekit.console import status
     from moekit.errors import RecipeError
     from moekit.recipe import load_recipe
     from moekit.units import format_count, format_size
 
-    parsed = load_recipe(recipe)
+    parsed = load_recipe(recipe)  # a missing or invalid recipe is reported before torch is imported
+    with status("loading torch and mergekit"):
+        from moekit.build import BuildOptions, build, plan
     try:
         build_options = BuildOptions(**options)
     except ValidationError as err:

@@ -21,13 +21,15 @@ def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, o
     The export is refused, and nothing is written, unless the merged weights differ from the base
     MoE exactly where the fine-tune trained adapters and routers.
     """
-    from moekit.finetune.export import export
+    from moekit.console import status
     from moekit.units import parse_size
 
     try:
         shard_bytes = parse_size(shard_size)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--shard-size") from None
+    with status("loading torch, transformers and PEFT"):
+        from moekit.finetune.export import export
     export(finetune_dir, out, dtype=dtype, shard_size=shard_bytes, overwrite=overwrite)
     click.echo(f"exported {finetune_dir} -> {out}")
     if push_to_hub:

@@ -21,7 +21,6 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
     """QLoRA fine-tune the MoE at MODEL (a `moekit build` output, a Mixtral/Phixtral checkpoint, a Hub id
     or zoo:NAME) on chat data, with every expert in 4-bit.
 
-    \b
     Trains LoRA adapters on attention and/or chosen experts and the routers in full (--target),
     with loss on assistant tokens only and the router load-balancing loss logged apart. Before
     training it prints what is trainable; afterwards it checks that every target changed.
@@ -30,9 +29,10 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
     """
     from pydantic import ValidationError
 
+    from moekit.console import status
     from moekit.finetune.options import options_from_cli
-    from moekit.finetune.trainer import FSDP_RESUME_REFUSAL, check_inputs, finetune
 
+    # every argument is checked before torch, transformers and TRL are imported (seconds of start-up)
     try:
         parsed = options_from_cli(FinetuneOptions, options)
     except ValidationError as err:
@@ -47,6 +47,8 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
         raise click.UsageError("--num-processes needs --fsdp or --ddp")
     if launch_kind == "fsdp" and parsed.bits == 8:  # no quant_storage for LLM.int8 weights: FSDP cannot flatten them with the rest
         raise click.UsageError("--fsdp needs --bits 4 or 16: bitsandbytes' 8-bit weights cannot be sharded by FSDP (use --ddp)")
+    with status("loading torch, transformers and TRL"):
+        from moekit.finetune.trainer import FSDP_RESUME_REFUSAL, check_inputs, finetune
     if launch_kind == "fsdp" and parsed.resume:
         raise click.UsageError(FSDP_RESUME_REFUSAL)
     if launch_kind is not None:

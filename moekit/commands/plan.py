@@ -33,13 +33,13 @@ def command(model: str, gpu_memory: int | None, as_json: bool, **options) -> Non
     """Predict the GPU memory of `moekit finetune MODEL` with the same options, from MODEL's config
     alone (a local directory, a config.json, a Hub id or zoo:NAME; no weights are read).
 
-    \b
     Prints weights by part (attention, experts, routers, embeddings, 4-bit constants), trainable
     parameters, gradients, optimizer states, activations and the predicted peak, plus total and
     active parameters and the checkpoint size on disk.
     """
     from pydantic import ValidationError
 
+    from moekit.console import status
     from moekit.finetune.options import options_from_cli
     from moekit.plan import estimate
 
@@ -49,5 +49,6 @@ def command(model: str, gpu_memory: int | None, as_json: bool, **options) -> Non
         first = err.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
         raise click.UsageError(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}") from None
-    plan = estimate(model, parsed, gpu_memory=gpu_memory)
+    with status("reading the config (loading transformers)"):
+        plan = estimate(model, parsed, gpu_memory=gpu_memory)
     click.echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())

@@ -320,9 +320,12 @@ def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
     sets = load_sets(options, metadata, expert_names)
     manager = None
     if options.tasks:
-        from moekit.eval.lm_eval_tasks import task_manager
+        from moekit.console import status
+        from moekit.eval.lm_eval_tasks import prepare_tasks, task_manager
 
-        manager = task_manager(options.tasks, options.include_path)
+        with status("indexing lm-eval tasks and loading their datasets"):
+            manager = task_manager(options.tasks, options.include_path)
+            prepare_tasks(options.tasks, manager)
     if not sets and not options.tasks:
         raise DataError("nothing to evaluate: the model has no moekit.json with expert prompts", hint="pass --data NAME=PATH or --task TASK")
     device = _device(options)
@@ -362,6 +365,7 @@ def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
         }
         for s in sets
     }
+    _mark_training_overlap(data, sets, specs)
     notes = [LOSS_DEFINITION]
     if any(not e["same_tokenizer"] for e in entries):
         notes.append("Some sources use a different tokenizer than the MoE: their perplexities are per token of their own tokenizer; compare bits_per_byte.")
@@ -382,6 +386,21 @@ def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
     }
     files = write_report(report, out, overwrite=options.overwrite)
     return EvalReport(report=report, out=out, files=files)
+
+
+def _mark_training_overlap(data: dict, sets: list, specs: list[ModelSpec]) -> None:
+    """Mark each set that shares documents with a fine-tuned entry's training data (`overlaps_training`): its
+    figures for that model are not held-out figures."""
+    from moekit.eval.data import training_overlap
+    from moekit.finetune.export import read_finetune
+
+    for spec in (s for s in specs if s.adapter is not None):
+        for training_data in read_finetune(spec.adapter).get("datasets") or []:
+            for eval_set in sets:
+                shared = training_overlap(eval_set, str(training_data))
+                if shared and "overlaps_training" not in data[eval_set.name]:
+                    data[eval_set.name]["overlaps_training"] = {"model": spec.name, "training_data": str(training_data),
+                                                                "documents": shared, "of": len(eval_set.documents)}
 
 
 __all__ = ["EvalOptions", "EvalReport", "evaluate", "load_sets", "model_entry", "plan_models"]

@@ -121,3 +121,38 @@ def render(document: Document, tokenizer) -> str:
         bos = tokenizer.bos_token
         return text.removeprefix(bos) if bos else text  # the scorer adds the prefix token itself
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in document)
+
+
+def training_overlap(eval_set: EvalSet, training_data: str) -> int:
+    """How many of `eval_set`'s documents also appear in a fine-tune's training data (a local JSON/JSONL file
+    with `text`, `messages` or `prompt`/`completion` records); 0 when that data cannot be read here."""
+    path = Path(training_data).expanduser()
+    if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
+        return 0
+    try:
+        text = path.read_text(encoding="utf-8")
+        records = json.loads(text) if path.suffix.lower() == ".json" and text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return 0
+    seen = {key for key in map(_record_key, records) if key is not None}
+    return sum(_document_key(document) in seen for document in eval_set.documents)
+
+
+def _document_key(document: Document) -> str:
+    if isinstance(document, str):
+        return document.strip()
+    return json.dumps([{"role": m["role"], "content": m["content"].strip()} for m in document], sort_keys=True)
+
+
+def _record_key(record) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("text"), str):
+        return record["text"].strip()
+    messages = record.get("messages")
+    if messages is None and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    if isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        return _document_key(messages)
+    return None

@@ -42,6 +42,25 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None):
     return manager
 
 
+def prepare_tasks(tasks: list[str], manager) -> None:
+    """Build every task now, datasets included, so that a task that cannot get its data fails before any
+    model is loaded: one DataError naming the task (most datasets come from the Hugging Face Hub)."""
+    for task in tasks:
+        try:
+            manager.load([task])
+        except Exception as err:  # noqa: BLE001 - lm-eval and datasets raise many types (network, missing files, bad YAML)
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            offline = isinstance(err, OSError) or "Hub" in reason or "offline" in reason.lower()
+            if offline:
+                raise DataError(
+                    f"lm-eval task '{task}' cannot load its dataset: {reason}",
+                    hint=("its data comes from the Hugging Face Hub: run once with network access to cache it, then set "
+                          "HF_HUB_OFFLINE=1 to use that cache without network (and without retries); or define a local task "
+                          "over local files and pass --include-path DIR"),
+                ) from None
+            raise DataError(f"lm-eval task '{task}' cannot be prepared: {type(err).__name__}: {reason}") from None
+
+
 def run_tasks(model, tokenizer, tasks: list[str], manager, *, batch_size: int, max_length: int, limit: int | None = None) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} for `model`; group tasks (e.g. mmlu) also report their subtasks."""
     from lm_eval import simple_evaluate

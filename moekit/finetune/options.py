@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args, get_origin
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -100,6 +101,8 @@ class FinetuneOptions(TrainingOptions):
 def _click_type(annotation):
     origin = get_origin(annotation)
     args = get_args(annotation)
+    if origin in (Union, UnionType) and type(None) in args and len(args) == 2:  # `int | None`: the int's option
+        return _click_type(next(a for a in args if a is not type(None)))
     if origin is Literal:
         return click.Choice([str(a) for a in args]), args
     if annotation is bool:
@@ -108,7 +111,13 @@ def _click_type(annotation):
         return int, None
     if annotation is float:
         return float, None
-    return str, None  # lists and optionals are parsed by the pydantic validators
+    return str, None  # lists are parsed by the pydantic validators
+
+
+def _metavar(annotation) -> str | None:
+    """LIST for comma lists (parsed by the validators), else click's own (INTEGER, FLOAT, TEXT, choices)."""
+    inner = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) else [annotation]
+    return "LIST" if inner and get_origin(inner[0]) is list else None
 
 
 def click_options(model: type[BaseModel], exclude: tuple[str, ...] = ()):
@@ -132,7 +141,7 @@ def click_options(model: type[BaseModel], exclude: tuple[str, ...] = ()):
             elif choices is not None and all(isinstance(c, int) for c in choices):
                 func = click.option(flag, name, type=click.Choice([str(c) for c in choices]), default=None, callback=lambda _c, _p, v: None if v is None else int(v), help=help_text)(func)
             else:
-                func = click.option(flag, name, type=click_type, default=None, help=help_text)(func)
+                func = click.option(flag, name, type=click_type, default=None, metavar=_metavar(field.annotation), help=help_text)(func)
         return func
 
     return decorate

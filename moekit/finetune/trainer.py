@@ -102,7 +102,7 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
     data = load_training_data(options.data, tokenizer)
     echo(f"data: {data.describe()}")
-    plan_peak = _print_plan(model_path, options, echo)
+    plan_peak = _print_plan(model_path, options, echo, on_gpu=_device().type == "cuda")
     teacher_path = resolve_model(options.teacher) if options.teacher else None
     if teacher_path is not None:
         _check_teacher(config, _load_config(teacher_path, options.trust_remote_code), options.teacher)
@@ -315,7 +315,8 @@ def _check_teacher(config, teacher_config, ref: str) -> None:
         raise IncompatibleModelsError(f"teacher {ref} has a vocabulary of {teacher_config.vocab_size} tokens, the model {config.vocab_size}; distillation needs the same tokenizer")
 
 
-def _print_plan(model_path: Path, options: FinetuneOptions, echo) -> int | None:
+def _print_plan(model_path: Path, options: FinetuneOptions, echo, on_gpu: bool) -> int | None:
+    """Print the GPU memory plan when training on a GPU (a CPU run gets one line); returns the predicted peak."""
     from moekit.plan import estimate
 
     try:
@@ -323,7 +324,7 @@ def _print_plan(model_path: Path, options: FinetuneOptions, echo) -> int | None:
     except MoekitError as err:
         echo(f"memory plan unavailable: {err.message}")
         return None
-    echo(plan.render())
+    echo(plan.render() if on_gpu else "training on the CPU (no CUDA device): no GPU memory plan applies")
     return plan.peak_bytes
 
 

@@ -36,14 +36,50 @@ def register_config_class() -> None:
 
 
 def register_auto_classes() -> None:
-    """Register PhixtralConfig with AutoConfig and PhixtralForCausalLM with AutoModelForCausalLM. Idempotent."""
+    """Register PhixtralConfig with AutoConfig and PhixtralForCausalLM with AutoModelForCausalLM. Idempotent.
+
+    The model class is imported at its first lookup, not here: transformers imports its auto modules to
+    write config docstrings, and importing the modeling code then would cost every config read (`moekit
+    plan`) a second of start-up.
+    """
     from transformers.models.auto.modeling_auto import AutoModelForCausalLM
 
     from moekit.models.phixtral.configuration_phixtral import PhixtralConfig
-    from moekit.models.phixtral.modeling_phixtral import PhixtralForCausalLM
 
     register_config_class()
-    AutoModelForCausalLM.register(PhixtralConfig, PhixtralForCausalLM, exist_ok=True)
+    mapping = AutoModelForCausalLM._model_mapping
+    if isinstance(getattr(mapping, "_extra_content", None), dict):
+        if not isinstance(mapping._extra_content, _ImportOnLookup):
+            mapping._extra_content = _ImportOnLookup(mapping._extra_content)
+        mapping._extra_content[PhixtralConfig] = _phixtral_for_causal_lm
+    else:  # a transformers without the lazy mapping's registry: register the class itself
+        AutoModelForCausalLM.register(PhixtralConfig, _phixtral_for_causal_lm(), exist_ok=True)
+
+
+def _phixtral_for_causal_lm():
+    from moekit.models.phixtral.modeling_phixtral import PhixtralForCausalLM
+
+    return PhixtralForCausalLM
+
+
+class _ImportOnLookup(dict):
+    """Registered auto-mapping entries whose value may be a loader (`_phixtral_for_causal_lm`), called at first lookup."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if value is _phixtral_for_causal_lm:
+            value = value()
+            self[key] = value
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def values(self):
+        return [self[key] for key in self]
+
+    def items(self):
+        return [(key, self[key]) for key in self]
 
 
 def write_phixtral_code(model_dir: Path) -> None:

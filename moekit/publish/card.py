@@ -128,10 +128,10 @@ def model_card(model_dir: Path, *, license: str | None = None, report: dict | Pa
     """
     directory = inspect_directory(Path(model_dir))
     decision = decide_license(directory, license)
-    report_dict = _load_report(directory.path, report)
+    report_dict = _card_report(directory, _load_report(directory.path, report))
     name = repo_id or _directory_name(directory.path)
     data = _card_data(directory, decision, report_dict, name, base_model)
-    body = _body(directory, decision, report_dict, name, base_model, _report_charts(directory.path, report))
+    body = _body(directory, decision, report_dict, name, base_model, _card_charts(report_dict, _report_charts(directory.path, report)))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -225,6 +225,50 @@ def _hub_ids(refs) -> list[str]:
         if HUB_ID.match(repo) and not repo.startswith((".", "/", "~")) and not Path(repo).exists() and not repo.endswith(FILE_SUFFIXES) and repo not in ids:
             ids.append(repo)
     return ids
+
+
+def _card_report(directory: ModelDirectory, report: dict | None) -> dict | None:
+    """The report as the card shows it: the entry of the model the card describes, then its baselines (the
+    source models, and for a fine-tune the MoE it was trained from); other models' rows (a fine-tune on a
+    build's card, other gate modes) are left out. None when the report has no entry for this model."""
+    if not report or not report.get("models"):
+        return report
+    here = directory.path.resolve()
+    moes = [m for m in report["models"] if m.get("role") == "moe"]
+    described = next((m for m in moes if _same_path(m.get("adapter") or m.get("path"), here)), None)
+    if described is None and directory.kind == "build":
+        described = next((m for m in moes if not m.get("adapter")), None)
+    elif described is None:
+        described = next((m for m in moes if m.get("adapter")), None)
+    if described is None:
+        return None
+    baselines = []
+    trained_from = (directory.finetune or {}).get("base_model_path")
+    if described.get("adapter") and trained_from:  # the MoE before fine-tuning
+        baselines = [m | {"role": "moe before fine-tuning"} for m in moes if not m.get("adapter") and _same_path(m.get("path"), Path(trained_from))]
+    sources = [m for m in report["models"] if m.get("role") == "source"]
+    shown = [described, *baselines, *sources]
+    names = {m.get("name") for m in shown}
+    # a set is marked as training data only for a model on this card
+    data = {name: {k: v for k, v in info.items() if k != "overlaps_training" or v.get("model") in names}
+            for name, info in (report.get("data") or {}).items()}
+    return report | {"models": shown, "data": data}
+
+
+def _card_charts(report: dict | None, charts: list[str]) -> list[str]:
+    """The report's charts, less the routing charts of models the card does not describe."""
+    from moekit.eval.report import ROUTING_CHART, routing_chart
+
+    if not report or not report.get("models"):
+        return charts
+    described = report["models"][0]["name"]
+    report_moe = (report.get("routing") or {}).get("model") or (report.get("model") or {}).get("name")
+    own = routing_chart(described) if described != report_moe else ROUTING_CHART
+    return [c for c in charts if not Path(c).name.startswith("routing") or Path(c).name == own]
+
+
+def _same_path(a: str | None, b: Path) -> bool:
+    return bool(a) and Path(a).resolve() == Path(b).resolve()
 
 
 def _eval_results(report: dict | None) -> list[EvalResult]:
@@ -373,8 +417,10 @@ def _losses(finetune: dict) -> tuple[float, float] | None:
 def _eval_section(report: dict | None, charts: list[str]) -> list[str]:
     if not report or not report.get("models"):
         return []
+    from moekit.eval.report import TRAINING_OVERLAP_MARK, overlap_note, overlaps_training
+
     sets = list(dict.fromkeys(s for model in report["models"] for s in (model.get("metrics") or {})))
-    header = "| Model | Role | " + " | ".join(f"{s} perplexity" for s in sets) + " |"
+    header = "| Model | Role | " + " | ".join(f"{s} perplexity" + (f" {TRAINING_OVERLAP_MARK}" if overlaps_training(report, s) else "") for s in sets) + " |"
     lines = [header, "|---|---|" + "---|" * len(sets)]
     for model in report["models"]:
         metrics = model.get("metrics") or {}
@@ -385,6 +431,8 @@ def _eval_section(report: dict | None, charts: list[str]) -> list[str]:
         lines.append(f"| {_cell(model.get('name', '?'))} | {model.get('role', '')} | " + " | ".join(cells) + " |")
     section = ["## Evaluation\n", "Perplexity (lower is better) measured with `moekit eval`, on the same texts for the MoE and each source model.\n",
                "\n".join(lines) + "\n"]
+    if overlap_note(report):
+        section.append(overlap_note(report) + "\n")
     section += [f"![{Path(chart).stem}]({chart})\n" for chart in charts]
     return section
 
