@@ -158,5 +158,5 @@ def test_interrupted_write_leaves_nothing(tmp_path, capsys, llama_family, monkey
             return self.file.write(data)
 
     monkeypatch.setattr(writer, "open", FailingFile, raising=False)
-    assert_refused(tmp_path, recipe_text(llama_family, "random"), capsys, "interrupted: OUT is as it was before" if failure is KeyboardInterrupt else "disk is full")
+    assert_refused(tmp_path, recipe_text(llama_family, "random"), capsys, "interrupted: nothing was written; the output directory is as it was before" if failure is KeyboardInterrupt else "disk is full")
     assert calls["n"] == 10
