@@ -166,14 +166,20 @@ class ExpertBlock(nn.Module):
         weights = top_k_weights.reshape(-1)[order]  # (rows,)
         row_experts = flat_experts[order] if hasattr(self, f"{self.projections[0]}_bias") else None
 
-        available = self._grouped_kernel_available(hidden_states)
+        device_type = hidden_states.device.type
+        inputs = hidden_states
+        if inputs.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+            # every GEMM below would run in the autocast dtype anyway; a float32 input (Phi-2's LayerNorm output
+            # under autocast) would otherwise keep the block off the grouped kernels, which take bf16 only
+            inputs = inputs.to(torch.get_autocast_dtype(device_type))
+        available = self._grouped_kernel_available(inputs)
         if self.grouped and not available:
             raise TrainingError(f"the grouped expert path was forced, but torch has no grouped GEMM for {hidden_states.dtype} on {hidden_states.device.type} here")
         grouped = available if self.grouped is None else self.grouped
         self.path_counts[PATHS[0] if grouped else PATHS[1]] += 1
 
         first, second = self.projections
-        expert_inputs = hidden_states[token_index]  # (rows, hidden)
+        expert_inputs = inputs[token_index]  # (rows, hidden)
         intermediate = self._project(first, expert_inputs, offsets, grouped, row_experts)  # (rows, 2I) or (rows, I)
         if self.gated:
             gate, up = intermediate.chunk(2, dim=-1)
