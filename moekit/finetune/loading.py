@@ -177,7 +177,8 @@ def load_for_training(
     from moekit.finetune.distributed import is_main_process
 
     with tqdm(total=sum(len(step.keys) for step in steps), desc="loading weights", unit="tensor", disable=not progress or not is_main_process()) as bar:
-        for step in steps:
+        while steps:
+            step = steps.pop(0)  # dropped once done: a step holds its skeleton module, and so what was loaded into it
             step.load(reader, make_linear, compute_dtype, device)
             bar.update(len(step.keys))
     for module in model.modules():
@@ -308,10 +309,29 @@ def _experts_step(block: _ExpertBlock, parent: nn.Module, attribute: str) -> _St
             for key, expert, destination in block.sources[canonical]:
                 reader.read_into(key, tensors[canonical][destination], index=expert)
         _place_experts(parent, attribute, block.module, block.family, tensors, make_linear)
+        del tensors
+        _return_freed_memory()
 
     keys = list(dict.fromkeys(key for parts in block.sources.values() for key, _, _ in parts if key))
     absent = sum(key is None for parts in block.sources.values() for key, _, _ in parts)
     return _Step(block.name, keys, load, f"{block.name} ({absent} expert tensors)" if absent else None)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory freed with a layer's expert tensors back to the OS.
+
+    glibc keeps freed chunks of its heap for reuse, but small allocations made meanwhile (quantized weights
+    on a CPU device, other tensors) land in the holes, so the next layer's buffers no longer fit there: the
+    resident set then grows by up to a layer per layer (measured on the CPU). `malloc_trim` releases the
+    free pages wherever they are. Elsewhere than glibc this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _place_experts(parent: nn.Module, attribute: str, skeleton: nn.Module, family: str, tensors: dict[str, torch.Tensor], make_linear) -> None:
@@ -323,7 +343,12 @@ def _place_experts(parent: nn.Module, attribute: str, skeleton: nn.Module, famil
     if family == "mixtral":
         skeleton.gate_up_proj = nn.Parameter(tensors["gate_up_proj"], requires_grad=False)  # (E, 2I, H)
         skeleton.down_proj = nn.Parameter(tensors["down_proj"], requires_grad=False)  # (E, H, I)
-        setattr(parent, attribute, _unfuse_experts(skeleton, make_linear))
+        try:
+            setattr(parent, attribute, _unfuse_experts(skeleton, make_linear))
+        finally:
+            # transformers' expert modules sit in reference cycles, which only the cyclic collector frees, and it
+            # runs by object counts, not bytes: without this, freed layers' tensors would pile up until it does
+            del skeleton.gate_up_proj, skeleton.down_proj
     elif family == "phixtral":
         for expert_idx, expert in enumerate(skeleton):
             # biases copied: a slice would keep the whole stacked tensor alive where the device is the CPU
