@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,7 +111,7 @@ class _ExpertBlock:
     family: str  # "mixtral" (gated, fused) or "phixtral" (fc1/fc2 with biases)
     shapes: dict[str, tuple[int, ...]]  # canonical name -> shape
     # canonical name -> [(checkpoint key or None if absent, expert slice of that tensor to read or None, where it goes)]
-    sources: dict[str, list[tuple[str | None, int | None, tuple]]] = field(default_factory=dict)
+    sources: dict[str, list[tuple[str | None, int | None, tuple]]]
 
 
 @dataclass
@@ -177,8 +177,7 @@ def load_for_training(
     from moekit.finetune.distributed import is_main_process
 
     with tqdm(total=sum(len(step.keys) for step in steps), desc="loading weights", unit="tensor", disable=not progress or not is_main_process()) as bar:
-        while steps:
-            step = steps.pop(0)  # dropped once done: a step holds its skeleton module, and so what was loaded into it
+        for step in steps:
             step.load(reader, make_linear, compute_dtype, device)
             bar.update(len(step.keys))
     for module in model.modules():
@@ -326,12 +325,10 @@ def _return_freed_memory() -> None:
     free pages wherever they are. Elsewhere than glibc this does nothing.
     """
     import ctypes
-    import ctypes.util
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the C library the interpreter runs on
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def _place_experts(parent: nn.Module, attribute: str, skeleton: nn.Module, family: str, tensors: dict[str, torch.Tensor], make_linear) -> None:
