@@ -115,12 +115,26 @@ class _ExpertBlock:
 
 
 @dataclass
+class Quantization:
+    """How loaded weights are stored: `bits` 4 (NF4, double-quantized), 8 (LLM.int8) or 16 (`compute_dtype`), on `device`."""
+
+    bits: int
+    compute_dtype: torch.dtype
+    quant_storage: torch.dtype
+    device: torch.device
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """A linear layer holding `weight` (out, in), as `quantize_moe` makes it."""
+        return _new_linear(weight, bias, bits=self.bits, compute_dtype=self.compute_dtype, quant_storage=self.quant_storage, device=self.device)
+
+
+@dataclass
 class _Step:
     """Loading one module's (or one parameter's) weights: which checkpoint tensors, and how."""
 
     name: str
     keys: list[str]
-    load: Callable  # (reader, make_linear, compute_dtype, device) -> None
+    load: Callable  # (reader, quantization) -> None
     missing: str | None = None  # what the checkpoint lacks for it
 
 
@@ -167,9 +181,7 @@ def load_for_training(
     except OSError:
         pass  # no generation_config.json: keep the one made from the config, as from_pretrained does
 
-    def make_linear(weight, bias):
-        return _new_linear(weight, bias, bits=bits, compute_dtype=compute_dtype, quant_storage=quant_storage, device=device)
-
+    quantization = Quantization(bits, compute_dtype, quant_storage, device)
     steps = _plan(model, reader)
     _check_complete(model, reader, steps)
     from tqdm.auto import tqdm
@@ -177,8 +189,9 @@ def load_for_training(
     from moekit.finetune.distributed import is_main_process
 
     with tqdm(total=sum(len(step.keys) for step in steps), desc="loading weights", unit="tensor", disable=not progress or not is_main_process()) as bar:
-        for step in steps:
-            step.load(reader, make_linear, compute_dtype, device)
+        while steps:
+            step = steps.pop(0)  # dropped once done, with the skeleton modules it refers to (measured: a steadier peak)
+            step.load(reader, quantization)
             bar.update(len(step.keys))
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
@@ -281,8 +294,8 @@ def _parameter_step(places: list[tuple[nn.Module, str, str]], available: dict[st
     name = places[0][2]
     key = next((available[full] for _, _, full in places if full in available), None)
 
-    def load(reader: CheckpointReader, _make_linear, compute_dtype, device) -> None:
-        value = reader.read(key, compute_dtype).to(device)
+    def load(reader: CheckpointReader, quantization: Quantization) -> None:
+        value = reader.read(key, quantization.compute_dtype).to(quantization.device)
         param = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
         for module, attribute, _ in places:  # tied parameters (embeddings = lm_head) stay one parameter
             module._parameters[attribute] = param
@@ -291,23 +304,23 @@ def _parameter_step(places: list[tuple[nn.Module, str, str]], available: dict[st
 
 
 def _linear_step(name: str, parent: nn.Module, attribute: str, keys: dict[str, str | None]) -> _Step:
-    def load(reader: CheckpointReader, make_linear, compute_dtype, _device) -> None:
-        weight = reader.read(keys["weight"], compute_dtype)  # (out, in)
-        bias = reader.read(keys["bias"], compute_dtype) if "bias" in keys else None
-        setattr(parent, attribute, make_linear(weight, bias))
+    def load(reader: CheckpointReader, quantization: Quantization) -> None:
+        weight = reader.read(keys["weight"], quantization.compute_dtype)  # (out, in)
+        bias = reader.read(keys["bias"], quantization.compute_dtype) if "bias" in keys else None
+        setattr(parent, attribute, quantization.linear(weight, bias))
 
     missing = [f"{name}.{part}" for part, key in keys.items() if key is None]
     return _Step(name, [key for key in keys.values() if key], load, missing[0] if missing else None)
 
 
 def _experts_step(block: _ExpertBlock, parent: nn.Module, attribute: str) -> _Step:
-    def load(reader: CheckpointReader, make_linear, compute_dtype, _device) -> None:
+    def load(reader: CheckpointReader, quantization: Quantization) -> None:
         tensors = {}
         for canonical, shape in block.shapes.items():
-            tensors[canonical] = torch.empty(shape, dtype=compute_dtype)
+            tensors[canonical] = torch.empty(shape, dtype=quantization.compute_dtype)
             for key, expert, destination in block.sources[canonical]:
                 reader.read_into(key, tensors[canonical][destination], index=expert)
-        _place_experts(parent, attribute, block.module, block.family, tensors, make_linear)
+        _place_experts(parent, attribute, block.module, block.family, tensors, quantization)
         del tensors
         _return_freed_memory()
 
@@ -331,25 +344,26 @@ def _return_freed_memory() -> None:
         malloc_trim(0)
 
 
-def _place_experts(parent: nn.Module, attribute: str, skeleton: nn.Module, family: str, tensors: dict[str, torch.Tensor], make_linear) -> None:
+def _place_experts(parent: nn.Module, attribute: str, skeleton: nn.Module, family: str, tensors: dict[str, torch.Tensor], quantization: Quantization) -> None:
     """Put one layer's experts, given as canonical fused CPU tensors, on the device as `parent.<attribute>`.
 
     Today's expert modules: Mixtral experts unfused into `MixtralExpertList` exactly as `quantize_moe` does,
-    Phixtral's per-expert fc1/fc2 quantized in place. The one place that changes with the expert core.
+    Phixtral's per-expert fc1/fc2 quantized in place. The one place that changes with the expert core (issue 14:
+    its `experts.build_expert_block(family, tensors, bits=..., compute_dtype=..., quant_storage=..., device=...,
+    act_fn=...)` takes exactly these tensors).
     """
     if family == "mixtral":
         skeleton.gate_up_proj = nn.Parameter(tensors["gate_up_proj"], requires_grad=False)  # (E, 2I, H)
         skeleton.down_proj = nn.Parameter(tensors["down_proj"], requires_grad=False)  # (E, H, I)
         try:
-            setattr(parent, attribute, _unfuse_experts(skeleton, make_linear))
+            setattr(parent, attribute, _unfuse_experts(skeleton, quantization.linear))
         finally:
-            # transformers' expert modules sit in reference cycles, which only the cyclic collector frees, and it
-            # runs by object counts, not bytes: without this, freed layers' tensors would pile up until it does
+            # the replaced skeleton outlives this call (the plan refers to it): it must not keep the layer's tensors
             del skeleton.gate_up_proj, skeleton.down_proj
     elif family == "phixtral":
         for expert_idx, expert in enumerate(skeleton):
             # biases copied: a slice would keep the whole stacked tensor alive where the device is the CPU
-            expert.fc1 = make_linear(tensors["fc1.weight"][expert_idx], tensors["fc1.bias"][expert_idx].clone())  # (I, H)
-            expert.fc2 = make_linear(tensors["fc2.weight"][expert_idx], tensors["fc2.bias"][expert_idx].clone())  # (H, I)
+            expert.fc1 = quantization.linear(tensors["fc1.weight"][expert_idx], tensors["fc1.bias"][expert_idx].clone())  # (I, H)
+            expert.fc2 = quantization.linear(tensors["fc2.weight"][expert_idx], tensors["fc2.bias"][expert_idx].clone())  # (H, I)
     else:
         raise ValueError(f"unknown expert family {family}")
