@@ -78,12 +78,12 @@ def checkpoints(tmp_path_factory, tiny_tokenizer, llama_family) -> dict[str, Pat
     }
 
 
-def old_loader(path: Path, bits: int, compute_dtype: torch.dtype):
-    """What `load_moe_for_training` did before streaming: the whole checkpoint on the CPU, then `quantize_moe`."""
+def old_loader(path: Path, bits: int, compute_dtype: torch.dtype, device: str = "cpu"):
+    """What `load_moe_for_training` did before streaming: the whole checkpoint on the CPU, then `quantize_moe` onto `device`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map="cpu")
-    quantize_moe(model, bits=bits, compute_dtype=compute_dtype, device="cpu")
+    quantize_moe(model, bits=bits, compute_dtype=compute_dtype, device=device)
     model.config.use_cache = False
     return model
 
@@ -122,25 +122,38 @@ def assert_same_state(left: dict, right: dict) -> None:
             assert value == other, key
 
 
-@pytest.mark.parametrize("bits, compute_dtype", [(16, torch.float32), (4, torch.bfloat16), (4, torch.float32), (8, torch.float32)])
-@pytest.mark.parametrize("layout", ["mixtral-legacy-sharded", "mixtral-fused", "mixtral-tied", "phixtral", "llama"])
-def test_streamed_model_is_bit_identical_to_the_old_loader(checkpoints, layout, bits, compute_dtype):
-    path = checkpoints[layout]
-    streamed = load_for_training(path, bits=bits, compute_dtype=compute_dtype, device_map="cpu", progress=False)
-    reference = old_loader(path, bits, compute_dtype)
+def assert_same_model(streamed, reference, device: str = "cpu") -> None:
     assert [(n, type(m).__name__) for n, m in streamed.named_modules()] == [(n, type(m).__name__) for n, m in reference.named_modules()]
     assert tied_groups(streamed) == tied_groups(reference)
-    if layout == "mixtral-tied":
-        assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    assert not [name for name, tensor in [*streamed.named_parameters(), *streamed.named_buffers()] if tensor.device.type != torch.device(device).type]
     assert_same_state(weights_of(streamed), weights_of(reference))  # before any forward: bitsandbytes repacks 4-bit weights at the first CPU one
-    assert streamed.config.use_cache is False and streamed.moekit_bits == bits
-    assert not [name for name, tensor in [*streamed.named_parameters(), *streamed.named_buffers()] if tensor.device.type == "meta"]
-    ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
     for mode in ("eval", "train"):  # the quantized layers compute differently in each
         getattr(streamed, mode)()
         getattr(reference, mode)()
         with torch.no_grad():
             assert torch.equal(streamed(input_ids=ids).logits, reference(input_ids=ids).logits), mode
+
+
+@pytest.mark.parametrize("bits, compute_dtype", [(16, torch.float32), (4, torch.bfloat16), (4, torch.float32), (8, torch.float32)])
+@pytest.mark.parametrize("layout", ["mixtral-legacy-sharded", "mixtral-fused", "mixtral-tied", "phixtral", "llama"])
+def test_streamed_model_is_bit_identical_to_the_old_loader(checkpoints, layout, bits, compute_dtype):
+    path = checkpoints[layout]
+    streamed = load_for_training(path, bits=bits, compute_dtype=compute_dtype, device_map="cpu", progress=False)
+    assert streamed.config.use_cache is False and streamed.moekit_bits == bits
+    if layout == "mixtral-tied":
+        assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    assert_same_model(streamed, old_loader(path, bits, compute_dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("layout", ["mixtral-legacy-sharded", "mixtral-fused", "phixtral", "llama"])
+def test_streamed_model_on_a_gpu_is_bit_identical_to_the_old_loader(checkpoints, layout, bits):
+    path = checkpoints[layout]
+    streamed = load_for_training(path, bits=bits, compute_dtype=torch.bfloat16, device_map={"": "cuda:0"}, progress=False)
+    assert_same_model(streamed, old_loader(path, bits, torch.bfloat16, device="cuda:0"), device="cuda:0")
 
 
 def test_missing_tensor_is_refused_before_loading(checkpoints, tmp_path):

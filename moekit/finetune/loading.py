@@ -9,8 +9,9 @@ as rotary frequencies are computed as usual), and every weight is read from the 
 when its module is converted:
 - a linear layer: its weight (and bias) is read, quantized onto the device by the same helper
   `quantize_moe` uses (`quantize._new_linear`), and dropped;
-- an expert block: the layer's experts are gathered into canonical fused CPU tensors (below), from
-  either checkpoint layout, and handed to `_place_experts`, which quantizes them onto the device;
+- an expert block: the layer's experts are gathered into canonical fused tensors (below) on the device,
+  from either checkpoint layout, and handed to `_place_experts`, which quantizes them there (on a GPU,
+  CPU memory then holds one checkpoint tensor at a time, the GPU one layer's unquantized experts);
 - everything else (embeddings, norms, routers, lm_head): read in the compute dtype onto the device.
 The result is what `from_pretrained` on the CPU + `quantize_moe` gives, bit for bit (tests check it).
 
@@ -317,7 +318,7 @@ def _experts_step(block: _ExpertBlock, parent: nn.Module, attribute: str) -> _St
     def load(reader: CheckpointReader, quantization: Quantization) -> None:
         tensors = {}
         for canonical, shape in block.shapes.items():
-            tensors[canonical] = torch.empty(shape, dtype=quantization.compute_dtype)
+            tensors[canonical] = torch.empty(shape, dtype=quantization.compute_dtype, device=quantization.device)
             for key, expert, destination in block.sources[canonical]:
                 reader.read_into(key, tensors[canonical][destination], index=expert)
         _place_experts(parent, attribute, block.module, block.family, tensors, quantization)
@@ -345,7 +346,7 @@ def _return_freed_memory() -> None:
 
 
 def _place_experts(parent: nn.Module, attribute: str, skeleton: nn.Module, family: str, tensors: dict[str, torch.Tensor], quantization: Quantization) -> None:
-    """Put one layer's experts, given as canonical fused CPU tensors, on the device as `parent.<attribute>`.
+    """Put one layer's experts, given as canonical fused tensors (on the device), quantized as `parent.<attribute>`.
 
     Today's expert modules: Mixtral experts unfused into `MixtralExpertList` exactly as `quantize_moe` does,
     Phixtral's per-expert fc1/fc2 quantized in place. The one place that changes with the expert core (issue 14:
