@@ -1,4 +1,4 @@
-"""Streaming a checkpoint into a model for training: CPU memory bounded by one layer's experts.
+"""Streaming a checkpoint into a model for training: CPU memory bounded by one tensor in flight (on a GPU).
 
     load_for_training(path, bits=4, device_map={"": "cuda"}) -> model
 
