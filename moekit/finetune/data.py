@@ -86,6 +86,36 @@ def load_training_data(ref: str, tokenizer) -> TrainingData:
     return TrainingData(dataset=dataset, source=ref, format=data_format, loss_on=loss_on, template=template, dropped=dropped)
 
 
+def check_trainable_tokens(data: TrainingData, tokenizer, max_seq_len: int) -> None:
+    """Refuse data in which no example has a token to train on within its first `max_seq_len` tokens.
+
+    Tokenizes as TRL's SFTTrainer will (chat template; assistant mask, or the completion after the common
+    prefix with the prompt; truncation keeps the start), stopping at the first example that has one, so
+    that such data fails before any weight is loaded.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.data_utils import common_prefix_length
+
+    chat_template = None
+    if data.format == "messages" and not has_generation_markers(tokenizer.chat_template):
+        chat_template = get_training_chat_template(tokenizer)  # what TRL trains with (load_training_data checked it exists)
+    for row in data.dataset:
+        if data.format == "messages":
+            encoded = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=chat_template)
+            if 1 in encoded["assistant_masks"][:max_seq_len]:
+                return
+        else:
+            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"]
+            whole = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"]
+            if common_prefix_length(prompt, whole) < min(len(whole), max_seq_len):
+                return
+    raise DataError(
+        f"no example of {data.source} has a trainable token within --max-seq-len {max_seq_len} "
+        f"({'assistant replies' if data.format == 'messages' else 'completions'} start later, or are empty)",
+        hint="raise --max-seq-len or shorten the prompts",
+    )
+
+
 def load_rows(ref: str):
     """A `datasets.Dataset` from a local file/directory or a Hub id `name[:split]` (default split: train)."""
     import datasets

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.errors import DependencyError, SourceError, TrainingError
+from moekit.errors import DependencyError, TrainingError
 from moekit.finetune.expert_storage import ExpertStorage
 from moekit.finetune.experts import build_expert_block, expert_blocks
 
@@ -198,27 +198,17 @@ def load_moe_for_training(
 ) -> nn.Module:
     """Load a Mixtral/Phixtral (or dense) checkpoint for training with every linear layer at `bits`.
 
-    The checkpoint is read on the CPU in `compute_dtype`, then each layer is quantized while it moves to
-    the device (`device_map`: a device, {"": device} or None for the GPU if there is one), so the GPU
-    never holds the bf16 experts. `config.use_cache` is turned off for training; the router auxiliary
-    loss (`output_router_logits`) is left to the trainer.
+    The checkpoint is streamed tensor by tensor onto the device (`device_map`: a device, {"": device} or
+    None for the GPU if there is one) and quantized on the way, so neither the CPU nor the GPU ever
+    holds it whole in bf16: `moekit.finetune.loading.load_for_training`, which gives the same model as
+    `from_pretrained` + `quantize_moe`. `config.use_cache` is turned off for training; the router
+    auxiliary loss (`output_router_logits`) is left to the trainer.
     """
-    from transformers import AutoModelForCausalLM
+    from moekit.finetune.loading import load_for_training
 
-    import moekit  # noqa: F401  (registers the Phixtral auto classes)
-
-    device = _resolve_device(device_map)
-    if bits != 16:
-        _require_bitsandbytes(device, compute_dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=compute_dtype, device_map="cpu", trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise SourceError(f"cannot load a causal LM from {path}: {err}") from None
-    quantize_moe(model, bits=bits, compute_dtype=compute_dtype, quant_storage=quant_storage, device=device)
-    model.config.use_cache = False
-    return model
+    return load_for_training(
+        path, bits=bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=trust_remote_code
+    )
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:

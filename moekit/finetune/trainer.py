@@ -83,7 +83,7 @@ def finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo:
 
 def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo: Callable[[str], None] | None) -> FinetuneResult:
     from moekit.build.sources import resolve_model
-    from moekit.finetune.data import load_training_data
+    from moekit.finetune.data import check_trainable_tokens, load_training_data
     from moekit.finetune.distributed import is_main_process
 
     # under `accelerate launch` every process runs this; rank 0 speaks for all
@@ -101,6 +101,7 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options.trust_remote_code)
     data = load_training_data(options.data, tokenizer)
+    check_trainable_tokens(data, tokenizer, options.max_seq_len)
     echo(f"data: {data.describe()}")
     plan_peak = _print_plan(model_path, options, echo, on_gpu=_device().type == "cuda")
     teacher_path = resolve_model(options.teacher) if options.teacher else None
@@ -121,7 +122,7 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     set_seed(options.seed)  # LoRA initialisation draws from the global generator
     peft_model, table = apply_targets(base, options)
     echo(table.render())
-    teacher = _load_teacher(teacher_path, config, compute_dtype, device_map, options) if teacher_path is not None else None
+    teacher = _load_teacher(teacher_path, compute_dtype, device_map, options) if teacher_path is not None else None
     snapshot = snapshot_trainable(peft_model)
 
     from accelerate import PartialState
@@ -334,18 +335,11 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _load_teacher(path: Path, student_config, compute_dtype, device_map, options: FinetuneOptions):
-    """The teacher in 4-bit: an MoE through moekit's loader (experts included), a dense model through bitsandbytes."""
-    teacher_config = _load_config(path, options.trust_remote_code)
-    if getattr(teacher_config, "num_local_experts", None):
-        from moekit.finetune.quantize import load_moe_for_training
+def _load_teacher(path: Path, compute_dtype, device_map, options: FinetuneOptions):
+    """The teacher in 4-bit (experts included), streamed like the model."""
+    from moekit.finetune.quantize import load_moe_for_training
 
-        teacher = load_moe_for_training(path, bits=4, compute_dtype=compute_dtype, device_map=device_map, trust_remote_code=options.trust_remote_code)
-    else:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
-        teacher = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype, device_map=device_map or {"": "cpu"}, trust_remote_code=options.trust_remote_code)
+    teacher = load_moe_for_training(path, bits=4, compute_dtype=compute_dtype, device_map=device_map, trust_remote_code=options.trust_remote_code)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
