@@ -31,7 +31,7 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
     from pydantic import ValidationError
 
     from moekit.finetune.options import options_from_cli
-    from moekit.finetune.trainer import FSDP_RESUME_REFUSAL, check_inputs, finetune
+    from moekit.finetune.trainer import check_inputs, finetune
 
     try:
         parsed = options_from_cli(FinetuneOptions, options)
@@ -45,8 +45,6 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
         raise click.UsageError("--num-processes needs --fsdp or --ddp")
     if launch_kind == "fsdp" and parsed.bits == 8:  # no quant_storage for LLM.int8 weights: FSDP cannot flatten them with the rest
         raise click.UsageError("--fsdp needs --bits 4 or 16: bitsandbytes' 8-bit weights cannot be sharded by FSDP (use --ddp)")
-    if launch_kind == "fsdp" and parsed.resume:
-        raise click.UsageError(FSDP_RESUME_REFUSAL)
     if launch_kind is not None:
         from moekit.finetune import distributed
 
