@@ -169,6 +169,25 @@ def test_shipped_configs_are_package_data_and_say_what_the_trainer_relies_on():
     assert yaml.safe_load(config_path("ddp").read_text())["distributed_type"] == "MULTI_GPU"
 
 
+def test_optimizer_state_converts_between_positions_and_names():
+    """A one-process/DDP checkpoint's optimizer state (by position) resumes under FSDP (by name), and back, exactly."""
+    from moekit.finetune.distributed import optimizer_state_from_fsdp, optimizer_state_to_fsdp
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": trainable[:1], "weight_decay": 0.0}, {"params": trainable[1:]}], lr=0.1)
+    model(torch.ones(5, 3)).sum().backward()
+    optimizer.step()
+    names = {id(param): name for name, param in model.named_parameters()}
+    by_name = optimizer_state_to_fsdp(optimizer.state_dict(), optimizer, names)
+    assert [group["params"] for group in by_name["param_groups"]] == [["0.weight"], ["1.weight", "1.bias"]]
+    assert torch.equal(by_name["state"]["1.bias"]["exp_avg"], optimizer.state[model[1].bias]["exp_avg"])
+    back = optimizer_state_from_fsdp(by_name, optimizer, names)
+    assert back["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert all(torch.equal(back["state"][i]["exp_avg_sq"], optimizer.state_dict()["state"][i]["exp_avg_sq"]) for i in range(3))
+
+
 # --- FSDP on CPUs, with torch's FSDP directly ----------------------------------------------------
 
 

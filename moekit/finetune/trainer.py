@@ -404,10 +404,11 @@ class MoeSFTTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean())
         count = tokens.clamp(min=1)
-        self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics((ce_sum / count).detach()).mean().item())
-        self._metrics[mode]["kd_loss"].append(self.accelerator.gather_for_metrics((kl_sum / count).detach()).mean().item())
+        # kept on the device: read once per log (`log`), not between forward and backward of every step
+        self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics((ce_sum / count).detach()).mean())
+        self._metrics[mode]["kd_loss"].append(self.accelerator.gather_for_metrics((kl_sum / count).detach()).mean())
         return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -524,6 +525,8 @@ class MoeSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        for values in self._metrics[mode].values():  # the distillation metrics stay tensors until here
+            values[:] = [float(value) if isinstance(value, torch.Tensor) else value for value in values]
         if self.teacher is None and "loss" in logs:
             # TRL's logged loss is CE + coef * aux (aux averaged over the same micro-batches); take the LM part out.
             aux = self._metrics[mode].get("aux_loss") if self.aux_loss_enabled else None
