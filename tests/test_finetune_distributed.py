@@ -217,6 +217,9 @@ def test_fsdp_shards_4bit_experts_and_gathers_the_adapter(moe, tmp_path):
     # --resume under FSDP: the checkpoint of step 2 continues with the uninterrupted run's losses
     assert len(report["resumed_losses"]) == 2 and report["resumed_losses"] == pytest.approx(report["uninterrupted_losses"], rel=1e-6), report
     assert report["optimizer_state_dtypes"] == ["torch.float32"]
+    # with a GPU run's dtypes (bf16 frozen weights and 4-bit codes beside float32 LoRA/routers in one unit, autocast)
+    assert report["bf16_frozen_dtypes"] == ["torch.bfloat16"] and report["bf16_gradient_dtypes"] == ["torch.float32"]
+    assert report["bf16_paths"] == {"grouped": 2, "per_expert": 0} and report["bf16_loss"] == pytest.approx(report["loss"], rel=0.05)
 
 
 def _fsdp_worker(moe: str, out: str) -> None:
@@ -330,6 +333,21 @@ def _fsdp_worker(moe: str, out: str) -> None:
     optimizer_dtypes = sorted({str(value.dtype) for state in resumed_optimizer.state.values() for key, value in state.items() if key != "step"})
     resumed_losses = adam_steps(resumed, resumed_optimizer, [3, 4])
 
+    # the dtypes of a GPU run: 4-bit codes, norms and embeddings in bf16, LoRA and routers float32, bf16 autocast
+    from moekit.finetune.trainer import trainables_to_float32
+
+    torch.manual_seed(0)
+    bf16_model, _ = apply_targets(load(compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16), options)
+    trainables_to_float32(bf16_model)
+    bf16_wrapped = wrap(bf16_model)
+    before_paths = path_counts(bf16_wrapped)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss = bf16_wrapped(input_ids=half, labels=half).loss
+    bf16_loss.backward()
+    bf16_paths = {path: count - before_paths[path] for path, count in path_counts(bf16_wrapped).items()}
+    bf16_gradients = sorted({str(param.grad.dtype) for param in bf16_wrapped.parameters() if param.requires_grad and param.grad is not None})
+    bf16_frozen = sorted({str(param.dtype) for param in bf16_wrapped.parameters() if not param.requires_grad})
+
     if rank == 0:
         reference = adapted()
         reference_loss = reference(input_ids=batch, labels=batch).loss
@@ -366,6 +384,10 @@ def _fsdp_worker(moe: str, out: str) -> None:
             "uninterrupted_losses": uninterrupted,
             "resumed_losses": resumed_losses,
             "optimizer_state_dtypes": optimizer_dtypes,
+            "bf16_loss": float(bf16_loss),
+            "bf16_paths": bf16_paths,
+            "bf16_gradient_dtypes": bf16_gradients,
+            "bf16_frozen_dtypes": bf16_frozen,
         }
         (Path(out) / "fsdp_report.json").write_text(json.dumps(report))
     dist.barrier()

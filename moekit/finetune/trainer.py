@@ -334,11 +334,7 @@ class MoeSFTTrainer(SFTTrainer):
     def __init__(self, *args, train_routers: bool = False, teacher=None, kd_alpha: float = 0.5, kd_temperature: float = 2.0, **kwargs):
         model = kwargs["model"]
         if _under_fsdp():
-            # FSDP2 needs one dtype among the trainable parameters of a unit (a decoder layer): float32 LoRA, so the
-            # routers too (bf16 autocast runs their matmul as on one GPU)
-            for param in model.parameters():
-                if param.requires_grad and param.dtype != torch.float32:
-                    param.data = param.data.float()
+            trainables_to_float32(model)
         dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
         super().__init__(*args, **kwargs)
         # TRL casts the trainable parameters of a 4-bit model to bf16; keep them in the compute dtype
@@ -536,6 +532,14 @@ class MoeSFTTrainer(SFTTrainer):
 
 
 FSDP_OPTIMIZER_FILE = "optimizer.bin"
+
+
+def trainables_to_float32(model) -> None:
+    """FSDP2 needs one dtype among the trainable parameters of a unit (a decoder layer): LoRA is float32, so the
+    routers become float32 too (bf16 autocast runs their matmul as on one GPU)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _is_fsdp_checkpoint(checkpoint: Path) -> bool:
