@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from plan_accuracy import EIGHT_BY_7B, TINY, build_quantized, make_config
 
 SHAPES = {"8x7b-16l": dict(EIGHT_BY_7B, num_hidden_layers=16), "8x7b": EIGHT_BY_7B, "tiny": TINY}
-MODES = ("single", "fsdp", "ddp", "fsdp-weak", "ddp-weak")
-DEFAULT_GPU_MODES = ("single", "fsdp", "ddp", "ddp-weak", "fsdp-weak")  # in this order, as long as the budget allows
-CPU_MODES = ("single", "ddp", "ddp-weak")  # accelerate runs FSDP on GPUs only
+MODES = ("single", "fsdp", "ddp", "fsdp-weak", "ddp-weak", "cli-resume")
+DEFAULT_GPU_MODES = ("single", "fsdp", "ddp", "ddp-weak", "cli-resume", "fsdp-weak")  # in this order, as the budget allows
+CPU_MODES = ("single", "ddp", "ddp-weak", "cli-resume")  # accelerate runs FSDP on GPUs only
 GB = 2**30
 
 
@@ -201,6 +202,29 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+def run_cli_resume(args, env: dict, timeout: float) -> list[dict]:
+    """The real CLI on 2 GPUs under --fsdp (on CPUs --ddp): a tiny MoE, 6 steps with a checkpoint at step 3, then a
+    second run resumed from that checkpoint under --fsdp; its steps 4-6 should repeat the first run's."""
+    from fsdp_one_gpu_check import FINETUNE, make_moe, losses
+
+    kind = "--fsdp" if visible_gpus() else "--ddp"
+    root = Path(tempfile.mkdtemp(prefix="moekit-cli-resume-"))
+    deadline = time.time() + timeout
+    common = [sys.executable, "-m", "moekit", "finetune", str(make_moe(root)), "--data", str(root / "chat.jsonl"), *FINETUNE,
+              "--batch-size", "2", kind, "--num-processes", "2"]  # fmt: skip
+    first = subprocess.run([*common, "-o", str(root / "first")], env=env, capture_output=True, text=True, timeout=max(deadline - time.time(), 1), check=False)
+    if first.returncode != 0:
+        return [{"mode": "cli-resume", "error": f"first run exit code {first.returncode}: {first.stderr.strip().splitlines()[-1:]}"}]
+    shutil.copytree(root / "first" / "checkpoints" / "checkpoint-3", root / "resumed.partial" / "checkpoints" / "checkpoint-3")
+    resumed = subprocess.run([*common, "-o", str(root / "resumed"), "--resume"], env=env, capture_output=True, text=True, timeout=max(deadline - time.time(), 1), check=False)
+    if resumed.returncode != 0:
+        return [{"mode": "cli-resume", "error": f"resumed run exit code {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}"}]
+    uninterrupted, again = dict(losses(root / "first")), dict(losses(root / "resumed"))
+    steps = sorted(step for step in again if step > 3)
+    worst = max(abs(again[step] - uninterrupted[step]) / abs(uninterrupted[step]) for step in steps)
+    return [{"mode": "cli-resume", "launch": kind, "steps": steps, "uninterrupted": [uninterrupted[s] for s in steps], "resumed": [again[s] for s in steps], "max_rel_difference": worst}]
+
+
 def run_mode(mode: str, args, timeout: float) -> list[dict]:
     """Start the processes of `mode` (one GPU for single, two otherwise) and collect their per-rank results."""
     from moekit.finetune.distributed import config_path
@@ -209,6 +233,13 @@ def run_mode(mode: str, args, timeout: float) -> list[dict]:
               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     gpus = visible_gpus()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if mode == "cli-resume":
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[:2])
+        try:
+            return run_cli_resume(args, env, timeout)
+        except subprocess.TimeoutExpired:
+            return [{"mode": mode, "error": f"stopped after {timeout:.0f} s (--budget-s)"}]
     if mode == "single":
         command = [sys.executable, __file__, *common]
         if gpus:
@@ -243,6 +274,9 @@ def summary(rows: list[dict]) -> dict:
     modes = {}
     for row in rows:
         entry = modes.setdefault(row["mode"], {"mode": row["mode"]})
+        if row["mode"] == "cli-resume" or "error" in row:
+            entry.update(row)
+            continue
         if "error" in row:
             entry["error"] = row["error"]
             continue
@@ -268,7 +302,7 @@ def markdown(modes: dict) -> str:
     gb = lambda value: "-" if value is None else f"{value:.2f} GiB"
     for mode in MODES:
         entry = modes.get(mode)
-        if entry is None:
+        if entry is None or mode == "cli-resume":
             continue
         if "error" in entry:
             lines.append(f"| {mode} | | | {entry['error']} | | | | | | |")
@@ -283,6 +317,13 @@ def markdown(modes: dict) -> str:
                      f"{peak} | {entry['tokens_per_s']:,.0f} | {ratio} | {busy} | {path} | {losses} |")  # fmt: skip
     notes = [f"{mode}: {entry['fsdp_units']} FSDP units, checkpoint round trip max difference {entry['checkpoint_round_trip']['max_difference']:.3g} over {entry['checkpoint_round_trip']['tensors']} tensors"
              for mode, entry in modes.items() if entry.get("fsdp_units")]  # fmt: skip
+    resume = modes.get("cli-resume")
+    if resume and "error" in resume:
+        notes.append(f"cli-resume: {resume['error']}")
+    elif resume:
+        notes.append(f"cli-resume (moekit finetune {resume['launch']} --num-processes 2, checkpoint-3 resumed): steps {resume['steps']} "
+                     f"losses {', '.join(f'{v:.5f}' for v in resume['uninterrupted'])} uninterrupted vs {', '.join(f'{v:.5f}' for v in resume['resumed'])} resumed, "
+                     f"max rel. difference {resume['max_rel_difference']:.2g}")  # fmt: skip
     return "\n".join(lines + [""] + notes)
 
 
