@@ -367,12 +367,19 @@ def main() -> None:
         started = time.time()
         rows += run_mode(mode, args, timeout=left)
         longest = max(longest, time.time() - started)
+        write_results(args, rows)  # after every mode, so a run cut short still leaves its table
+        print(f"[{mode}] done in {time.time() - started:.0f} s", flush=True)
+    print(write_results(args, rows))
+
+
+def write_results(args, rows: list[dict]) -> str:
     summarized = summary(rows)
-    results_path.write_text(json.dumps({"shape": args.shape, "config": SHAPES[args.shape], "seq": args.seq, "global_batch": args.batch,
-                                        "warmup": args.warmup, "steps": args.steps, "rows": rows, "summary": summarized}, indent=1))  # fmt: skip
+    results = {"shape": args.shape, "config": SHAPES[args.shape], "seq": args.seq, "global_batch": args.batch,
+               "warmup": args.warmup, "steps": args.steps, "rows": rows, "summary": summarized}  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(summarized)
     (args.out / "results.md").write_text(table + "\n")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
