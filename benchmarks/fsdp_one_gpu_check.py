@@ -5,7 +5,7 @@
 Builds a tiny 3-expert MoE, then fine-tunes it 6 steps (checkpoint at step 3) twice: under
 `accelerate launch` with moekit's fsdp_qlora.yaml and one process, and as a plain single-process run;
 prints both loss curves, the checkpoint contents and the adapters' difference; resumes the FSDP run's
-step-3 checkpoint on one process (and, to show it is refused, under FSDP); exports the FSDP run.
+step-3 checkpoint on one process and under FSDP; exports the FSDP run.
 Each command's output goes to $OUT (or the work directory) as `<label>.log`. It checks the wiring
 (saving, gathering, resuming, export), not scaling: that needs two GPUs (benchmarks/fsdp_scaling.py).
 """
@@ -89,7 +89,7 @@ def main(root: Path) -> None:
     checkpoint = root / "fsdp" / "checkpoints" / "checkpoint-3"
     if checkpoint.exists():
         resume_from(checkpoint, root / "resumed", MOEKIT, common, "fsdp checkpoint resumed on 1 process", logs)
-        resume_from(checkpoint, root / "fsdpresumed", UNDER_FSDP, common, "fsdp resume under fsdp refused", logs)
+        resume_from(checkpoint, root / "fsdpresumed", UNDER_FSDP, common, "fsdp checkpoint resumed under fsdp", logs)
     if (root / "fsdp").exists():
         run([*MOEKIT, "export", str(root / "fsdp"), "-o", str(root / "export")], "export of the fsdp run", logs)
         fsdp, single = (load_file(str(root / name / "adapter" / "adapter_model.safetensors")) for name in ("fsdp", "single"))

@@ -305,8 +305,8 @@ def _check_keys(entries: dict, tensors: dict, directory) -> None:
 
 
 @torch.no_grad()
-def _copy_values(model: nn.Module, entries: dict, tensors: dict, directory) -> None:
-    parameters = dict(model.named_parameters())
+def _copy_values(model: nn.Module, entries: dict, tensors: dict, directory, parameters: dict | None = None) -> None:
+    parameters = dict(model.named_parameters()) if parameters is None else parameters
     for key, (parameter, _to_file, from_file) in entries.items():
         target = parameters[parameter]
         value = tensors[key]
@@ -319,14 +319,15 @@ def _copy_values(model: nn.Module, entries: dict, tensors: dict, directory) -> N
         target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def load_adapter_values(model: nn.Module, directory: str | Path, layout) -> None:
+def load_adapter_values(model: nn.Module, directory: str | Path, layout, parameters: dict | None = None) -> None:
     """Copy a saved adapter (a checkpoint of this same run) into `model`'s existing adapter; `layout` from
-    `adapter_layout`. Every key must match."""
+    `adapter_layout`. Every key must match. `parameters` ({parameter name: tensor}, e.g. the whole tensors of a
+    sharded model) receive the values instead of the model's own parameters."""
     entries, _fields = layout
     blocks = expert_blocks(_base(model))
     _config, tensors = read_adapter(directory, next((block.num_experts for block in blocks.values()), None))
     _check_keys(entries, tensors, directory)
-    _copy_values(model, entries, tensors, directory)
+    _copy_values(model, entries, tensors, directory, parameters)
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -8,11 +8,14 @@ Nothing here trains: accelerate starts the processes (torch.distributed.run), an
 ordinary single-process code path runs (`moekit.finetune.trainer.finetune`), where transformers' Trainer
 and accelerate wrap the model in DDP or FSDP. The shipped configs live in `moekit/finetune/accelerate/`:
 
-- `ddp.yaml`: data parallel, one full (4-bit) copy of the model per GPU.
-- `fsdp_qlora.yaml`: FSDP FULL_SHARD wrapped by decoder layer, `use_orig_params`, FSDP's optimizer state saved
-  whole. The adapter and routers are written by moekit from `gathered_trainable`, in the single-GPU format. Under it (`ACCELERATE_USE_FSDP=true`)
-  the trainer stores 4-bit weights in the compute dtype (`bnb_4bit_quant_storage`) so FSDP can flatten
-  quantized and plain parameters of one layer together.
+- `ddp.yaml`: data parallel, one full (4-bit) copy of the model per GPU (the trainer sets bucketing and overlap:
+  `MoeSFTTrainer.create_accelerator_and_postprocess`).
+- `fsdp_qlora.yaml`: FSDP version 2 (`fully_shard`, per-parameter sharding), one unit per decoder layer with its
+  LoRA and router parameters inside (plus embeddings, and final norm + lm_head), resharded after forward; FSDP2
+  prefetches the next unit's all-gather in forward and backward. Each process streams the checkpoint onto its own
+  GPU (no rank-0 broadcast: `cpu_ram_efficient_loading` off). The adapter, routers and optimizer state are written
+  by moekit (`gathered_trainable`, `save_fsdp_optimizer`), in the single-GPU format; `--resume` reads them back
+  (`set_full`, `load_fsdp_optimizer`).
 
 accelerate runs FSDP on GPUs only: on a CPU machine its launcher would start plain DDP processes under the
 FSDP config without a word, so `--fsdp` refuses to start there.
@@ -111,47 +114,77 @@ def finetune_arguments(model: str, out: Path, options: dict) -> list[str]:
     return arguments
 
 
+def is_fsdp2(model) -> bool:
+    """True for a model wrapped by FSDP version 2 (`fully_shard`, what the shipped fsdp_qlora.yaml selects)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def fsdp_units(model) -> list[str]:
+    """Names of the modules `fully_shard` made FSDP units ("" is the root): one all-gather each per pass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
+
+
 def gathered_trainable(fsdp_root) -> dict:
-    """Every trainable parameter of an FSDP (version 1, `use_orig_params`) model, whole, on the CPU, named as in
-    the unwrapped model: what checkpoints, the final adapter and `verify_changed` need.
+    """Every trainable parameter of an FSDP2 model (`fully_shard`), whole, on the CPU, named as in the unwrapped
+    model (FSDP2 renames nothing): what checkpoints, the final adapter and `verify_changed` need.
 
-    One FSDP unit at a time, and only units that hold trainable parameters (PEFT's wrap policy gives every LoRA
-    and router layer a unit of its own), so the frozen 4-bit weights are never gathered and no process holds
-    more than one small unit unsharded. The Trainer's own FSDP save would gather the whole model into a full
-    state dict instead (and fails outright on a single process with rank-0 CPU offload). A collective: every
-    process must call it.
+    Parameter by parameter, only those that train, so the frozen 4-bit weights are never gathered and no process
+    holds more than one LoRA/router tensor unsharded. A collective: every process must call it.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if not isinstance(fsdp_root, FullyShardedDataParallel):
-        raise TrainingError("moekit supports FSDP version 1 (the shipped fsdp_qlora.yaml), not fsdp_version 2", hint="set fsdp_version: 1 in the accelerate config")
-    gathered = {}
-    for prefix, unit in fsdp_root.named_modules():
-        if not isinstance(unit, FullyShardedDataParallel):
-            continue
-        # a unit's own parameters carry one FSDP prefix; those of units nested in it carry more
-        own = [(name, param) for name, param in unit.named_parameters() if name.count(FSDP_PREFIX) == 1 and param.requires_grad]
-        if not own:
-            continue
-        # with use_orig_params the same Parameter objects show the unsharded data inside the context
-        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            for name, param in own:
-                gathered[_unwrapped_name(f"{prefix}.{name}" if prefix else name)] = param.detach().to("cpu", copy=True)
-    return gathered
+    if not is_fsdp2(fsdp_root):
+        raise TrainingError("moekit supports FSDP version 2 (the shipped fsdp_qlora.yaml), not fsdp_version 1", hint="set fsdp_version: 2 in the accelerate config")
+    return {name: _full(param).to("cpu", copy=True) for name, param in fsdp_root.named_parameters() if param.requires_grad}
 
 
-FSDP_PREFIX = "_fsdp_wrapped_module."
+def _full(tensor):
+    """The whole tensor of a DTensor shard (a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor().detach() if isinstance(tensor, DTensor) else tensor.detach()
 
 
-def _unwrapped_name(name: str) -> str:
-    return name.replace(FSDP_PREFIX, "")
+def set_full(param, value) -> None:
+    """Copy the whole tensor `value` into `param`, which may be an FSDP2 shard (a DTensor): each process keeps its part."""
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements)
+    with torch.no_grad():
+        param.copy_(value)
 
 
-# PEFT 0.21 picks a model's adapter entries by module name, and under FSDP each LoRA layer is its own FSDP unit
-# (`..._fsdp_wrapped_module.self_attn.q_proj.lora_A.default._fsdp_wrapped_module`), so `save_pretrained` of the
-# wrapped model finds no entry and writes an empty adapter, and the Trainer's FSDP checkpoints likewise. moekit
-# reads PEFT's file layout once, before wrapping (`adapter.adapter_layout`), and writes/reads the adapter of a
-# wrapped model through it.
+def save_fsdp_optimizer(model, optimizer, path) -> None:
+    """FSDP2's optimizer state, gathered whole and keyed by parameter name (torch's `get_optimizer_state_dict`),
+    to `path` from rank 0. The same layout as FSDP1's full optimizer state dict, so `optimizer_state_from_fsdp`
+    resumes it on one process. A collective."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(state, path)
+
+
+def load_fsdp_optimizer(model, optimizer, saved) -> None:
+    """`save_fsdp_optimizer`'s file (a path, or the state it holds) back into the optimizer of an FSDP2 model: each
+    process keeps its shard, in the dtype of each parameter (float32 LoRA and routers). A collective."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not isinstance(saved, dict):
+        saved = torch.load(saved, map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
+
+
+# PEFT 0.21 picks a model's adapter entries by module name; moekit reads PEFT's file layout once, before wrapping
+# (`adapter.adapter_layout`), and writes/reads the adapter of a wrapped model through it.
 
 
 def adapter_parameter_names(peft_model) -> dict[str, str]:
@@ -177,3 +210,20 @@ def optimizer_state_from_fsdp(fsdp_state: dict, optimizer, names: dict[int, str]
         "state": {position[name]: state for name, state in fsdp_state["state"].items() if name in position},
         "param_groups": [{**saved, "params": [position[name] for name in group]} for saved, group in zip(fsdp_state["param_groups"], order)],
     }
+
+
+def optimizer_state_to_fsdp(state: dict, optimizer, names: dict[int, str]) -> dict:
+    """The inverse of `optimizer_state_from_fsdp`: a plain `optimizer.state_dict()` (entries keyed by position, as
+    one process or DDP saves it) keyed by parameter name, for `load_fsdp_optimizer`. `names` maps id(parameter) ->
+    name for `optimizer`'s parameters; groups are matched in order."""
+    order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise TrainingError(f"the checkpoint's optimizer has {len(state['param_groups'])} parameter groups, this run's {len(optimizer.param_groups)}")
+    saved_count = sum(len(group["params"]) for group in state["param_groups"])
+    if saved_count != len(order):
+        raise TrainingError(f"the checkpoint's optimizer holds {saved_count} parameters, this run trains {len(order)}")
+    groups, start = [], 0
+    for saved in state["param_groups"]:
+        groups.append({**saved, "params": order[start : start + len(saved["params"])]})
+        start += len(saved["params"])
+    return {"state": {order[position]: value for position, value in state["state"].items()}, "param_groups": groups}

@@ -192,8 +192,6 @@ def check_inputs(model: str | Path, out: Path, options: FinetuneOptions):
 
     check_writable(Path(out).absolute().parent, f"fine-tune output {out}")
     checkpoint = _check_output(Path(out), partial_dir(Path(out)), options.resume)
-    if checkpoint is not None and _under_fsdp():
-        raise TrainingError(FSDP_RESUME_REFUSAL)
     _check_report_to(options.report_to)
     model_path = resolve_model(str(model))
     config = _load_config(model_path, options.trust_remote_code)
@@ -201,15 +199,6 @@ def check_inputs(model: str | Path, out: Path, options: FinetuneOptions):
     if checkpoint is not None:
         _check_same_settings(partial_dir(Path(out)), model_path, options)
     return checkpoint, model_path, config
-
-
-# Seen on an H100 (one process under the shipped FSDP config): the optimizer state loaded from an FSDP checkpoint
-# reaches Adam in bf16 beside float32 routers, and the first step fails. The checkpoint itself is whole and resumes
-# on one process (verified there), so that is the way offered.
-FSDP_RESUME_REFUSAL = (
-    "--resume under FSDP is not supported yet (FSDP's optimizer state comes back in the wrong dtype); "
-    "resume the run on one GPU without --fsdp: its checkpoints are whole"
-)
 
 
 def _under_fsdp() -> bool:
@@ -391,6 +380,11 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         completion_only_loss=True if data.format == "prompt_completion" else None,
         router_aux_loss_coef=options.router_aux_loss_coef if is_moe else None,
         logging_steps=1,
+        # DDP: every trainable parameter takes part in every step (LoRA on all experts of a block is one stacked
+        # GEMM, experts without tokens included), so no search for unused ones; buffers (the 4-bit quantization
+        # constants, rotary frequencies) are the same on every process, so none is broadcast before each forward
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,
         save_strategy="steps",
         save_steps=options.save_steps,
         report_to=[] if options.report_to == "none" else [options.report_to],
@@ -426,6 +420,8 @@ class MoeSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, train_routers: bool = False, teacher=None, kd_alpha: float = 0.5, kd_temperature: float = 2.0, **kwargs):
         model = kwargs["model"]
+        if _under_fsdp():
+            trainables_to_float32(model)
         dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
         super().__init__(*args, **kwargs)
         # TRL casts the trainable parameters of a 4-bit model to bf16; keep them in the compute dtype
@@ -444,6 +440,22 @@ class MoeSFTTrainer(SFTTrainer):
         self.teacher = teacher
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.is_fsdp_enabled:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            plugin = self.accelerator.state.fsdp_plugin
+            if plugin.fsdp_version != 2:
+                raise TrainingError("moekit supports FSDP version 2 (the shipped fsdp_qlora.yaml), not fsdp_version 1", hint="set fsdp_version: 2 in the accelerate config")
+            # accelerate would all-gather every parameter cast to bf16 and reduce gradients in bf16; keep each
+            # parameter's own dtype (4-bit codes, float32 LoRA) and reduce the float32 gradients in float32.
+            # Autocast (the Trainer's bf16) does the compute casts, as on one GPU.
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        elif self.accelerator.ddp_handler is not None:
+            # gradients written straight into DDP's all-reduce buckets (no copy per step)
+            self.accelerator.ddp_handler.gradient_as_bucket_view = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
@@ -475,10 +487,11 @@ class MoeSFTTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean())
         count = tokens.clamp(min=1)
-        self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics((ce_sum / count).detach()).mean().item())
-        self._metrics[mode]["kd_loss"].append(self.accelerator.gather_for_metrics((kl_sum / count).detach()).mean().item())
+        # kept on the device: read once per log (`log`), not between forward and backward of every step
+        self._metrics[mode]["lm_loss"].append(self.accelerator.gather_for_metrics((ce_sum / count).detach()).mean())
+        self._metrics[mode]["kd_loss"].append(self.accelerator.gather_for_metrics((kl_sum / count).detach()).mean())
         return (loss, outputs) if return_outputs else loss
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -539,10 +552,11 @@ class MoeSFTTrainer(SFTTrainer):
         if not self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
         # The Trainer would also write FSDP's whole-model file (4-bit weights included, gathered from every GPU);
-        # the adapter and routers are already in the checkpoint (save_model), so only the optimizer is FSDP's.
-        from accelerate.utils import save_fsdp_optimizer
+        # the adapter and routers are already in the checkpoint (save_model), so only the optimizer is added,
+        # gathered whole and keyed by parameter name (`optimizer.bin`, a collective).
+        from moekit.finetune.distributed import save_fsdp_optimizer
 
-        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        save_fsdp_optimizer(self.model_wrapped, self.optimizer, os.path.join(output_dir, FSDP_OPTIMIZER_FILE))
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
@@ -558,6 +572,8 @@ class MoeSFTTrainer(SFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         checkpoint = Path(resume_from_checkpoint)
+        if self.is_fsdp_enabled:
+            return self._load_sharded(checkpoint)
         if self.adapter_layout is not None:  # written by `_save`, whole also when written under FSDP
             from moekit.finetune.adapter import load_adapter_values
 
@@ -567,19 +583,53 @@ class MoeSFTTrainer(SFTTrainer):
 
             load_routers(self.model, checkpoint / ROUTERS_FILE)
 
-    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        if checkpoint is None or self.is_fsdp_enabled or not _is_fsdp_checkpoint(Path(checkpoint)):
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        # written under FSDP, resumed without it: FSDP's optimizer file is keyed by parameter name
-        from moekit.finetune.distributed import optimizer_state_from_fsdp
+    def _load_sharded(self, checkpoint: Path) -> None:
+        """A checkpoint's adapter and routers into the FSDP2 model: gathered whole, overwritten from the files,
+        and sharded back (every process)."""
+        from safetensors.torch import load_file
 
-        names = {id(param): name for name, param in self.accelerator.unwrap_model(self.model).named_parameters()}
-        saved = torch.load(Path(checkpoint) / "optimizer.bin", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(optimizer_state_from_fsdp(saved, self.optimizer, names))
-        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+        from moekit.finetune.adapter import load_adapter_values
+        from moekit.finetune.distributed import gathered_trainable, set_full
+
+        whole = gathered_trainable(self.model_wrapped)
+        if self.adapter_layout is not None:
+            load_adapter_values(self.model_wrapped, checkpoint, self.adapter_layout, parameters=whole)
+        if self.train_routers:
+            saved = load_file(str(checkpoint / ROUTERS_FILE))
+            for key, name in self.router_names.items():
+                whole[name].copy_(saved[key])
+        for name, param in self.model_wrapped.named_parameters():
+            if name in whole:
+                set_full(param, whole[name])
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        checkpoint = Path(checkpoint)
+        if self.is_fsdp_enabled:
+            from moekit.finetune.distributed import load_fsdp_optimizer, optimizer_state_to_fsdp
+
+            if _is_fsdp_checkpoint(checkpoint):
+                load_fsdp_optimizer(self.model_wrapped, self.optimizer, checkpoint / FSDP_OPTIMIZER_FILE)
+            else:  # written by one process or DDP: positions -> parameter names, then sharded
+                names = {id(param): name for name, param in self.model_wrapped.named_parameters()}
+                saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+                load_fsdp_optimizer(self.model_wrapped, self.optimizer, optimizer_state_to_fsdp(saved, self.optimizer, names))
+        elif _is_fsdp_checkpoint(checkpoint):
+            # written under FSDP, resumed without it: FSDP's optimizer file is keyed by parameter name
+            from moekit.finetune.distributed import optimizer_state_from_fsdp
+
+            names = {id(param): name for name, param in self.accelerator.unwrap_model(self.model).named_parameters()}
+            saved = torch.load(checkpoint / FSDP_OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(optimizer_state_from_fsdp(saved, self.optimizer, names))
+        else:
+            return super()._load_optimizer_and_scheduler(str(checkpoint))
+        self.lr_scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        for values in self._metrics[mode].values():  # the distillation metrics stay tensors until here
+            values[:] = [float(value) if isinstance(value, torch.Tensor) else value for value in values]
         if self.teacher is None and "loss" in logs:
             # TRL's logged loss is CE + coef * aux (aux averaged over the same micro-batches); take the LM part out.
             aux = self._metrics[mode].get("aux_loss") if self.aux_loss_enabled else None
@@ -588,10 +638,21 @@ class MoeSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
+FSDP_OPTIMIZER_FILE = "optimizer.bin"
+
+
+def trainables_to_float32(model) -> None:
+    """FSDP2 needs one dtype among the trainable parameters of a unit (a decoder layer): LoRA is float32, so the
+    routers become float32 too (bf16 autocast runs their matmul as on one GPU)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def _is_fsdp_checkpoint(checkpoint: Path) -> bool:
     """Checkpoints written under FSDP hold FSDP's optimizer file (`optimizer.bin`, keyed by parameter name);
     the others torch's (`optimizer.pt`)."""
-    return (checkpoint / "optimizer.bin").is_file()
+    return (checkpoint / FSDP_OPTIMIZER_FILE).is_file()
 
 
 def _router_modules(model) -> list[str]:
