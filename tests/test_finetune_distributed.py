@@ -215,6 +215,7 @@ def test_fsdp_shards_4bit_experts_and_gathers_the_adapter(moe, tmp_path):
     assert report["adapter_max_difference"] < 1e-5
     assert report["optimizer_state_max_difference"] < 1e-5  # FSDP's optimizer file resumes on one process
     # --resume under FSDP: the checkpoint of step 2 continues with the uninterrupted run's losses
+    assert report["cpu_repacked_4bit_weights"] == 0  # bitsandbytes' CPU repack breaks under FSDP (see adapted())
     assert len(report["resumed_losses"]) == 2 and report["resumed_losses"] == pytest.approx(report["uninterrupted_losses"], rel=1e-6), report
     assert report["optimizer_state_dtypes"] == ["torch.float32"]
     # with a GPU run's dtypes (bf16 frozen weights and 4-bit codes beside float32 LoRA/routers in one unit, autocast)
@@ -258,7 +259,12 @@ def _fsdp_worker(moe: str, out: str) -> None:
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0.0, 0.02, generator=generator)
-        return model
+        # training mode, as the Trainer sets it (the loader leaves the model in eval mode, as from_pretrained does).
+        # In eval mode bitsandbytes repacks a Linear4bit's codes for its AVX512-BF16 CPU kernel on the first
+        # forward of an input without grad (layer 0's q/k/v): in place, on FSDP's all-gathered copy, while the
+        # flag goes into the shared quant_state; every later all-gather rebuilds the unpacked codes from the
+        # shards, which the flag then misreads (layer 0's attention computes with scrambled weights)
+        return model.train()
 
     def wrap(model):
         """What accelerate does to the model under the shipped fsdp_qlora.yaml, with the policy MoeSFTTrainer sets."""
@@ -332,6 +338,8 @@ def _fsdp_worker(moe: str, out: str) -> None:
     load_fsdp_optimizer(resumed, resumed_optimizer, checkpoint / FSDP_OPTIMIZER_FILE)
     optimizer_dtypes = sorted({str(value.dtype) for state in resumed_optimizer.state.values() for key, value in state.items() if key != "step"})
     resumed_losses = adam_steps(resumed, resumed_optimizer, [3, 4])
+    # the quant_state each Linear4bit keeps (FSDP hands the forward a new weight tensor, bitsandbytes puts it back on it)
+    cpu_repacked = sum(bool(getattr(getattr(module, "quant_state", None), "packing_format_for_cpu", False)) for net in (first, resumed) for module in net.modules())
 
     # the dtypes of a GPU run: 4-bit codes, norms and embeddings in bf16, LoRA and routers float32, bf16 autocast
     from moekit.finetune.trainer import trainables_to_float32
@@ -383,6 +391,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
             "optimizer_state_max_difference": optimizer_difference,
             "uninterrupted_losses": uninterrupted,
             "resumed_losses": resumed_losses,
+            "cpu_repacked_4bit_weights": cpu_repacked,
             "optimizer_state_dtypes": optimizer_dtypes,
             "bf16_loss": float(bf16_loss),
             "bf16_paths": bf16_paths,
