@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from plan_accuracy import EIGHT_BY_7B, TINY, build_quantized, make_config
 
 SHAPES = {"8x7b-16l": dict(EIGHT_BY_7B, num_hidden_layers=16), "8x7b": EIGHT_BY_7B, "tiny": TINY}
+STAGING_VARIABLE = "FSDP_SCALING_STAGING"
 MODES = ("single", "fsdp", "ddp", "fsdp-weak", "ddp-weak", "cli-resume")
 DEFAULT_GPU_MODES = ("single", "fsdp", "ddp", "ddp-weak", "cli-resume", "fsdp-weak")  # in this order, as the budget allows
 CPU_MODES = ("single", "ddp", "ddp-weak", "cli-resume")  # accelerate runs FSDP on GPUs only
@@ -119,11 +120,11 @@ def worker(args) -> None:
             elif state.global_step == total_steps and "profile" in timing:
                 timing["busy"] = _stop_profiler(torch, cuda, timing.pop("profile"))
 
-    with tempfile.TemporaryDirectory() as staging:
-        trainer = _make_trainer(wrapped, tokenizer, data, Path(staging), options, compute_dtype, None)
-        trainer.add_callback(Measure())
-        trainer.train()
-        round_trip = _checkpoint_round_trip(trainer, Path(staging) / "checkpoint-check") if trainer.is_fsdp_enabled else None
+    staging = Path(os.environ[STAGING_VARIABLE])  # one directory for every rank of the mode (run_mode makes it)
+    trainer = _make_trainer(wrapped, tokenizer, data, staging, options, compute_dtype, None)
+    trainer.add_callback(Measure())
+    trainer.train()
+    round_trip = _checkpoint_round_trip(trainer, staging / "checkpoint-check") if trainer.is_fsdp_enabled else None
     from moekit.finetune.distributed import fsdp_units
 
     step_s = timing["timed_s"] / args.steps
@@ -254,13 +255,15 @@ def run_mode(mode: str, args, timeout: float) -> list[dict]:
     for stale in args.out.glob(f"{mode}-rank*.json"):
         stale.unlink()
     started = time.time()
-    process = subprocess.Popen(command, env=env, start_new_session=True)
-    try:
-        code = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # its own session: the launcher and every rank
-        process.wait()
-        return [{"mode": mode, "error": f"stopped after {timeout:.0f} s (--budget-s)"}]
+    with tempfile.TemporaryDirectory(prefix=f"fsdp-scaling-{mode}-") as staging:  # shared by the ranks: checkpoints
+        env[STAGING_VARIABLE] = staging
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the launcher and every rank
+            process.wait()
+            return [{"mode": mode, "error": f"stopped after {timeout:.0f} s (--budget-s)"}]
     ranks = [json.loads(path.read_text()) for path in sorted(args.out.glob(f"{mode}-rank*.json"))]
     if code != 0 or not ranks:
         return [{"mode": mode, "error": f"exit code {code}", "wall_s": time.time() - started}]
