@@ -203,6 +203,13 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+def _messages(process: subprocess.CompletedProcess) -> list[str]:
+    """What a failed CLI run said: its `error:`/`hint:` lines, else the end of its output."""
+    lines = (process.stdout + process.stderr).strip().splitlines()
+    said = [line.strip() for line in lines if line.strip().startswith(("error:", "hint:", "[rank"))]
+    return said[-12:] or lines[-12:]
+
+
 def run_cli_resume(args, env: dict, timeout: float) -> list[dict]:
     """The real CLI on 2 GPUs under --fsdp (on CPUs --ddp): a tiny MoE, 6 steps with a checkpoint at step 3, then a
     second run resumed from that checkpoint under --fsdp; its steps 4-6 should repeat the first run's."""
@@ -215,11 +222,11 @@ def run_cli_resume(args, env: dict, timeout: float) -> list[dict]:
               "--batch-size", "2", kind, "--num-processes", "2"]  # fmt: skip
     first = subprocess.run([*common, "-o", str(root / "first")], env=env, capture_output=True, text=True, timeout=max(deadline - time.time(), 1), check=False)
     if first.returncode != 0:
-        return [{"mode": "cli-resume", "error": f"first run exit code {first.returncode}: {first.stderr.strip().splitlines()[-1:]}"}]
+        return [{"mode": "cli-resume", "error": f"first run exit code {first.returncode}: {_messages(first)}"}]
     shutil.copytree(root / "first" / "checkpoints" / "checkpoint-3", root / "resumed.partial" / "checkpoints" / "checkpoint-3")
     resumed = subprocess.run([*common, "-o", str(root / "resumed"), "--resume"], env=env, capture_output=True, text=True, timeout=max(deadline - time.time(), 1), check=False)
     if resumed.returncode != 0:
-        return [{"mode": "cli-resume", "error": f"resumed run exit code {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}"}]
+        return [{"mode": "cli-resume", "error": f"resumed run exit code {resumed.returncode}: {_messages(resumed)}"}]
     uninterrupted, again = dict(losses(root / "first")), dict(losses(root / "resumed"))
     steps = sorted(step for step in again if step > 3)
     worst = max(abs(again[step] - uninterrupted[step]) / abs(uninterrupted[step]) for step in steps)
