@@ -135,8 +135,8 @@ class Recipe(BaseModel):
 
     @property
     def source_models(self) -> list[str]:
-        """Base model and experts, base first, without duplicates."""
-        return list(dict.fromkeys([self.base_model] + [e.source_model for e in self.experts]))
+        """Base model, experts and shared experts, base first, without duplicates."""
+        return list(dict.fromkeys([self.base_model] + [e.source_model for e in self.gated_experts]))
 
 
 def _format_validation_error(err: ValidationError, path: Path) -> str:

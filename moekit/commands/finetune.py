@@ -30,8 +30,11 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
     """
     from pydantic import ValidationError
 
+    from moekit.build.arch.qwen2_moe import refuse_for
     from moekit.finetune.options import options_from_cli
     from moekit.finetune.trainer import FSDP_RESUME_REFUSAL, check_inputs, finetune
+
+    refuse_for("finetune", model)
 
     try:
         parsed = options_from_cli(FinetuneOptions, options)
