@@ -62,6 +62,9 @@ class CalibrationSettings(BaseModel):
     steps: int = Field(default=300, ge=1, description="Optimisation steps of the per-layer router fit in `calibrated` mode.")
     learning_rate: float = Field(default=0.05, gt=0, description="Learning rate of the router fit.")
     weight_decay: float = Field(default=1e-3, ge=0, description="L2 penalty that keeps fitted routers small.")
+    max_fit_tokens: int = Field(
+        default=4096, ge=1, description="Tokens per expert (for and against it, each) whose router inputs the fit keeps; a seeded random sample when there are more."
+    )
 
 
 class MoekitSettings(BaseModel):

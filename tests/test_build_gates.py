@@ -223,3 +223,20 @@ def test_finetune_says_it_cannot_take_qwen2_moe_yet(qwen2_family, tmp_path, caps
 @pytest.fixture(scope="module")
 def input_ids(tiny_tokenizer):
     return tiny_tokenizer(["def add(a, b): the quick brown fox 12 + 30"], return_tensors="pt")["input_ids"]
+
+
+def test_calibrated_fit_keeps_a_bounded_sample_of_tokens(llama_family, tiny_tokenizer):
+    from moekit.build.gates import NEGATIVE, fit_sample, tokenize_prompts
+
+    text = recipe_text(llama_family, "calibrated").replace("    positive_prompts: " + json.dumps(PROMPTS["e0"]),
+                                                           "    positive_prompts: " + json.dumps(PROMPTS["e0"]) + "\n    negative_prompts: [\"Once upon a time\"]")
+    prompts = tokenize_prompts(parse_recipe(text), tiny_tokenizer)
+    sample = fit_sample(prompts, 3, max_tokens=5, seed=0)
+    for expert in range(3):
+        for against in (False, True):
+            texts = [i for i in range(len(prompts)) if prompts.expert[i] == expert and (prompts.kind[i] == NEGATIVE) == against]
+            available = sum(len(prompts.input_ids[i]) - 1 for i in texts)
+            assert sum(int(sample[i].sum()) for i in texts) == min(5, available)
+    assert not any(mask[0] for mask in sample)  # never the BOS token
+    everything = fit_sample(prompts, 3, max_tokens=10**6, seed=0)
+    assert sum(int(m.sum()) for m in everything) == prompts.tokens - len(prompts)

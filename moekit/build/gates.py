@@ -17,8 +17,10 @@ Modes (what each layer's router weight, one row per expert, is made from):
 The gate pass is streamed layer by layer (`stream_layers`): the base model is built on the meta
 device, each decoder layer's weights are loaded once, every batch of prompts is run through that
 layer, the layer's router is made and its routing statistics counted, and then the layer's weights
-and features are dropped. What stays in memory is one layer's weights and the residual stream of the
-prompts at the current layer; nothing grows with the number of layers.
+and features are dropped. What stays in memory is one layer's weights and one batch of the prompts'
+residual stream (on the CPU the rest waits in a temporary file; on a GPU, in device memory), plus
+for `calibrated` a bounded sample of router inputs (`max_fit_tokens` per expert); nothing grows with
+the number of layers.
 
 Router arithmetic (means, normalisation, fits) is float32 on every device; the forward pass runs in
 float32 unless asked otherwise (`forward_dtype`), so that a recipe gives the same routers on a CPU
@@ -28,9 +30,11 @@ and on a GPU (to float32 rounding; `tests/test_build_gates.py`).
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +85,30 @@ def tokenize_prompts(recipe: Recipe, tokenizer, calibration: list[list[torch.Ten
 
 @dataclass
 class Batch:
-    """Texts run through the layers together; `residual` is their residual stream at the current layer."""
+    """Texts run through the layers together, with their residual stream at the current layer.
+
+    On a GPU the residual stream stays in device memory; on the CPU it is kept in a file between
+    layers (`spill`), so that resident memory holds one batch of it, not all the prompts'.
+    """
 
     texts: torch.Tensor  # (batch,) indices into the PromptSet
     attention_mask: torch.Tensor  # (batch, tokens) on the CPU
-    residual: torch.Tensor  # (batch, tokens, hidden) on the gate device, in the forward dtype
     layer_kwargs: list[dict] = field(default_factory=list)  # per layer: what the backbone passes each decoder layer
+    spill: Path | None = None  # file that holds the residual stream between layers (CPU)
+    _residual: torch.Tensor | None = None  # (batch, tokens, hidden) on the gate device, in the forward dtype
+
+    @property
+    def residual(self) -> torch.Tensor:
+        if self.spill is None:
+            return self._residual
+        return torch.load(self.spill, weights_only=True)
+
+    @residual.setter
+    def residual(self, value: torch.Tensor) -> None:
+        if self.spill is None:
+            self._residual = value
+        else:
+            torch.save(value.contiguous(), self.spill)
 
 
 @dataclass
@@ -171,23 +193,24 @@ def stream_layers(base: SourceModel, prompts: PromptSet, device: str = "cpu", dt
             _load_module(child, base, f"{prefix}{name}.", device, dtype)
 
     layers = backbone.layers
-    batches = _embed(backbone, layers, prompts, device, batch_size)
-    for index, layer in enumerate(layers):
-        _load_module(layer, base, f"{prefix}layers.{index}.", device, dtype)
-        layer.eval()
-        step = LayerPass(index, layer, batches, device)
-        try:
-            yield step
-            if not step.done:
-                for _ in step.run():
-                    pass
-        finally:
-            layer.to("meta")  # drop this layer's weights before the next one is loaded
-        for batch in batches:
-            batch.layer_kwargs[index] = None  # this layer's masks and rotary tables are no longer needed
+    with tempfile.TemporaryDirectory(prefix="moekit-gate-pass-") as spill_dir:
+        batches = _embed(backbone, layers, prompts, device, batch_size, Path(spill_dir) if torch.device(device).type == "cpu" else None)
+        for index, layer in enumerate(layers):
+            _load_module(layer, base, f"{prefix}layers.{index}.", device, dtype)
+            layer.eval()
+            step = LayerPass(index, layer, batches, device)
+            try:
+                yield step
+                if not step.done:
+                    for _ in step.run():
+                        pass
+            finally:
+                layer.to("meta")  # drop this layer's weights before the next one is loaded
+            for batch in batches:
+                batch.layer_kwargs[index] = None  # this layer's masks and rotary tables are no longer needed
 
 
-def _embed(backbone, layers, prompts: PromptSet, device: str, batch_size: int) -> list[Batch]:
+def _embed(backbone, layers, prompts: PromptSet, device: str, batch_size: int, spill_dir: Path | None) -> list[Batch]:
     """Embed the prompts in batches (similar lengths together) and record each layer's keyword arguments."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts.input_ids[i]))
     batches = []
@@ -205,7 +228,9 @@ def _embed(backbone, layers, prompts: PromptSet, device: str, batch_size: int) -
             with torch.no_grad():
                 backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
             recorded = [recorder.record.pop(recorder.index) for recorder in backbone.layers]
-            batches.append(Batch(texts, mask, recorded[0][0], [kwargs for _, kwargs in recorded]))
+            batch = Batch(texts, mask, [kwargs for _, kwargs in recorded], spill_dir / f"batch-{len(batches)}.pt" if spill_dir else None)
+            batch.residual = recorded[0][0]
+            batches.append(batch)
     finally:
         backbone.layers = layers
     return batches
@@ -311,13 +336,14 @@ def router_weights(
     prompts = tokenize_prompts(recipe, tokenizer, calibration if mode == "calibrated" else None)
     routers = torch.zeros(num_layers, num_gated, hidden)
     shares = torch.zeros(num_layers, num_experts, num_experts)
+    sample = fit_sample(prompts, num_experts, recipe.moekit.calibration.max_fit_tokens, recipe.moekit.seed) if mode == "calibrated" else None
     with exact_float32():
         layers = stream_layers(base, prompts, device, forward_dtype, batch_size)
         for step in tqdm(layers, total=num_layers, desc="gate pass", unit="layer"):
             if mode == "calibrated":
                 if num_gated > num_experts:
                     routers[step.index, num_experts:] = _hidden_gate(step.inputs(), prompts, num_gated, average=False)[num_experts:]
-                routers[step.index, :num_experts], shares[step.index] = _calibrated_layer(step, prompts, num_experts, recipe)
+                routers[step.index, :num_experts], shares[step.index] = _calibrated_layer(step, prompts, num_experts, recipe, sample)
                 continue
             if mode in HIDDEN_MODES:
                 routers[step.index] = _hidden_gate(step.inputs(), prompts, num_gated, average=mode == "hidden_avg")
@@ -358,12 +384,31 @@ def _fitted_tokens(batch: LayerBatch, prompts: PromptSet) -> tuple[torch.Tensor,
     return mask, expert, kind
 
 
-def _calibrated_layer(step: LayerPass, prompts: PromptSet, num_experts: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the layer, keep the router inputs of the texts' tokens, fit the router: (router, routing shares)."""
+def fit_sample(prompts: PromptSet, num_experts: int, max_tokens: int, seed: int) -> list[torch.Tensor]:
+    """Per text, a (tokens,) mask of the tokens whose router inputs the fit keeps: all but BOS, at most
+    `max_tokens` per expert and direction (for it: positive and calibration; against it: negative), drawn at random."""
+    keep = [torch.zeros(len(ids), dtype=torch.bool) for ids in prompts.input_ids]
+    generator = torch.Generator().manual_seed(seed)
+    for expert in range(num_experts):
+        for against in (False, True):
+            texts = [i for i in range(len(prompts)) if prompts.expert[i] == expert and (prompts.kind[i] == NEGATIVE) == against]
+            candidates = [(i, position) for i in texts for position in range(1, len(prompts.input_ids[i]))]
+            chosen = range(len(candidates)) if len(candidates) <= max_tokens else torch.randperm(len(candidates), generator=generator)[:max_tokens].tolist()
+            for pick in chosen:
+                text, position = candidates[pick]
+                keep[text][position] = True
+    return keep
+
+
+def _calibrated_layer(step: LayerPass, prompts: PromptSet, num_experts: int, recipe: Recipe, sample: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the layer, keep the router inputs of the sampled tokens, fit the router: (router, routing shares of the sample)."""
     tokens, experts, kinds = [], [], []
     for batch in step.run():
         mask, expert, kind = _fitted_tokens(batch, prompts)
-        mask &= expert < num_experts  # shared experts' prompts do not train the routed experts' router
+        keep = torch.zeros_like(mask)
+        for row, text in enumerate(batch.texts.tolist()):
+            keep[row, : len(sample[text])] = sample[text].to(keep.device)
+        mask &= keep & (expert < num_experts)  # shared experts' prompts do not train the routed experts' router
         tokens.append(batch.router_input[mask])  # (tokens, hidden)
         experts.append(expert[mask])
         kinds.append(kind[mask])
