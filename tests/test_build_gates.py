@@ -240,3 +240,16 @@ def test_calibrated_fit_keeps_a_bounded_sample_of_tokens(llama_family, tiny_toke
     assert not any(mask[0] for mask in sample)  # never the BOS token
     everything = fit_sample(prompts, 3, max_tokens=10**6, seed=0)
     assert sum(int(m.sum()) for m in everything) == prompts.tokens - len(prompts)
+
+
+def test_calibration_data_from_a_dataset(tmp_path, tiny_tokenizer):
+    """`hf:NAME[:split]` goes through datasets.load_dataset (here a local data directory, as offline as a cached Hub dataset)."""
+    from moekit.build.calibration import load_calibration
+    from moekit.recipe import CalibrationData
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"body": f"def f{i}(a, b): return a + b"}) + "\n" for i in range(50)))
+    chunks = load_calibration(CalibrationData(data=f"hf:{folder}:train", max_tokens=100, chunk_tokens=16, text_field="body"), tiny_tokenizer, "0")
+    assert sum(len(c) for c in chunks) == 100 and all(len(c) <= 16 and c[0] == tiny_tokenizer.bos_token_id for c in chunks)
+    assert tiny_tokenizer.decode(chunks[0][1:]).startswith("def f0(a, b)")
