@@ -253,3 +253,11 @@ def test_calibration_data_from_a_dataset(tmp_path, tiny_tokenizer):
     chunks = load_calibration(CalibrationData(data=f"hf:{folder}:train", max_tokens=100, chunk_tokens=16, text_field="body"), tiny_tokenizer, "0")
     assert sum(len(c) for c in chunks) == 100 and all(len(c) <= 16 and c[0] == tiny_tokenizer.bos_token_id for c in chunks)
     assert tiny_tokenizer.decode(chunks[0][1:]).startswith("def f0(a, b)")
+
+
+def test_qwen2_moe_dry_run_names_every_source(qwen2_family, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(qwen2_recipe(qwen2_family, routed=("base", "e0")).replace("dtype: float32\n", "dtype: float32\narchitecture: qwen\n"))
+    code, output = run_cli(["build", str(recipe), "--dry-run"], capsys)
+    assert code == 0, output
+    assert "qwen2_moe (2 experts, top-1" in output and "shared_expert_gate.weight" in output and "<- shared expert (" in output

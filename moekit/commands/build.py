@@ -68,7 +68,8 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
 
 
 def _print_plan(result, format_size) -> None:
-    click.echo(f"architecture:  {result.architecture} ({result.config.num_local_experts} experts, top-{result.config.num_experts_per_tok}, "
+    experts = getattr(result.config, "num_local_experts", None) or result.config.num_experts  # Mixtral/Phixtral, Qwen2-MoE
+    click.echo(f"architecture:  {result.architecture} ({experts} experts, top-{result.config.num_experts_per_tok}, "
                f"{result.config.num_hidden_layers} layers, hidden {result.config.hidden_size})")
     click.echo(f"parameters:    {result.parameters_total:,} total, {result.parameters_active:,} active per token")
     click.echo(f"output size:   {format_size(result.output_bytes)} ({str(result.config.dtype).removeprefix('torch.')}, {len(result.tensors)} tensors)")
