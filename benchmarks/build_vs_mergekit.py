@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--rows", default="few,realistic", help="comma-separated: few, realistic")
     parser.add_argument("--prompts", type=int, default=64, help="positive prompts per expert in the realistic rows")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt in the realistic rows")
+    parser.add_argument("--gate-batch-size", type=int, default=None, help="moekit's --gate-batch-size (default: moekit's default)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -131,7 +132,8 @@ def main() -> None:
         outputs = {"mergekit-moe 0.1.5": args.work / f"out-mergekit-{row}", "moekit build": args.work / f"out-moekit-{row}"}
         commands = {
             "mergekit-moe 0.1.5": [str(bin_dir / "mergekit-moe"), str(recipe), str(outputs["mergekit-moe 0.1.5"]), "--device", "cpu", "--lazy-unpickle"],
-            "moekit build": [sys.executable, "-m", "moekit", "build", str(recipe), "-o", str(outputs["moekit build"]), "--device", "cpu"],
+            "moekit build": [sys.executable, "-m", "moekit", "build", str(recipe), "-o", str(outputs["moekit build"]), "--device", "cpu"]
+            + (["--gate-batch-size", str(args.gate_batch_size)] if args.gate_batch_size else []),
         }
         for tool in tools:
             shutil.rmtree(outputs[tool], ignore_errors=True)

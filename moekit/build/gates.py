@@ -270,23 +270,23 @@ def threads(count: int | None):
         torch.set_num_threads(saved)
 
 
-def calibrated_gate(tokens: torch.Tensor, token_expert: torch.Tensor, token_positive: torch.Tensor, num_experts: int, steps: int, learning_rate: float, weight_decay: float, seed: int) -> torch.Tensor:
-    """Fit one layer's router (experts, hidden), float32, on router inputs `tokens` (tokens, hidden).
+def calibrated_gate(pos_x: torch.Tensor, pos_y: torch.Tensor, neg_x: torch.Tensor, neg_y: torch.Tensor, num_experts: int, steps: int, learning_rate: float, weight_decay: float, seed: int) -> torch.Tensor:
+    """Fit one layer's router (experts, hidden), float32, on router inputs.
 
-    `token_expert` (tokens,) names each token's expert; `token_positive` (tokens,) is True where the
-    token should route to it (positive prompts, calibration data) and False where it should not.
+    `pos_x` (tokens, hidden) should route to their expert `pos_y` (tokens,) (positive prompts,
+    calibration data); `neg_x` should not route to `neg_y` (negative prompts). Both are float32 and
+    are divided in place by their mean norm (no copy of what can be the largest tensors of a build).
     """
-    tokens = tokens.float()
-    scale = tokens.norm(dim=-1).mean().clamp(min=1e-6)
-    x = tokens / scale  # unit-scale features make one learning rate fit every model
+    count = len(pos_x) + len(neg_x)
+    scale = ((pos_x.norm(dim=-1).sum() + neg_x.norm(dim=-1).sum()) / count).clamp(min=1e-6)
+    pos_x.div_(scale)  # unit-scale features make one learning rate fit every model
+    neg_x.div_(scale)
     generator = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(num_experts, x.shape[1], generator=generator) * 0.01).to(x.device).requires_grad_()
-    pos_x, pos_y = x[token_positive], token_expert[token_positive]
-    neg_x, neg_y = x[~token_positive], token_expert[~token_positive]
+    weight = (torch.randn(num_experts, pos_x.shape[1], generator=generator) * 0.01).to(pos_x.device).requires_grad_()
     # Every expert counts the same, however many tokens its texts have.
     class_weight = 1.0 / torch.bincount(pos_y, minlength=num_experts).clamp(min=1).float()
     # small fits on a CPU are dominated by thread synchronisation, not arithmetic
-    with threads(1 if x.device.type == "cpu" and x.numel() < 2**22 else None), torch.enable_grad():
+    with threads(1 if pos_x.device.type == "cpu" and count * pos_x.shape[1] < 2**22 else None), torch.enable_grad():
         optimizer = torch.optim.Adam([weight], lr=learning_rate)
         for _ in range(steps):
             optimizer.zero_grad()
@@ -402,23 +402,31 @@ def fit_sample(prompts: PromptSet, num_experts: int, max_tokens: int, seed: int)
 
 def _calibrated_layer(step: LayerPass, prompts: PromptSet, num_experts: int, recipe: Recipe, sample: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the layer, keep the router inputs of the sampled tokens, fit the router: (router, routing shares of the sample)."""
-    tokens, experts, kinds = [], [], []
+    against = prompts.kind == NEGATIVE
+    sizes = [sum(int(sample[i].sum()) for i in range(len(prompts)) if against[i] == side) for side in (False, True)]
+    buffers = None  # (pos_x, pos_y, neg_x, neg_y), filled batch by batch: the sample is held once
+    filled = [0, 0]
     for batch in step.run():
         mask, expert, kind = _fitted_tokens(batch, prompts)
         keep = torch.zeros_like(mask)
         for row, text in enumerate(batch.texts.tolist()):
             keep[row, : len(sample[text])] = sample[text].to(keep.device)
-        mask &= keep & (expert < num_experts)  # shared experts' prompts do not train the routed experts' router
-        tokens.append(batch.router_input[mask])  # (tokens, hidden)
-        experts.append(expert[mask])
-        kinds.append(kind[mask])
-    x, token_expert, token_kind = torch.cat(tokens), torch.cat(experts), torch.cat(kinds)
-    del tokens
-    settings = recipe.moekit
-    router = calibrated_gate(x, token_expert, token_kind != NEGATIVE, num_experts, settings.calibration.steps, settings.calibration.learning_rate,
-                             settings.calibration.weight_decay, settings.seed + step.index)
-    own = token_kind != NEGATIVE
-    return router, _shares(x[own] @ router.to(x.device).T, token_expert[own], recipe.experts_per_token, num_experts)
+        mask &= keep
+        if buffers is None:
+            hidden, device = batch.router_input.shape[-1], batch.router_input.device
+            buffers = [torch.empty(sizes[0], hidden, device=device), torch.empty(sizes[0], dtype=torch.long, device=device),
+                       torch.empty(sizes[1], hidden, device=device), torch.empty(sizes[1], dtype=torch.long, device=device)]
+        for side, x, y in ((0, buffers[0], buffers[1]), (1, buffers[2], buffers[3])):
+            chosen = mask & ((kind == NEGATIVE) == bool(side))
+            count = int(chosen.sum())
+            x[filled[side] : filled[side] + count] = batch.router_input[chosen]
+            y[filled[side] : filled[side] + count] = expert[chosen]
+            filled[side] += count
+    pos_x, pos_y, neg_x, neg_y = buffers
+    settings = recipe.moekit.calibration
+    router = calibrated_gate(pos_x, pos_y, neg_x, neg_y, num_experts, settings.steps, settings.learning_rate, settings.weight_decay, recipe.moekit.seed + step.index)
+    # pos_x is now scaled by a positive factor, which changes no top-k choice
+    return router, _shares(pos_x @ router.to(pos_x.device).T, pos_y, recipe.experts_per_token, num_experts)
 
 
 def _routing_shares(batches: Iterator[LayerBatch], prompts: PromptSet, router: torch.Tensor, top_k: int, num_experts: int) -> torch.Tensor:
