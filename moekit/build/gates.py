@@ -45,7 +45,7 @@ from moekit.recipe import Recipe
 
 POSITIVE, NEGATIVE, CALIBRATION = 0, 1, 2
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
-DEFAULT_GATE_BATCH_SIZE = 16
+DEFAULT_GATE_BATCH_SIZE = 8  # prompts per batch: with the layer's weights, one batch's activations set the pass's peak memory
 
 
 @dataclass

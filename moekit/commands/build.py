@@ -12,7 +12,7 @@ import click
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="Output directory [default: ./<recipe name>].")
 @click.option("--dry-run", is_flag=True, help="Print the plan (architecture, parameters, output size, tensor sources) and write nothing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Device for the gate forward passes.")
-@click.option("--gate-batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--gate-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts (or calibration chunks) run through the base model together in the gate pass; lower it if memory is short.")
 @click.option("--gate-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Dtype of the gate pass's forward through the base model. Router maths is float32 either way; float32 gives the same routers on CPU and GPU.")
