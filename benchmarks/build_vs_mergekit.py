@@ -53,15 +53,30 @@ def make_sources(work: Path, args) -> list[Path]:
     return paths
 
 
+# Linux folds the hiwater RSS of the address space a child replaces at exec into the child's ru_maxrss, and a
+# child spawned (vfork) from this process starts in this process's address space: launched from here, every
+# tool would report at least this benchmark's own RSS (about 0.8 GB once it has compared two outputs). So each
+# tool is started by a small launcher process that imports nothing, and the launcher reports the tool's peak.
+LAUNCHER = """
+import os, subprocess, sys
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(process.pid, 0)
+code = os.waitstatus_to_exitcode(status)
+if code != 0:
+    sys.stderr.write(process.stderr.read().decode(errors="replace")[-3000:])
+print(usage.ru_maxrss)
+sys.exit(code)
+"""
+
+
 def run(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GB) of one child process."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *command], capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{command[0]} failed:\n{process.stderr.read()[-3000:]}")
-    return wall, usage.ru_maxrss * 1024 / 1e9
+    if done.returncode != 0:
+        raise SystemExit(f"{command[0]} failed:\n{done.stderr[-3000:]}")
+    return wall, int(done.stdout.split()[-1]) * 1024 / 1e9
 
 
 DOMAINS = [
