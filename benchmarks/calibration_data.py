@@ -3,8 +3,9 @@
     python benchmarks/calibration_data.py [--preset quick|standard] [--max-tokens 20000] [--work DIR]
 
 Builds the demo's MoE (`moekit/zoo/tiny-4x.yaml`: a tiny Llama base and four trained domain experts)
-three ways: `hidden` and `calibrated` from the recipe's prompts alone, and `calibrated` with each
-expert's training split (the zoo's `data/<domain>/train.jsonl`) as calibration data. Each MoE is then
+with `hidden` and `calibrated` routers from the recipe's eight prompts per expert, and `calibrated`
+from those prompts (or the first prompt only) with and without each expert's training split (the
+zoo's `data/<domain>/train.jsonl`) as calibration data. Each MoE is then
 measured on the zoo's held-out split, which neither prompts nor calibration data saw:
 - routing accuracy: share of held-out tokens of each domain whose top-1 router choice is that domain's
   expert, averaged over layers and domains (chance: 25%);
@@ -70,12 +71,18 @@ def main() -> None:
     zoo = ensure_zoo(settings)
     recipe = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
     domains = [expert["source_model"].removeprefix("zoo:") for expert in recipe["experts"]]
-    variants = {"hidden, prompts": ("hidden", False), "calibrated, prompts": ("calibrated", False), "calibrated, prompts + data": ("calibrated", True)}
+    variants = {  # name: (gate mode, calibration data?, prompts kept per expert)
+        "hidden, prompts": ("hidden", False, None),
+        "calibrated, prompts": ("calibrated", False, None),
+        "calibrated, prompts + data": ("calibrated", True, None),
+        "calibrated, one prompt": ("calibrated", False, 1),
+        "calibrated, one prompt + data": ("calibrated", True, 1),
+    }
     rows = {}
     with use_zoo(settings):
-        for name, (gate_mode, with_data) in variants.items():
+        for name, (gate_mode, with_data, keep_prompts) in variants.items():
             data = dict(recipe, gate_mode=gate_mode)
-            data["experts"] = [dict(e) for e in recipe["experts"]]
+            data["experts"] = [dict(e, positive_prompts=e["positive_prompts"][:keep_prompts]) for e in recipe["experts"]]
             if with_data:
                 for expert, domain in zip(data["experts"], domains):
                     expert["moekit"] = {"calibration": {"data": str(zoo.train_data(domain)), "max_tokens": args.max_tokens}}
