@@ -55,7 +55,7 @@ def make_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None):
 
 
 def tiny_config(arch: str, vocab_size: int, **overrides):
-    """A transformers config of a few layers for `arch` in llama, mistral, phi, phi3, mixtral."""
+    """A transformers config of a few layers for `arch` in llama, mistral, phi, phi3, qwen2, mixtral."""
     import transformers
 
     common = dict(
@@ -77,6 +77,8 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
         config = transformers.MistralConfig(**common, sliding_window=None)
     elif arch == "phi3":
         config = transformers.Phi3Config(**common)
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**common)
     elif arch == "phi":
         config = transformers.PhiConfig(**common, partial_rotary_factor=0.5)
     elif arch == "mixtral":

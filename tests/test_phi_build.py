@@ -111,33 +111,36 @@ def test_phi2_gate_modes_build_loadable_phixtral(gate_mode, phi2, tmp_path, prom
 @pytest.mark.parametrize("arch,base_class", [("phi2", "PhiForCausalLM"), ("phi3", "Phi3ForCausalLM")])
 def test_router_input_is_what_the_moe_block_sees(arch, base_class, request, tiny_tokenizer):
     """Phi-2's router sees the shared input LayerNorm output; Phi-3's the post-attention norm output."""
-    from moekit.build.gates import stream_layer_features, tokenize_prompts
+    from moekit.build.gates import stream_layers, tokenize_prompts
     from moekit.build.sources import open_source
 
     models = request.getfixturevalue(arch)
     source = open_source(str(models["base"]))
     parsed = parse_recipe(recipe(models["base"], [models["e0"], models["e1"]], "hidden"))
     prompts = tokenize_prompts(parsed, tiny_tokenizer)
-    features = stream_layer_features(source, prompts)
     base = load(models["base"])
     assert type(base).__name__ == base_class
-    for layer_features in features:
-        layer = base.model.layers[layer_features.layer]
-        residual = layer_features.residual
-        with torch.no_grad():
-            if arch == "phi2":
-                expected = layer.input_layernorm(residual)
-            else:
-                position_ids = torch.arange(residual.shape[1])[None]
-                cos_sin = base.model.rotary_emb(residual, position_ids)
-                from transformers.masking_utils import create_sliding_window_causal_mask
+    checked = 0
+    for step in stream_layers(source, prompts, batch_size=2):  # several batches, padded to different lengths
+        layer = base.model.layers[step.index]
+        for batch in step.run():
+            residual = batch.residual
+            with torch.no_grad():
+                if arch == "phi2":
+                    expected = layer.input_layernorm(residual)
+                else:
+                    position_ids = torch.arange(residual.shape[1])[None]
+                    cos_sin = base.model.rotary_emb(residual, position_ids)
+                    from transformers.masking_utils import create_sliding_window_causal_mask
 
-                # no cache: passed by position, its keyword is `past_key_values` before transformers 5.2x and `cache` after
-                mask = create_sliding_window_causal_mask(base.config, residual, prompts.attention_mask, None, position_ids=position_ids)
-                attn, _ = layer.self_attn(layer.input_layernorm(residual), position_embeddings=cos_sin, attention_mask=mask)
-                expected = layer.post_attention_layernorm(residual + attn)
-        real = prompts.attention_mask.bool()
-        torch.testing.assert_close(layer_features.router_input[real], expected[real], atol=1e-5, rtol=1e-4)
+                    # no cache: passed by position, its keyword is `past_key_values` before transformers 5.2x and `cache` after
+                    mask = create_sliding_window_causal_mask(base.config, residual, batch.attention_mask, None, position_ids=position_ids)
+                    attn, _ = layer.self_attn(layer.input_layernorm(residual), position_embeddings=cos_sin, attention_mask=mask)
+                    expected = layer.post_attention_layernorm(residual + attn)
+            real = batch.attention_mask.bool()
+            torch.testing.assert_close(batch.router_input[real], expected[real], atol=1e-5, rtol=1e-4)
+            checked += int(real.sum())
+    assert checked == 2 * prompts.tokens  # every real token of every prompt, at both layers
 
 
 

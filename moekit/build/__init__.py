@@ -21,6 +21,7 @@ from moekit import __version__
 from moekit.build.arch import ARCHITECTURES, choose_architecture
 from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
 from moekit.build.families import family_of
+from moekit.build.gates import DEFAULT_GATE_BATCH_SIZE
 from moekit.build.sources import SourceModel, copy_tokenizer_files, load_tokenizer, open_source
 from moekit.config_file import save_config
 from moekit.errors import IncompatibleModelsError
@@ -37,6 +38,10 @@ class BuildOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="Device for the gate forward passes (auto: cuda when available).")
+    gate_batch_size: int = Field(default=DEFAULT_GATE_BATCH_SIZE, ge=1, description="Prompts run through the base model together in the gate pass.")
+    gate_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="Dtype of the gate pass's forward through the base model; router arithmetic is float32 either way."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="Output dtype; overrides the recipe's `dtype`.")
     shard_size: int = Field(default=2 * 10**9, description="Largest safetensors shard in bytes (accepts '2GB', '500MB').")
     allow_same_experts: bool = Field(default=False, description="Allow every expert to be the same model (useful only before training).")
@@ -93,20 +98,24 @@ def _numel(shape) -> int:
 def prepare(recipe: Recipe, options: BuildOptions) -> tuple[BuildInputs, OutputArchitecture]:
     """Open and cross-check every source and pick the output architecture; reads configs only."""
     experts_refs = [e.source_model for e in recipe.experts]
-    if not options.allow_same_experts and len(experts_refs) > 1 and len(set(experts_refs)) == 1:
+    if not options.allow_same_experts and not recipe.upcycling and len(experts_refs) > 1 and len(set(experts_refs)) == 1:
         raise IncompatibleModelsError(
-            f"all {len(experts_refs)} experts are the same model ({experts_refs[0]}): the MoE would cost more and compute the same",
-            hint="pass --allow-same-experts if you will train it afterwards",
+            f"all {len(experts_refs)} experts are the same model ({experts_refs[0]}): the MoE would cost more and compute the same, "
+            f"and gate_mode '{recipe.gate_mode}' could not make their routers differ",
+            hint="pass --allow-same-experts if you will train it afterwards, or upcycle with gate_mode random / noise_scale as mergekit does",
         )
     opened: dict[str, SourceModel] = {}
     for ref in recipe.source_models:
         opened[ref] = open_source(ref, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     base = opened[recipe.base_model]
     experts = [opened[ref] for ref in experts_refs]
+    shared = [opened[e.source_model] for e in recipe.shared_experts or []]
     for index, expert in enumerate(experts):
-        _check_compatible(base, expert, index)
+        _check_compatible(base, expert, f"expert {index} ({expert.ref})")
+    for index, expert in enumerate(shared):
+        _check_compatible(base, expert, f"shared expert {index} ({expert.ref})")
     dtype_name = options.dtype or recipe.dtype or _config_dtype(base.config)
-    inputs = BuildInputs(recipe=recipe, base=base, experts=experts, family=family_of(base), dtype=DTYPES[dtype_name])
+    inputs = BuildInputs(recipe=recipe, base=base, experts=experts, family=family_of(base), dtype=DTYPES[dtype_name], shared_experts=shared)
     return inputs, choose_architecture(inputs, recipe.architecture)
 
 
@@ -116,8 +125,7 @@ def _config_dtype(config) -> str:
     return name if name in DTYPES else "bfloat16"
 
 
-def _check_compatible(base: SourceModel, expert: SourceModel, index: int) -> None:
-    where = f"expert {index} ({expert.ref})"
+def _check_compatible(base: SourceModel, expert: SourceModel, where: str) -> None:
     if expert.architecture != base.architecture:
         raise IncompatibleModelsError(f"{where} is a {expert.architecture} but the base model ({base.ref}) is a {base.architecture}; all models of one MoE must share an architecture")
     for key in MATCHING_SETTINGS:
@@ -156,8 +164,11 @@ def _build_into(staging: Path, recipe: Recipe, options: BuildOptions, recipe_tex
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
     from moekit.build import gates as gate_init
 
-    gate_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    routers, features, prompts = gate_init.router_weights(recipe, inputs.base, tokenizer, device=device, dtype=gate_dtype)
+    calibration = _load_calibration(recipe, tokenizer)
+    gate_pass = gate_init.router_weights(
+        recipe, inputs.base, tokenizer, device=device, forward_dtype=DTYPES[options.gate_dtype], batch_size=options.gate_batch_size, calibration=calibration
+    )
+    routers = gate_pass.routers
     build_plan = _plan(inputs, arch, routers=lambda layer: routers[layer])
 
     _write_weights(build_plan, staging, options.shard_size, inputs.dtype)
@@ -167,15 +178,40 @@ def _build_into(staging: Path, recipe: Recipe, options: BuildOptions, recipe_tex
     copy_tokenizer_files(inputs.base.path, staging)
     (staging / "moekit-recipe.yaml").write_text(recipe_text if recipe_text is not None else _recipe_yaml(recipe), encoding="utf-8")
     routing = None
-    if features is not None:
+    if gate_pass.shares is not None:
         from moekit.build.report import write_routing_report
 
-        routing = write_routing_report(staging / "routing", features, prompts, routers, recipe)
-    _write_metadata(staging, inputs, build_plan, options)
+        routing = write_routing_report(staging / "routing", gate_pass.shares, recipe)
+    _write_metadata(staging, inputs, build_plan, options, _gate_pass_record(gate_pass, options, device, calibration))
     from moekit.publish.card import write_model_card
+
 
     write_model_card(staging, license=recipe.moekit.license)
     return build_plan, routing
+
+
+def _load_calibration(recipe: Recipe, tokenizer) -> list[list[torch.Tensor]] | None:
+    """Each expert's calibration chunks (empty where it has none), or None when the gate mode does not use them."""
+    if recipe.gate_mode != "calibrated" or not any(e.calibration for e in recipe.experts):
+        return None
+    from moekit.build.calibration import load_calibration
+
+    return [load_calibration(e.calibration, tokenizer, f"{i} ({e.source_model})") if e.calibration else [] for i, e in enumerate(recipe.experts)]
+
+
+def _gate_pass_record(gate_pass, options: BuildOptions, device: str, calibration) -> dict:
+    """How the routers were made, for moekit.json: the same recipe gives the same routers on any device in float32."""
+    record = {
+        "device": device,
+        "forward_dtype": options.gate_dtype if gate_pass.shares is not None else None,
+        "router_dtype": "float32",
+        "batch_size": options.gate_batch_size,
+        "texts": gate_pass.texts,
+        "tokens": gate_pass.tokens,
+    }
+    if calibration is not None:
+        record["calibration_tokens"] = [sum(len(chunk) for chunk in chunks) for chunks in calibration]
+    return record
 
 
 def _write_weights(build_plan: BuildPlan, staging: Path, shard_size: int, dtype: torch.dtype) -> None:
@@ -195,13 +231,13 @@ def _recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(exclude_defaults=True), sort_keys=False)
 
 
-def _write_metadata(staging: Path, inputs: BuildInputs, build_plan: BuildPlan, options: BuildOptions) -> None:
+def _write_metadata(staging: Path, inputs: BuildInputs, build_plan: BuildPlan, options: BuildOptions, gate_pass: dict) -> None:
     import mergekit.common  # noqa: F401  (version lookup below needs the package importable)
     from importlib.metadata import version
 
     recipe = inputs.recipe
     sources = {}
-    for source in [inputs.base, *inputs.experts]:
+    for source in [inputs.base, *inputs.experts, *inputs.shared_experts]:
         sources[source.ref] = {"path": str(source.path), "license": source.license, "architecture": source.architecture}
     metadata = {
         "moekit_version": __version__,
@@ -209,16 +245,25 @@ def _write_metadata(staging: Path, inputs: BuildInputs, build_plan: BuildPlan, o
         "kind": "build",
         "architecture": build_plan.architecture,
         "base_model": recipe.base_model,
-        "experts": [{"source_model": e.source_model, "positive_prompts": e.positive_prompts or [], "negative_prompts": e.negative_prompts or []} for e in recipe.experts],
+        "experts": [_expert_record(e) for e in recipe.experts],
+        **({"shared_experts": [_expert_record(e) for e in recipe.shared_experts]} if recipe.shared_experts else {}),
         "gate_mode": recipe.gate_mode,
+        "gate_pass": gate_pass,
         "experts_per_token": recipe.experts_per_token,
         "num_experts": len(recipe.experts),
         "dtype": str(inputs.dtype).removeprefix("torch."),
         "parameters": {"total": build_plan.parameters_total, "active": build_plan.parameters_active},
         "sources": sources,
-        "trust_remote_code": build_plan.architecture not in ("mixtral",),
+        "trust_remote_code": build_plan.architecture not in ("mixtral", "qwen2_moe"),
     }
     (staging / "moekit.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+
+
+def _expert_record(expert) -> dict:
+    record = {"source_model": expert.source_model, "positive_prompts": expert.positive_prompts or [], "negative_prompts": expert.negative_prompts or []}
+    if expert.calibration:
+        record["calibration"] = expert.calibration.model_dump()
+    return record
 
 
 __all__ = ["ARCHITECTURES", "BuildOptions", "BuildPlan", "BuildResult", "build", "plan", "prepare"]

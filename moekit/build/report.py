@@ -8,20 +8,21 @@ from pathlib import Path
 
 import torch
 
-from moekit.build.gates import LayerFeatures, PromptBatch, routing_shares
 from moekit.recipe import Recipe
 
 NOTE = (
-    "Router inputs are the base model's MLP inputs for each expert's positive prompts (what the routers were "
-    "initialised from); in the built MoE, layers after the first see slightly different inputs. "
+    "Router inputs are the base model's MLP inputs for each expert's positive prompts and calibration data (what the "
+    "routers were initialised from); in the built MoE, layers after the first see slightly different inputs. "
     "`share[layer][p][e]` is the share of top-k routing slots of prompt set p's tokens that go to expert e."
 )
 
 
-def write_routing_report(directory: Path, features: list[LayerFeatures], prompts: PromptBatch, routers: torch.Tensor, recipe: Recipe) -> dict:
-    """Write routing.json and routing.png under `directory`; returns the JSON content."""
+def write_routing_report(directory: Path, shares: torch.Tensor, recipe: Recipe) -> dict:
+    """Write routing.json and routing.png under `directory`; returns the JSON content.
+
+    `shares` (layers, prompt sets, experts) is counted by the gate pass as it goes (`gates.router_weights`).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    shares = routing_shares(features, prompts, routers, recipe.experts_per_token)  # (layers, prompt sets, experts)
     own = torch.diagonal(shares, dim1=1, dim2=2)  # (layers, experts): share routed to the prompt set's own expert
     report = {
         "note": NOTE,

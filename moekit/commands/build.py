@@ -12,6 +12,10 @@ import click
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="Output directory [default: ./<recipe name>].")
 @click.option("--dry-run", is_flag=True, help="Print the plan (architecture, parameters, output size, tensor sources) and write nothing.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Device for the gate forward passes.")
+@click.option("--gate-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts (or calibration chunks) run through the base model together in the gate pass; lower it if memory is short.")
+@click.option("--gate-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype of the gate pass's forward through the base model. Router maths is float32 either way; float32 gives the same routers on CPU and GPU.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype [default: the recipe's, else the base model's].")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 2GB or 500MB.")
 @click.option("--allow-same-experts", is_flag=True, help="Allow every expert to be the same model (only useful before training).")
@@ -26,8 +30,9 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
     source_model and positive/negative prompts); moekit's own settings go under a `moekit:` key.
     Sources are local directories, Hub ids (org/name[@revision]) or zoo:NAME.
 
-    Gate modes: hidden (mergekit's default), cheap_embed, random, uniform_random, and calibrated
-    (routers fitted on the tokens each router actually sees). See the README for details.
+    Gate modes: hidden (mergekit's default; also hidden_last), hidden_avg, cheap_embed, random,
+    uniform_random, and calibrated (routers fitted on the tokens each router actually sees, from the
+    prompts and optional per-expert calibration data). See the README for details.
     """
     from pydantic import ValidationError
 
@@ -37,6 +42,8 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
     from moekit.units import format_count, format_size
 
     parsed = load_recipe(recipe)  # a missing or invalid recipe is reported before torch is imported
+    for note in parsed.notes:
+        click.echo(f"note: {note}", err=True)
     with status("loading torch and mergekit"):
         from moekit.build import BuildOptions, build, plan
     try:
@@ -62,7 +69,8 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
 
 
 def _print_plan(result, format_size) -> None:
-    click.echo(f"architecture:  {result.architecture} ({result.config.num_local_experts} experts, top-{result.config.num_experts_per_tok}, "
+    experts = getattr(result.config, "num_local_experts", None) or result.config.num_experts  # Mixtral/Phixtral, Qwen2-MoE
+    click.echo(f"architecture:  {result.architecture} ({experts} experts, top-{result.config.num_experts_per_tok}, "
                f"{result.config.num_hidden_layers} layers, hidden {result.config.hidden_size})")
     click.echo(f"parameters:    {result.parameters_total:,} total, {result.parameters_active:,} active per token")
     click.echo(f"output size:   {format_size(result.output_bytes)} ({str(result.config.dtype).removeprefix('torch.')}, {len(result.tensors)} tensors)")

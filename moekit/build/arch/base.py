@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ class BuildInputs:
     experts: list[SourceModel]  # in recipe order
     family: DenseFamily | None  # None when no known family reads the base
     dtype: torch.dtype
+    shared_experts: list[SourceModel] = field(default_factory=list)  # in recipe order
 
 
 @dataclass
@@ -55,7 +56,8 @@ class OutputArchitecture(ABC):
 
     @abstractmethod
     def tensors(self, inputs: BuildInputs, routers: Callable[[int], torch.Tensor]) -> Iterator[PlannedTensor]:
-        """Every output tensor, in write order; `routers(layer)` gives that layer's (experts, hidden) router."""
+        """Every output tensor, in write order; `routers(layer)` gives that layer's (experts, hidden) router,
+        followed by one row per shared expert where the recipe has them."""
 
     def write_extra_files(self, out: Path) -> None:
         """Files besides config and weights (model code, for architectures transformers lacks)."""

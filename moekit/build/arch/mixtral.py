@@ -30,6 +30,8 @@ class MixtralArchitecture(OutputArchitecture):
         return tuple(arch for family in FAMILIES for arch in family.architectures)
 
     def supports(self, inputs: BuildInputs) -> str | None:
+        if inputs.recipe.shared_experts:
+            return "Mixtral has no shared experts"
         if inputs.family is None:
             return f"{inputs.base.architecture} is not a Llama-like family that Mixtral can hold"
         for key, what in UNSUPPORTED_SETTINGS.items():

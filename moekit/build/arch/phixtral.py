@@ -28,6 +28,8 @@ class PhixtralArchitecture(OutputArchitecture):
     input_architectures = (PHI_ARCHITECTURE,)
 
     def supports(self, inputs: BuildInputs) -> str | None:
+        if inputs.recipe.shared_experts:
+            return "Phixtral has no shared experts"
         if inputs.base.architecture != PHI_ARCHITECTURE:
             return f"Phixtral is built from Phi-2 ({PHI_ARCHITECTURE}) models, not {inputs.base.architecture}"
         return None
