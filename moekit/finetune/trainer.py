@@ -451,11 +451,18 @@ class MoeSFTTrainer(SFTTrainer):
                 raise TrainingError("moekit supports FSDP version 2 (the shipped fsdp_qlora.yaml), not fsdp_version 1", hint="set fsdp_version: 2 in the accelerate config")
             # accelerate would all-gather every parameter cast to bf16 and reduce gradients in bf16; keep each
             # parameter's own dtype (4-bit codes, float32 LoRA) and reduce the float32 gradients in float32.
-            # Autocast (the Trainer's bf16) does the compute casts, as on one GPU.
+            # Autocast does the compute casts (autocast_smart_context_manager), as on one GPU.
             plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         elif self.accelerator.ddp_handler is not None:
             # gradients written straight into DDP's all-reduce buckets (no copy per step)
             self.accelerator.ddp_handler.gradient_as_bucket_view = True
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        if self.is_fsdp_enabled and self.args.bf16:
+            # with the policy above accelerate casts nothing for the compute under FSDP2: a float32 router met bf16
+            # activations on 2 H200s. bf16 autocast does the casts, as on one GPU.
+            return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return super().autocast_smart_context_manager(cache_enabled)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
