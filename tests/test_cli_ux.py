@@ -121,7 +121,8 @@ def test_offline_lm_eval_task_fails_in_one_message_before_any_model_loads(tmp_pa
     pytest.importorskip("lm_eval")
     model = tmp_path / "moe"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}))
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256, "num_local_experts": 2, "num_experts_per_tok": 1}
+    (model / "config.json").write_text(json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **sizes}))  # no weights
     script = (
         "import sys\nimport moekit.eval\n"
         "def refuse(*args, **kwargs):\n    raise SystemExit('a model was loaded')\n"
