@@ -19,6 +19,18 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, with one reason, where there is no CUDA GPU; `python -m pytest -m gpu tests` runs them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (the GPU lane: python -m pytest -m gpu tests)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from moekit.testing import make_tokenizer

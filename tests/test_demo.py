@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,10 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, MOEKIT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1")
     out = root / "out"
-    started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out)], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    return {"out": out, "report": report, "stdout": result.stdout, "cache": root / "cache", "seconds": time.perf_counter() - started}
+    return {"out": out, "report": report, "stdout": result.stdout, "cache": root / "cache"}
 
 
 def _models(report):
@@ -143,10 +141,8 @@ def test_second_zoo_use_is_a_cache_hit(demo_run):
 
     zoo_dir = Path(demo_run["report"]["demo"]["zoo"]["directory"])
     stamp = (zoo_dir / "zoo.json").stat().st_mtime_ns
-    started = time.perf_counter()
     zoo = ensure_zoo(PRESETS["quick"], demo_run["cache"])
-    assert zoo.directory == zoo_dir and (zoo_dir / "zoo.json").stat().st_mtime_ns == stamp
-    assert time.perf_counter() - started < 1
+    assert zoo.directory == zoo_dir and (zoo_dir / "zoo.json").stat().st_mtime_ns == stamp  # read, not rebuilt
 
 
 def test_demo_refuses_a_non_empty_output_without_touching_it(tmp_path, capsys):

@@ -364,7 +364,7 @@ def test_adapter_model_is_evaluated_as_a_second_moe_entry(moe, data_files, tmp_p
     texts = documents(data_files["e0"], tokenizer)
     with torch.no_grad():
         losses = [(model(ids, labels=ids).loss.item(), ids.shape[1] - 1) for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts)]
-    assert tuned_entry["metrics"]["e0"]["loss"] == pytest.approx(sum(l * n for l, n in losses) / sum(n for _, n in losses), rel=1e-5)
+    assert tuned_entry["metrics"]["e0"]["loss"] == pytest.approx(sum(loss * n for loss, n in losses) / sum(n for _, n in losses), rel=1e-5)
     assert tuned_entry["routing"]["layers"] != result["routing"]["layers"]  # the routers were trained
     chart = tmp_path / "r" / routing_chart("moe+tuned")  # and their routing is reported, not only the first MoE's
     assert chart.is_file() and chart.read_bytes() != (tmp_path / "r" / "routing.png").read_bytes()

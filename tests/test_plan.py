@@ -15,7 +15,7 @@ from moekit.testing import tiny_config
 
 VOCAB = 384
 # the tiny Mixtral: hidden 64, intermediate 128, 2 layers, 4 heads of 16 (2 kv heads), 4 experts, top-2
-H, I, L, KV, E = 64, 128, 2, 32, 4
+H, I, L, KV, E = 64, 128, 2, 32, 4  # noqa: E741 (I = intermediate size, as in the memory formulas)
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,10 @@ def test_eval_report_becomes_model_index_table_and_charts(hub_build, tmp_path):
         {"name": "acme/tiny-code", "path": "x", "role": "source", "metrics": {"code": {"perplexity": 11.0, "loss": 2.4, "tokens": 900}, "prose": {"perplexity": 31.0, "loss": 3.4, "tokens": 800}}},
     ], "routing": {}}
     (report_dir / "report.json").write_text(json.dumps(report))
-    plt.figure(figsize=(2, 2)); plt.plot([1, 2]); plt.savefig(report_dir / "perplexity.png"); plt.close()
+    plt.figure(figsize=(2, 2))
+    plt.plot([1, 2])
+    plt.savefig(report_dir / "perplexity.png")
+    plt.close()
 
     card = write_model_card(model_dir, report=report_dir / "report.json", repo_id="me/tiny-moe")
     assert (model_dir / "eval" / "perplexity.png").is_file() and (model_dir / "eval" / "report.json").is_file()
