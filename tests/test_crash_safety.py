@@ -317,15 +317,14 @@ def test_reports_and_cards_never_hold_nan(tmp_path):
     """A prompt set without a routed token gives no share: null in routing.json, n/a in the card."""
     import torch
 
-    from moekit.build.gates import LayerFeatures, PromptBatch
     from moekit.build.report import write_routing_report
     from moekit.publish.card import _routing_section, inspect_directory
     from moekit.recipe import parse_recipe
 
     recipe = parse_recipe("base_model: b\ngate_mode: random\nexperts_per_token: 1\nexperts:\n  - source_model: a\n  - source_model: c\n")
-    prompts = PromptBatch(torch.tensor([[1, 5], [1, 6]]), torch.tensor([[1, 1], [1, 0]]), torch.tensor([0, 1]), torch.tensor([True, True]))
-    features = [LayerFeatures(0, torch.randn(2, 2, 4), torch.randn(2, 2, 4))]
-    report = write_routing_report(tmp_path / "routing", features, prompts, torch.randn(1, 2, 4), recipe)
+    # (layers, prompt sets, experts): expert 1's prompt set routed no token, so its shares are 0/0
+    shares = torch.tensor([[[0.75, 0.25], [float("nan"), float("nan")]]])
+    report = write_routing_report(tmp_path / "routing", shares, recipe)
     text = (tmp_path / "routing" / "routing.json").read_text()
     assert "NaN" not in text and report["own_expert_share"]["mean_per_expert"][1] is None
     card = "".join(_routing_section(inspect_directory(tmp_path)))
