@@ -111,8 +111,14 @@ def test_third_party_noise_is_hidden_unless_verbose():
         assert done.returncode == 0 and "done" in done.stdout, done.stderr
         return done.stderr
 
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
     loud = stderr("--verbose")
-    assert "is_gradient_checkpointing" in loud  # the warning is real, and --verbose shows it
+    assert "kernels-community" in loud  # the noise is real, and --verbose shows it
+    if Version(version("transformers")) >= Version("5.23"):  # where transformers deprecated is_gradient_checkpointing
+        assert "is_gradient_checkpointing" in loud
     quiet = stderr()
     assert "is_gradient_checkpointing" not in quiet and "kernels-community" not in quiet
 
