@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from plan_accuracy import EIGHT_BY_7B, FOUR_BY_7B, PHIXTRAL_4X, TINY, TINY_PHI, make_config
+from plan_accuracy import EIGHT_BY_7B, FOUR_BY_7B, PHIXTRAL_4X, TINY, TINY_PHI, build_random, make_config
 
 # row -> (architecture, shape, seq, batch); --tiny swaps in the tiny shape of the same architecture
 ROWS = {
@@ -58,39 +58,14 @@ def _memory(torch, device) -> float:
 def build_model(path: str, config, device):
     """The MoE built on `device` one layer at a time, random weights, each layer quantized as it is made."""
     import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
 
     from moekit.finetune.quantize import quantize_moe
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def materialize(module, recurse=True):
-        module.to_empty(device=device, recurse=recurse)
-        with torch.no_grad():
-            for owner in module.modules() if recurse else [module]:
-                is_norm = isinstance(owner, nn.LayerNorm) or "Norm" in type(owner).__name__
-                for name, param in owner.named_parameters(recurse=False):
-                    if is_norm:
-                        param.fill_(1.0 if name == "weight" else 0.0)
-                    else:
-                        param.normal_(0.0, 0.02, generator=generator)
-
-    for layer in model.model.layers:
-        materialize(layer)
-        if path.startswith("moekit"):
-            quantize_moe(layer, bits=4, compute_dtype=torch.bfloat16, device=device)
-        else:
-            _plain_bnb_linears(torch, layer, device)
-    for module in model.modules():  # embeddings, final norm, lm_head
-        if any(param.is_meta for param in module.parameters(recurse=False)):
-            materialize(module, recurse=False)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)  # real frequencies
     if path.startswith("moekit"):
+        model = build_random(config, device, lambda layer: quantize_moe(layer, bits=4, compute_dtype=torch.bfloat16, device=device))
         model.is_loaded_in_4bit = True
-    return model
+        return model
+    return build_random(config, device, lambda layer: _plain_bnb_linears(torch, layer, device))
 
 
 def _plain_bnb_linears(torch, layer, device) -> None:

@@ -93,13 +93,12 @@ def make_config(architecture: str, shape: dict):
     return MixtralConfig(**shape, **common, architectures=["MixtralForCausalLM"])
 
 
-def build_quantized(config, device, bits: int):
-    """A random MoE at `bits` on `device`, quantized one layer at a time (never whole in bf16)."""
+def build_random(config, device, quantize_layer):
+    """A random-weight model of `config` on `device`, built one decoder layer at a time: each layer is made on
+    the device and handed to `quantize_layer(layer)` before the next, so the model is never whole in bf16."""
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM
-
-    from moekit.finetune.quantize import quantize_moe
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -118,12 +117,22 @@ def build_quantized(config, device, bits: int):
 
     for layer in model.model.layers:
         materialize(layer)
-        quantize_moe(layer, bits=bits, device=device)
+        quantize_layer(layer)
     for module in model.modules():  # embeddings, final norm, lm_head
         if any(param.is_meta for param in module.parameters(recurse=False)):
             materialize(module, recurse=False)
     # the rotary frequencies were computed on the meta device: recompute them on the real one
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    return model
+
+
+def build_quantized(config, device, bits: int):
+    """A random MoE at `bits` on `device`, quantized one layer at a time (never whole in bf16)."""
+    from torch import nn
+
+    from moekit.finetune.quantize import quantize_moe
+
+    model = build_random(config, device, lambda layer: quantize_moe(layer, bits=bits, device=device))
     # flag the model and check the rest; the layers are done (16-bit ones would be copied again)
     layers, model.model.layers = model.model.layers, nn.ModuleList()
     quantize_moe(model, bits=bits, device=device)
