@@ -14,11 +14,13 @@ attention + all experts with gradient checkpointing and bf16 autocast:
   tensor per projection, grouped GEMMs), targets from `apply_targets`;
 - plain: what `BitsAndBytesConfig(load_in_4bit=True)` gives (every nn.Linear NF4 except routers; Mixtral's fused
   3-D experts stay bf16), LoRA as PEFT makes it (Mixtral experts via `target_parameters`, Phixtral fc1/fc2 modules);
-- moekit-per-expert (--per-expert): moekit with the expert-by-expert fallback forced, to measure the grouped path.
+- moekit-per-expert (--per-expert): moekit with the expert-by-expert fallback forced, to measure the grouped path;
+- moekit-bnb-dequant (--paths): moekit with bitsandbytes' own NF4 dequantization instead of the fused Triton kernel.
 LoRA dropout is 0 everywhere (PEFT's fused-parameter LoRA refuses any other value; moekit's default).
 
-One extra step per path runs under torch.profiler: "GPU busy" is the summed device time of its kernels over
-that step's wall time. Peaks are `torch.cuda.max_memory_allocated()` in decimal GB (1e9 bytes).
+One extra step per path runs under torch.profiler, recording GPU activity only: "GPU busy" is the union of its
+kernels' intervals over the mean timed step (the profiler stretches the wall time of the step it records, about 2x
+here, but not its kernels). Peaks are `torch.cuda.max_memory_allocated()` in decimal GB (1e9 bytes).
 
     python benchmarks/finetune_memory.py --out results.json            # all rows, both paths (one H100/H200)
     python benchmarks/finetune_memory.py --rows 4x7b --per-expert      # one row, with the fallback path too
@@ -125,6 +127,10 @@ def run_path(args) -> dict:
     peft_model = wrap_lora(args.path, model, architecture, args.lora_r)
     if args.path == "moekit-per-expert":
         ExpertBlock.grouped = False
+    if args.path == "moekit-bnb-dequant":  # what the fused NF4 kernel buys: bitsandbytes' three launches instead
+        from moekit.finetune.expert_storage import NF4Storage
+
+        NF4Storage.use_triton_kernel = False
     load_s = time.perf_counter() - start
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
@@ -139,6 +145,8 @@ def run_path(args) -> dict:
     timed = sum(step_times)
     paths = path_counts(peft_model)
     busy = _profile_step(torch, peft_model, optimizer, torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device), device)
+    if busy["gpu_kernel_s"] is not None:  # the profiler stretches its step's wall time, not the kernels in it
+        busy["gpu_busy"] = busy["gpu_kernel_s"] / (timed / args.steps)
     return {
         "row": args.row, "path": args.path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "peak_gb": _memory(torch, device), "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
@@ -157,24 +165,32 @@ def _train_step(torch, model, optimizer, input_ids, device) -> float:
 
 
 def _profile_step(torch, model, optimizer, input_ids, device) -> dict:
-    """One step under torch.profiler: summed kernel time over wall time, and the costliest kernels."""
+    """One step under torch.profiler, recording the GPU only: the union of its kernels' intervals (kernel time, with
+    overlapping kernels counted once), and the costliest and most launched kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    if device.type != "cuda":
+        return {"profiled_wall_s": None, "gpu_kernel_s": None, "gpu_busy": None, "top_kernels": []}
+    torch.cuda.synchronize()
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _train_step(torch, model, optimizer, input_ids, device)
     wall = time.perf_counter() - start
-    if device.type != "cuda":
-        return {"profiled_wall_s": wall, "gpu_kernel_s": None, "gpu_busy": None, "top_kernels": []}
-    averages = prof.key_averages()
-    kernel_s = sum(event.self_device_time_total for event in averages) / 1e6
-    top = sorted(averages, key=lambda event: event.self_device_time_total, reverse=True)[:12]
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in prof.events() if event.device_type.name == "CUDA")
+    busy_us, reach = 0.0, float("-inf")  # union of the kernel intervals: overlapping kernels count once
+    for begin, end in intervals:
+        if end > reach:
+            busy_us += end - max(begin, reach)
+            reach = end
+    averages = [event for event in prof.key_averages() if event.self_device_time_total > 0]
+
+    def listed(events):
+        return [{"name": event.key[:100], "s": event.self_device_time_total / 1e6, "calls": event.count} for event in events]
+
     return {
-        "profiled_wall_s": wall, "gpu_kernel_s": kernel_s, "gpu_busy": kernel_s / wall,
-        "top_kernels": [{"name": event.key[:80], "s": event.self_device_time_total / 1e6, "calls": event.count} for event in top],
+        "profiled_wall_s": wall, "gpu_kernel_s": busy_us / 1e6, "gpu_busy": None, "kernels": len(intervals),
+        "top_kernels": listed(sorted(averages, key=lambda event: event.self_device_time_total, reverse=True)[:20]),
+        "most_launched": listed(sorted(averages, key=lambda event: event.count, reverse=True)[:15]),
     }  # fmt: skip
 
 
@@ -245,7 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke run of every row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
-    parser.add_argument("--paths", default="moekit,plain", help="moekit, plain, moekit-per-expert")
+    parser.add_argument("--paths", default="moekit,plain", help="moekit, plain, moekit-per-expert, moekit-bnb-dequant")
     parser.add_argument("--per-expert", action="store_true", help="also run moekit with the expert-by-expert fallback")
     parser.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True, help="the real `moekit finetune` row")
     parser.add_argument("--cli-layers", type=int, default=4, help="layers of the 4x7B-shaped checkpoint for the CLI row")
@@ -280,8 +296,8 @@ def main() -> None:
         result = json.loads(lines[-1][len("RESULT ") :]) if proc.returncode == 0 and lines else {"error": (proc.stderr or proc.stdout)[-3000:]}
         result.update(row=row, path=result.get("path", path), seq=seq or result.get("seq"), batch=batch or result.get("batch"), run_s=time.perf_counter() - start)
         results.append(result)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "top_kernels")}), flush=True)
-        for kernel in result.get("top_kernels", [])[:8]:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "top_kernels", "most_launched")}), flush=True)
+        for kernel in result.get("top_kernels", []):
             print(f"    {kernel['s']:8.4f}s {kernel['calls']:6d}  {kernel['name']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

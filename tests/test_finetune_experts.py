@@ -174,3 +174,23 @@ def test_a_training_step_never_synchronises_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert block.path_counts == {"grouped": 2}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 192, 64), (3, 200, 4096 + 64), (2, 1, 64 * 2049)], ids=["small", "ragged-program", "many-nested-blocks"])
+def test_the_fused_nf4_kernel_equals_bitsandbytes_bit_for_bit(dtype, shape):
+    """One Triton launch per projection gives exactly bitsandbytes' three-kernel dequantization."""
+    from moekit.finetune.expert_storage import NF4Storage
+
+    torch.manual_seed(0)
+    storage = NF4Storage(torch.randn(shape) * torch.rand(shape[0], 1, 1) * 3, dtype, torch.uint8, "cuda")
+    fused = storage.dequantize(dtype)
+    NF4Storage.use_triton_kernel = False
+    try:
+        reference = storage.dequantize(dtype)
+    finally:
+        NF4Storage.use_triton_kernel = True
+    assert fused.shape == reference.shape == shape and fused.dtype == reference.dtype == dtype
+    assert torch.equal(fused, reference)

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from moekit.finetune import nf4_kernel
+
 NF4_BLOCKSIZE = 64
 
 
@@ -59,6 +61,8 @@ class DenseStorage(ExpertStorage):
 
 class NF4Storage(ExpertStorage):
     bits = 4
+    # on CUDA with Triton installed: one fused launch per dequantization (`nf4_kernel`), bit-identical to bitsandbytes
+    use_triton_kernel = True
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, quant_storage: torch.dtype, device):
         import bitsandbytes as bnb
@@ -92,6 +96,11 @@ class NF4Storage(ExpertStorage):
         dtype = dtype or self.compute_dtype
         # whatever tensor holds the bytes now (a Parameter, or FSDP's view of its flat parameter), read as bytes
         packed = self.weight.reshape(-1).view(torch.uint8).unsqueeze(1)  # (bytes, 1), bitsandbytes' own layout
+        if self.use_triton_kernel and nf4_kernel.available(packed):
+            return nf4_kernel.dequantize_nf4(
+                packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.code, blocksize=NF4_BLOCKSIZE,
+                nested_blocksize=self.nested_blocksize, numel=self.numel, dtype=dtype,
+            ).view(self.shape)  # fmt: skip
         # flat: bitsandbytes 0.50's CPU kernel reads a 2-D/3-D shape whose last dimension is not a multiple of the
         # block size wrongly (the packed bytes are the same either way)
         return bnb.functional.dequantize_4bit(packed, self.quant_state(dtype)).view(self.shape)

@@ -198,9 +198,10 @@ class ExpertBlock(nn.Module):
         if not self.has_lora:
             return outputs
         lora_a, lora_b = self.lora_factors(name)
-        # LoRA in the inputs' dtype: the float32 parameters are cast once per call (small), never copied per expert
+        # LoRA in the inputs' dtype: the float32 parameters are cast once per call (small), never copied per expert;
+        # the scaling goes into the small B rather than over the (rows, out) product
         dtype = inputs.dtype
-        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        lora_a, lora_b = lora_a.to(dtype), (lora_b * self.lora_scaling).to(dtype)
         align = GROUPED_ALIGNMENT_BYTES // inputs.element_size()
         if grouped and self.lora_r % align:
             pad = align - self.lora_r % align  # zero ranks: grouped GEMMs need 16-byte aligned rows
@@ -209,7 +210,7 @@ class ExpertBlock(nn.Module):
             inputs = F.dropout(inputs, self.lora_dropout)  # one dropped copy per projection input
         hidden = _grouped_mm(inputs, lora_a.transpose(1, 2), offsets, grouped)  # (rows, r)
         delta = _grouped_mm(hidden, lora_b.transpose(1, 2), offsets, grouped)  # (rows, out)
-        return outputs + delta * self.lora_scaling
+        return outputs.add_(delta)  # in place: the frozen product is not saved for the backward pass
 
     @torch.no_grad()
     def dequantized(self, name: str, dtype: torch.dtype | None = None, merge_lora: bool = False) -> torch.Tensor:
