@@ -1,10 +1,10 @@
 """Peak RSS and wall time of `moekit build` vs `mergekit-moe` on the same recipe, in one run.
 
     python benchmarks/build_vs_mergekit.py [--layers 16 --hidden 2048 --intermediate 5632 --experts 4] [--work DIR]
-        [--rows few,realistic] [--prompts 64 --prompt-tokens 256]
+        [--rows few,realistic] [--prompts 64 --prompt-tokens 256] [--device cpu|cuda]
 
 Makes random-weight Llama checkpoints of the given shape (a base and one fine-tune per expert, bf16,
-safetensors), writes mergekit-moe recipes and runs each tool in its own process on the CPU, reading
+safetensors), writes mergekit-moe recipes and runs each tool in its own process (gate pass on `--device`), reading
 that process's peak RSS from the kernel (wait4). Rows:
 - few: three short prompts per expert, gate_mode hidden (the default of both tools);
 - realistic: `--prompts` positive prompts of about `--prompt-tokens` tokens per expert, gate_mode
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--rows", default="few,realistic", help="comma-separated: few, realistic")
     parser.add_argument("--prompts", type=int, default=64, help="positive prompts per expert in the realistic rows")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt in the realistic rows")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both tools run the gate pass")
     parser.add_argument("--gate-batch-size", type=int, default=None, help="moekit's --gate-batch-size (default: moekit's default)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -139,15 +140,17 @@ def main() -> None:
     from moekit.testing import make_tokenizer
 
     tokenizer = make_tokenizer()
-    bin_dir = Path(sys.executable).parent
+    script = Path(sys.executable).parent / "mergekit-moe"
+    # without its console script (a --target install): the same entry point as a module
+    mergekit_moe = [str(script)] if script.exists() else [sys.executable, "-m", "mergekit.scripts.moe"]
     rows = {}  # (row, tool) -> (wall, rss)
     checks = []
 
     def run_both(row: str, recipe: Path, tools=("mergekit-moe 0.1.5", "moekit build")) -> None:
         outputs = {"mergekit-moe 0.1.5": args.work / f"out-mergekit-{row}", "moekit build": args.work / f"out-moekit-{row}"}
         commands = {
-            "mergekit-moe 0.1.5": [str(bin_dir / "mergekit-moe"), str(recipe), str(outputs["mergekit-moe 0.1.5"]), "--device", "cpu", "--lazy-unpickle"],
-            "moekit build": [sys.executable, "-m", "moekit", "build", str(recipe), "-o", str(outputs["moekit build"]), "--device", "cpu"]
+            "mergekit-moe 0.1.5": mergekit_moe + [str(recipe), str(outputs["mergekit-moe 0.1.5"]), "--device", args.device, "--lazy-unpickle"],
+            "moekit build": [sys.executable, "-m", "moekit", "build", str(recipe), "-o", str(outputs["moekit build"]), "--device", args.device]
             + (["--gate-batch-size", str(args.gate_batch_size)] if args.gate_batch_size else []),
         }
         for tool in tools:
@@ -170,7 +173,7 @@ def main() -> None:
 
     source_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     print(f"\nshape: {args.experts}x Llama(layers={args.layers}, hidden={args.hidden}, intermediate={args.intermediate}), "
-          f"{source_gb:.2f} GB per source (bf16), CPU, {os.cpu_count()} cores; " + "; ".join(checks) + "\n")
+          f"{source_gb:.2f} GB per source (bf16), gate pass on {args.device}, {os.cpu_count()} CPU cores; " + "; ".join(checks) + "\n")
     print("| recipe | tool | wall time (s) | peak RSS (GB) |\n|---|---|---:|---:|")
     for (row, tool), (wall, rss) in rows.items():
         print(f"| {row} | {tool} | {wall:.1f} | {rss:.2f} |")
