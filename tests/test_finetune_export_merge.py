@@ -196,3 +196,31 @@ def test_dequantizing_after_a_cpu_forward_is_exact_or_refused(moe, tiny_tokenize
         names = _checkpoint_tensor_names(moe)
         ours, theirs = _checkpoint_state_dict(used, names, {})[0], _checkpoint_state_dict(fresh, names, {})[0]
         assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_cpu_quantizes_as_the_gpu_did(bits):
+    """Training quantizes on the GPU; `export --merge-into dequantized` quantizes the base again on the CPU. Both
+    must choose the same codes, for the experts' storage and for bitsandbytes' Params4bit / Int8Params (attention),
+    and dequantize to the same weights up to the rounding of the constants (a float32 mean/max on two devices)."""
+    import bitsandbytes as bnb
+
+    from moekit.finetune.expert_storage import quantize_tensor
+
+    torch.manual_seed(0)
+    experts = torch.randn(4, 384, 256, dtype=torch.bfloat16) * 0.02  # (experts, out, in)
+    cpu, gpu = (quantize_tensor(experts, bits=bits, compute_dtype=torch.bfloat16, quant_storage=torch.uint8, device=d) for d in ("cpu", "cuda"))
+    assert torch.equal(cpu.weight, gpu.weight.cpu())  # the codes
+    torch.testing.assert_close(cpu.dequantize(), gpu.dequantize().cpu(), rtol=2**-7, atol=0)  # one bf16 step
+
+    linear = experts[0]  # (out, in)
+    if bits == 4:
+        on_cpu, on_gpu = (bnb.nn.Params4bit(linear, requires_grad=False, compress_statistics=True, quant_type="nf4").to(d) for d in ("cpu", "cuda"))
+        assert torch.equal(on_cpu.data, on_gpu.data.cpu())
+        weights = [bnb.functional.dequantize_4bit(p.data, p.quant_state).cpu() for p in (on_cpu, on_gpu)]
+    else:
+        on_cpu, on_gpu = (bnb.nn.Int8Params(linear, requires_grad=False, has_fp16_weights=False).to(d) for d in ("cpu", "cuda"))
+        assert torch.equal(on_cpu.CB, on_gpu.CB.cpu())
+        weights = [bnb.functional.int8_vectorwise_dequant(p.CB, p.SCB).cpu() for p in (on_cpu, on_gpu)]
+    torch.testing.assert_close(weights[0], weights[1], rtol=2**-7, atol=0)
