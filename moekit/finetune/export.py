@@ -372,5 +372,5 @@ def _write_metadata(staging: Path, base: Path, finetune: dict, finetune_dir: Pat
                 "changed_tensors": len(changed), "bits": finetune.get("options", {}).get("bits"), "merge_into": merge_into,
             },
         }
-    )  # fmt: skip
+    )
     (staging / "moekit.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
