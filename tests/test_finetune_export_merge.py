@@ -177,6 +177,14 @@ def test_dequantized_export_refuses_an_adapter_that_did_not_train(trained, tmp_p
     assert not out.exists()
 
 
+def test_dequantized_export_without_bitsandbytes_says_how_to_export(trained, tmp_path, capsys, monkeypatch):
+    finetune_dir, bits = trained
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
+    code, output = run_cli(["export", str(finetune_dir), "-o", str(tmp_path / "out")], capsys)
+    assert code != 0 and "needs bitsandbytes" in output and "--merge-into original" in output and "Traceback" not in output
+    assert not (tmp_path / "out").exists()
+
+
 def test_dequantizing_after_a_cpu_forward_is_exact_or_refused(moe, tiny_tokenizer):
     """bitsandbytes repacks a 4-bit weight at its first eval-mode CPU forward on avx512_bf16 CPUs, after which
     `dequantize_4bit(weight.data, ...)` reads it wrongly: `dequantize_moe` gives the weights of a fresh model or refuses."""

@@ -28,7 +28,7 @@ import torch
 
 from moekit import __version__
 from moekit.config_file import save_config
-from moekit.errors import OutputError, SourceError, TrainingError
+from moekit.errors import DependencyError, OutputError, SourceError, TrainingError
 
 FINETUNE_METADATA = "moekit-finetune.json"
 ROUTERS_FILE = "routers.safetensors"
@@ -189,6 +189,12 @@ def _load_base(finetune_dir: Path, metadata: dict, dtype: torch.dtype, device, m
     options = metadata.get("options", {})
     trust_remote_code = bool(options.get("trust_remote_code", False))
     bits = int(options.get("bits", 16)) if merge_into == "dequantized" else 16
+    if bits != 16:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise DependencyError(f"merging into the dequantized {bits}-bit weights needs bitsandbytes ({err})",
+                                  hint="pip install bitsandbytes, or pass --merge-into original") from None
     # quantizing the base again gives the weights the adapter was trained against: quantization is deterministic
     model = load_moe_for_training(base, bits=bits, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
     dequantized = dequantize_moe(model, dtype) if bits != 16 else []
