@@ -225,7 +225,7 @@ def test_adapter_loads_with_stock_transformers_and_peft(trained, moe, tiny_token
     stock, report = run_stock_peft(moe, out / "adapter", ids, tmp_path)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["modules_to_save"] and config["target_parameters"] and config["lora_dropout"] == 0.0
-    merged, _tokenizer = load_finetuned(out, dtype=torch.float32, device="cpu")
+    merged, _tokenizer = load_finetuned(out, dtype=torch.float32, device="cpu", merge_into="original")  # stock PEFT on the unquantized base
     torch.testing.assert_close(stock, logits(merged, ids), atol=1e-4, rtol=1e-4)
     base_logits = logits(load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), ids)
     assert not torch.allclose(stock, base_logits, atol=1e-3)
@@ -272,8 +272,12 @@ def test_router_only_training(moe, chat_data, tmp_path):
     exported = tmp_path / "exported"
     from moekit.finetune.export import export
 
-    export(out, exported)
-    assert changed_tensors(moe, exported) == {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}
+    export(out, exported, merge_into="original")
+    routers = {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}
+    assert changed_tensors(moe, exported) == routers
+    export(out, tmp_path / "dequantized")  # the default: the routers were trained against the 4-bit weights
+    quantized = changed_tensors(moe, tmp_path / "dequantized") - routers
+    assert quantized == changed_tensors(exported, tmp_path / "dequantized") and all(".self_attn." in key or ".experts." in key for key in quantized)
 
 
 def test_distillation_from_a_dense_teacher(moe, chat_data, llama_family, tmp_path):
@@ -294,7 +298,7 @@ def test_export_changes_only_expert_1(expert1, moe, tmp_path, capsys, tiny_token
     from moekit.finetune.export import load_finetuned
 
     out = tmp_path / "merged"
-    code, output = run_cli(["export", str(expert1), "-o", str(out), "--shard-size", "200KB"], capsys)
+    code, output = run_cli(["export", str(expert1), "-o", str(out), "--shard-size", "200KB", "--merge-into", "original"], capsys)
     assert code == 0, output
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded like `moekit build`
@@ -321,8 +325,17 @@ def test_export_changes_only_expert_1(expert1, moe, tmp_path, capsys, tiny_token
 
     ids = tiny_tokenizer(["1 + 2 = 3. The quick brown fox."], return_tensors="pt").input_ids
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    merged, _ = load_finetuned(expert1, dtype=torch.float32, device="cpu")
+    merged, _ = load_finetuned(expert1, dtype=torch.float32, device="cpu", merge_into="original")
     assert torch.allclose(logits(exported, ids), logits(merged, ids), atol=1e-5)
+
+    # the default merges into the dequantized 4-bit weights: it differs from the original-weights export in every
+    # quantized tensor (attention and all experts), and nowhere else
+    dequantized = tmp_path / "dequantized"
+    code, output = run_cli(["export", str(expert1), "-o", str(dequantized)], capsys)
+    assert code == 0, output
+    assert changed_tensors(out, dequantized) == {f"model.layers.{layer}.{name}" for layer in range(2)
+                                                 for name in [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(3) for w in ("w1", "w2", "w3")]}
+    assert json.loads((dequantized / "moekit.json").read_text())["finetune"]["merge_into"] == "dequantized"
 
 
 @pytest.mark.parametrize("base_has_jinja", [True, False])

@@ -27,16 +27,22 @@ def test_phixtral_expert_and_router_finetune_exports_exactly(tmp_path, tiny_toke
     assert result.trainable.to_dict()["by_expert"].keys() == {"1"}
     assert all("aux_loss" in json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line)
 
-    exported = export(out, tmp_path / "exported")
+    exported = export(out, tmp_path / "exported", merge_into="original")
     assert changed_tensors(moe, exported) == {
         f"model.layers.{layer}.mlp.{name}" for layer in range(2) for name in ("gate.weight", "experts.1.fc1.weight", "experts.1.fc2.weight")
     }
     ids = tiny_tokenizer(["1 + 2 = 3. The quick brown fox."], return_tensors="pt").input_ids
-    merged, _ = load_finetuned(out, dtype=torch.float32, device="cpu")
+    merged, _ = load_finetuned(out, dtype=torch.float32, device="cpu", merge_into="original")
     plain = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32, trust_remote_code=True)
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, merged(ids).logits, atol=1e-5)
         merged_logits = merged(ids).logits
+
+    # the default merges into the dequantized 4-bit weights: every quantized linear weight differs from the
+    # original-weights export (attention, all experts), never a bias, norm, embedding or lm_head
+    quantized = changed_tensors(exported, export(out, tmp_path / "dequantized"))
+    assert {key for key in quantized if ".experts." in key} == {f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer in range(2) for e in range(2) for p in ("fc1", "fc2")}
+    assert any(".self_attn." in key for key in quantized) and all(key.endswith(".weight") and "norm" not in key and "embed" not in key and "lm_head" not in key for key in quantized)
 
     # stock transformers (remote code) + PEFT, without moekit: per-expert fc1/fc2 LoRA of expert 1 and the routers
     from test_finetune_quant import run_stock_peft

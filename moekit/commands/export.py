@@ -12,14 +12,18 @@ import click
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory for the merged checkpoint.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype [default: the base MoE's].")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 2GB or 500MB.")
+@click.option("--merge-into", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
+              help="Weights the adapter is added to: the base's weights quantized as in training (--bits) and dequantized, which the adapter was trained against, or the base's original unquantized weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (the old OUT stays until the new one is complete).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
-def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, overwrite: bool, push_to_hub: str | None) -> None:
+def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, merge_into: str, overwrite: bool, push_to_hub: str | None) -> None:
     """Merge the adapter and routers of a `moekit finetune` output (FINETUNE_DIR) into full-precision
-    weights, written in the same layout as `moekit build` and loadable with plain transformers.
+    weights, written in the same layout as `moekit build` and loadable with plain transformers. By default
+    the adapter is added to the weights it was trained against (the base quantized as in training, then
+    dequantized), which keeps the export closest to the trained model (docs/finetune.md, "Export").
 
-    The export is refused, and nothing is written, unless the merged weights differ from the base
-    MoE exactly where the fine-tune trained adapters and routers.
+    The export is refused, and nothing is written, unless the merged weights differ from the weights they
+    were merged into exactly where the fine-tune trained adapters and routers.
     """
     from moekit.console import status
     from moekit.units import parse_size
@@ -30,7 +34,7 @@ def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, o
         raise click.BadParameter(str(err), param_hint="--shard-size") from None
     with status("loading torch, transformers and PEFT"):
         from moekit.finetune.export import export
-    export(finetune_dir, out, dtype=dtype, shard_size=shard_bytes, overwrite=overwrite)
+    export(finetune_dir, out, dtype=dtype, shard_size=shard_bytes, overwrite=overwrite, merge_into=merge_into)
     click.echo(f"exported {finetune_dir} -> {out}")
     if push_to_hub:
         from moekit.publish import publish

@@ -1,32 +1,43 @@
 """Merging a fine-tune into a standard checkpoint, and loading a fine-tune for inference.
 
-    export(finetune_dir, out, dtype=None) -> out
-    load_finetuned(finetune_dir, dtype=..., device=...) -> (model, tokenizer)
+    export(finetune_dir, out, dtype=None, merge_into="dequantized") -> out
+    load_finetuned(finetune_dir, dtype=..., device=..., merge_into="dequantized") -> (model, tokenizer)
 
-The MoE is loaded unquantized with the module structure it was trained in (`load_moe_for_training(bits=16)`),
-the adapter is loaded by `adapter.load_adapter` (which refuses tensors that match nothing), attention LoRA is
-merged by PEFT and expert LoRA by the expert blocks (W + alpha / r * B @ A per expert), the trained routers are
-copied in, and the weights are written under the base checkpoint's own tensor names (for Mixtral the Hub's
-legacy `block_sparse_moe.experts.E.w1/w2/w3` layout that `moekit build` writes, or the fused
-`mlp.experts.gate_up_proj` layout where the base has it), so the export loads with plain transformers. Before anything is renamed into place, every tensor is
-compared with the base: exactly the adapted modules and the routers must differ.
+The MoE is loaded with the module structure it was trained in: quantized as in training (`--bits`, the NF4 or
+int8 weights the adapter was trained against) and dequantized by `quantize.dequantize_moe` (merge_into=
+"dequantized", the default), or unquantized (`bits=16`, merge_into="original"). The adapter is loaded by
+`adapter.load_adapter` (which refuses tensors that match nothing), attention LoRA is merged by PEFT and expert
+LoRA by the expert blocks (W + alpha / r * B @ A per expert), the trained routers are copied in, and the weights
+are written under the base checkpoint's own tensor names (for Mixtral the Hub's legacy
+`block_sparse_moe.experts.E.w1/w2/w3` layout that `moekit build` writes, or the fused `mlp.experts.gate_up_proj`
+layout where the base has it), so the export loads with plain transformers. Before anything is renamed into
+place, every tensor is compared with the weights the merge started from: exactly the adapted modules and the
+routers must differ (and, merging into dequantized weights, the base checkpoint differs only there and in the
+quantized weights).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from moekit import __version__
 from moekit.config_file import save_config
-from moekit.errors import OutputError, SourceError, TrainingError
+from moekit.errors import DependencyError, OutputError, SourceError, TrainingError
 
 FINETUNE_METADATA = "moekit-finetune.json"
 ROUTERS_FILE = "routers.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What the LoRA delta is added to: the weights the adapter was trained against (the base quantized as in training,
+# then dequantized), or the base's own unquantized weights. docs/finetune.md ("Export") has the measurements.
+MergeTarget = Literal["dequantized", "original"]
+MERGE_TARGETS: tuple[str, ...] = ("dequantized", "original")
+DEFAULT_MERGE_TARGET: MergeTarget = "dequantized"
 
 
 def read_finetune(finetune_dir: str | Path) -> dict:
@@ -54,14 +65,31 @@ def base_model_path(metadata: dict) -> Path:
     return resolve_model(metadata["base_model"])
 
 
-def load_finetuned(finetune_dir: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cpu"):
-    """(model, tokenizer): the base MoE with the adapter merged in and the trained routers loaded, in eval mode."""
-    model, tokenizer, _adapted, _ = _load_merged(Path(finetune_dir), _dtype(dtype), device)
+def load_finetuned(
+    finetune_dir: str | Path, *, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cpu", merge_into: MergeTarget = DEFAULT_MERGE_TARGET
+):
+    """(model, tokenizer): the base MoE with the adapter merged in and the trained routers loaded, in eval mode;
+    the same weights as `export` with the same `merge_into`."""
+    finetune_dir = Path(finetune_dir)
+    metadata = read_finetune(finetune_dir)
+    model, _dequantized = _load_base(finetune_dir, metadata, _dtype(dtype), device, merge_into)
+    model, tokenizer, _adapted, _ = _merge_finetune(model, finetune_dir, metadata)
     return model, tokenizer
 
 
-def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = None, shard_size: int = 2 * 10**9, overwrite: bool = False) -> Path:
-    """Write the merged fine-tune at `finetune_dir` to `out` in the base checkpoint's layout; returns `out`."""
+def export(
+    finetune_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    shard_size: int = 2 * 10**9,
+    overwrite: bool = False,
+    merge_into: MergeTarget = DEFAULT_MERGE_TARGET,
+) -> Path:
+    """Write the merged fine-tune at `finetune_dir` to `out` in the base checkpoint's layout; returns `out`.
+
+    merge_into="dequantized" adds the LoRA delta to the base's weights quantized as in training (`--bits`) and
+    dequantized, which the adapter was trained against; "original" adds it to the base's unquantized weights."""
     from moekit.output import check_output, lock_output
 
     finetune_dir, out = Path(finetune_dir), Path(out)
@@ -69,27 +97,31 @@ def export(finetune_dir: str | Path, out: str | Path, *, dtype: torch.dtype | st
     check_output(out, overwrite=overwrite)
     lock = lock_output(out, f"export output {out}")  # one export per OUT, from the start
     try:
-        _export(finetune_dir, out, metadata, dtype, shard_size, overwrite)
+        _export(finetune_dir, out, metadata, dtype, shard_size, overwrite, merge_into)
     finally:
         lock.release()
     return out
 
 
-def _export(finetune_dir: Path, out: Path, metadata: dict, dtype, shard_size: int, overwrite: bool) -> None:
+def _export(finetune_dir: Path, out: Path, metadata: dict, dtype, shard_size: int, overwrite: bool, merge_into: MergeTarget) -> None:
     from moekit.build.sources import copy_tokenizer_files
     from moekit.output import staged_output
 
     base = base_model_path(metadata)
     out_dtype = _dtype(dtype) if dtype is not None else _config_dtype(base)
-    model, tokenizer, adapted, routers_trained = _load_merged(finetune_dir, out_dtype, "cpu")
-
     base_tensors = _checkpoint_tensor_names(base)
+    model, dequantized = _load_base(finetune_dir, metadata, out_dtype, "cpu", merge_into)
+    # the weights the merge starts from, as digests (a second copy of the model would double the memory)
+    before = {key: _digest(tensor) for key, tensor in _checkpoint_state_dict(model, base_tensors, {})[0].items()} if dequantized else None
+    quantized = _checkpoint_keys(model, dequantized, base_tensors)
+    model, tokenizer, adapted, routers_trained = _merge_finetune(model, finetune_dir, metadata)
+
     tensors, expected = _checkpoint_state_dict(model, base_tensors, adapted)
     if routers_trained:
         from moekit.finetune.targets import describe_layers
 
         expected |= {_checkpoint_name(layer.router + ".weight", base_tensors) for layer in describe_layers(model) if layer.router is not None}
-    _verify_changes(tensors, base, expected)
+    _verify_changes(tensors, base, expected, before, quantized)
 
     with staged_output(out, overwrite=overwrite) as staging:
         _write_tensors(tensors, staging, out_dtype, shard_size)
@@ -106,7 +138,7 @@ def _export(finetune_dir: Path, out: Path, metadata: dict, dtype, shard_size: in
         shutil.copy2(finetune_dir / FINETUNE_METADATA, staging / FINETUNE_METADATA)
         if (finetune_dir / "loss.png").is_file():
             shutil.copy2(finetune_dir / "loss.png", staging / "loss.png")
-        _write_metadata(staging, base, metadata, finetune_dir, out_dtype, sorted(expected))
+        _write_metadata(staging, base, metadata, finetune_dir, out_dtype, sorted(expected), merge_into if dequantized else "original")
         from moekit.publish.card import write_model_card
 
         write_model_card(staging)
@@ -147,19 +179,39 @@ def _config_dtype(base: Path) -> torch.dtype:
     return DTYPES.get(name, torch.bfloat16)
 
 
-def _load_merged(finetune_dir: Path, dtype: torch.dtype, device):
-    """(merged model, tokenizer, adapted modules {module name: experts adapted or None}, whether routers were loaded)."""
+def _load_base(finetune_dir: Path, metadata: dict, dtype: torch.dtype, device, merge_into: MergeTarget):
+    """(the base MoE in the structure it was trained in, 16-bit; the modules dequantized, for merge_into="dequantized")."""
+    from moekit.finetune.quantize import dequantize_moe, load_moe_for_training
+
+    if merge_into not in MERGE_TARGETS:
+        raise OutputError(f"unknown merge target {merge_into!r}; choose from {', '.join(MERGE_TARGETS)}")
+    base = base_model_path(metadata)
+    options = metadata.get("options", {})
+    trust_remote_code = bool(options.get("trust_remote_code", False))
+    bits = int(options.get("bits", 16)) if merge_into == "dequantized" else 16
+    if bits != 16:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise DependencyError(f"merging into the dequantized {bits}-bit weights needs bitsandbytes ({err})",
+                                  hint="pip install bitsandbytes, or pass --merge-into original") from None
+    # quantizing the base again gives the weights the adapter was trained against: quantization is deterministic
+    model = load_moe_for_training(base, bits=bits, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
+    dequantized = dequantize_moe(model, dtype) if bits != 16 else []
+    return model, dequantized
+
+
+def _merge_finetune(model, finetune_dir: Path, metadata: dict):
+    """(merged model, tokenizer, adapted modules {module name: experts adapted or None}, whether routers were loaded):
+    the adapter of `finetune_dir` merged into `model` (from `_load_base`) and the trained routers loaded."""
     from transformers import AutoTokenizer
 
     from moekit.finetune.adapter import load_adapter
     from moekit.finetune.experts import expert_blocks
-    from moekit.finetune.quantize import load_moe_for_training
     from moekit.finetune.targets import load_routers
 
-    metadata = read_finetune(finetune_dir)
     base = base_model_path(metadata)
     trust_remote_code = bool(metadata.get("options", {}).get("trust_remote_code", False))
-    model = load_moe_for_training(base, bits=16, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
     adapted: dict[str, list[int] | None] = {}
     adapter_dir = finetune_dir / "adapter"
     routers_trained = (finetune_dir / ROUTERS_FILE).is_file()
@@ -258,21 +310,46 @@ def _checkpoint_state_dict(model, base_tensors: dict[str, tuple[int, ...]], adap
     return tensors, expected
 
 
-def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[str]) -> None:
-    """Exactly the tensors in `expected` differ from the base checkpoint (compared in the export dtype)."""
+def _checkpoint_keys(model, modules: list[str], base_tensors) -> set[str]:
+    """The checkpoint names of the weights of `modules` (linear layers and expert blocks of `model`)."""
+    from moekit.finetune.experts import expert_blocks
+
+    blocks = expert_blocks(model)
+    keys = set()
+    for name in modules:
+        if name in blocks:  # the expert weights; biases were never quantized
+            keys |= {key for key, (_tensor, expert) in _block_tensors(name, blocks[name], base_tensors).items() if expert is not None}
+        else:
+            keys.add(_checkpoint_name(name + ".weight", base_tensors))
+    return keys
+
+
+def _digest(tensor: torch.Tensor) -> bytes:
+    """Equal digests for bitwise-equal values (+0.0 for -0.0: adding a zero delta turns one into the other)."""
+    canonical = (tensor.detach().cpu() + 0).contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.blake2b(canonical.numpy(), digest_size=16).digest()
+
+
+def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[str], before: dict[str, bytes] | None = None, quantized: set[str] = frozenset()) -> None:
+    """Exactly the tensors in `expected` differ from the weights the merge started from: the base checkpoint
+    (compared in the export dtype), or with `before` (digests of the dequantized weights) those, and then the
+    base checkpoint differs only in the `quantized` and `expected` tensors."""
     from safetensors import safe_open
 
-    changed = set()
+    changed_from_base = set()
     for file in sorted(base.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 merged = tensors[key]
                 if not torch.equal(handle.get_tensor(key).to(merged.dtype), merged.cpu()):
-                    changed.add(key)
+                    changed_from_base.add(key)
+    changed = changed_from_base if before is None else {key for key, tensor in tensors.items() if _digest(tensor) != before[key]}
     unchanged, unexpected = sorted(expected - changed), sorted(changed - expected)
+    if before is not None:
+        unexpected += sorted(changed_from_base - expected - quantized)  # neither trained nor quantized, yet not the base's
     if unchanged or unexpected:
         raise TrainingError(
-            "the merged weights do not differ from the base exactly where the fine-tune trained"
+            "the merged weights do not differ from the " + ("base" if before is None else "dequantized base") + " exactly where the fine-tune trained"
             + (f"; unchanged although trained: {', '.join(unchanged[:5])}" if unchanged else "")
             + (f"; changed although not trained: {', '.join(unexpected[:5])}" if unexpected else ""),
             hint="nothing was written",
@@ -288,7 +365,7 @@ def _write_tensors(tensors: dict[str, torch.Tensor], staging: Path, dtype: torch
     write_sharded(planned, staging, dtype=dtype, shard_size=shard_size)
 
 
-def _write_metadata(staging: Path, base: Path, finetune: dict, finetune_dir: Path, dtype: torch.dtype, changed: list[str]) -> None:
+def _write_metadata(staging: Path, base: Path, finetune: dict, finetune_dir: Path, dtype: torch.dtype, changed: list[str], merge_into: MergeTarget) -> None:
     base_meta_path = base / "moekit.json"
     metadata = json.loads(base_meta_path.read_text(encoding="utf-8")) if base_meta_path.is_file() else {}
     metadata.update(
@@ -296,7 +373,10 @@ def _write_metadata(staging: Path, base: Path, finetune: dict, finetune_dir: Pat
             "moekit_version": __version__,
             "kind": "export",
             "dtype": str(dtype).removeprefix("torch."),
-            "finetune": {"source": str(finetune_dir.resolve()), "base_moe": finetune.get("base_model"), "datasets": finetune.get("datasets"), "steps": finetune.get("steps"), "changed_tensors": len(changed)},
+            "finetune": {
+                "source": str(finetune_dir.resolve()), "base_moe": finetune.get("base_model"), "datasets": finetune.get("datasets"), "steps": finetune.get("steps"),
+                "changed_tensors": len(changed), "bits": finetune.get("options", {}).get("bits"), "merge_into": merge_into,
+            },
         }
     )
     (staging / "moekit.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")

@@ -187,6 +187,50 @@ def quantize_moe(
     return model
 
 
+@torch.no_grad()
+def dequantize_moe(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Turn a model quantized by `quantize_moe` / `load_moe_for_training` into the module structure of bits=16, in
+    place, holding the weights the quantized model computes with: each bitsandbytes `Linear4bit` / `Linear8bitLt`
+    becomes an `nn.Linear` with its dequantized weight (PEFT's `dequantize_bnb_weight`), each quantized expert
+    projection a dense storage of its dequantized tensor. Returns the names of the modules it changed (linear
+    layers and expert blocks).
+
+    Call it before any forward: on a CPU with avx512_bf16, bitsandbytes repacks a 4-bit weight at its first
+    eval-mode forward, after which it can no longer be dequantized exactly (refused here).
+    """
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    from moekit.finetune.expert_storage import DenseStorage
+
+    changed: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            kind = type(child).__name__
+            if kind not in ("Linear4bit", "Linear8bitLt"):
+                continue
+            if getattr(child.weight.quant_state if kind == "Linear4bit" else None, "packing_format_for_cpu", False):
+                raise TrainingError(f"{full_name}: bitsandbytes repacked this 4-bit weight for its CPU inference kernel; it cannot be dequantized exactly any more",
+                                    hint="dequantize a freshly loaded model, before any forward in eval mode")
+            weight = dequantize_bnb_weight(child.weight, state=getattr(child, "state", None)).to(dtype)  # (out, in)
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta", dtype=dtype)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if child.bias is not None:
+                linear.bias = nn.Parameter(child.bias.detach().to(dtype), requires_grad=False)
+            setattr(parent, child_name, linear)
+            changed.append(full_name)
+    for name, block in expert_blocks(model).items():
+        quantized = [projection for projection in block.projections if block.storage(projection).bits != 16]
+        for projection in quantized:
+            storage = block.storage(projection)
+            setattr(block, projection, DenseStorage(storage.dequantize(dtype), dtype, storage.weight.device))
+        if quantized:
+            changed.append(name)
+    model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
+    model.moekit_bits = 16
+    return changed
+
+
 def load_moe_for_training(
     path: str | Path,
     *,

@@ -307,7 +307,10 @@ def _body(directory: ModelDirectory, decision: LicenseDecision, report: dict | N
                      f"Load it on top of that model (see Usage).\n")
     elif directory.kind == "finetune":
         base = base_model or finetune_base(directory.finetune, None) or "a moekit MoE"
-        parts.append(f"A fine-tune of the mixture of experts `{base}` made with moekit, with the adapter merged into the weights.\n")
+        merged = meta.get("finetune") if isinstance(meta.get("finetune"), dict) else {}
+        into = (f" as trained: into the base's {merged.get('bits')}-bit quantized weights, dequantized (`moekit export --merge-into dequantized`)"
+                if merged.get("merge_into") == "dequantized" else "")
+        parts.append(f"A fine-tune of the mixture of experts `{base}` made with moekit, with the adapter merged into the weights{into}.\n")
     if decision.note:
         parts.append(f"> {decision.note}\n")
     parts += _sources_section(meta, "Source models" if directory.kind == "build" else "Source models of the base MoE")
