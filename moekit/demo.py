@@ -227,7 +227,8 @@ def _conversation(domain: str, document: str, max_chars: int) -> list[dict]:
 
 
 def build_moe(recipe_path: Path, gate_mode: str, out: Path) -> Path:
-    from moekit.build import BuildOptions, build
+    from moekit.build.options import BuildOptions
+    from moekit.build.pipeline import build
     from moekit.recipe import load_recipe
 
     recipe = load_recipe(recipe_path).model_copy(update={"gate_mode": gate_mode})
@@ -236,7 +237,8 @@ def build_moe(recipe_path: Path, gate_mode: str, out: Path) -> Path:
 
 
 def _evaluate(model: Path, out: Path, data: dict[str, str], settings: DemoSettings, against: list[str] | None, adapter: Path | None = None) -> dict:
-    from moekit.eval import EvalOptions, evaluate
+    from moekit.eval.compare import evaluate
+    from moekit.eval.options import EvalOptions
 
     # Scored up to the length the zoo was trained on (positions beyond it were never seen).
     options = EvalOptions(against=against, data=data, adapter=str(adapter) if adapter else None, device="cpu", dtype="float32",

@@ -130,9 +130,9 @@ def test_offline_lm_eval_task_fails_in_one_message_before_any_model_loads(tmp_pa
     sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256, "num_local_experts": 2, "num_experts_per_tok": 1}
     (model / "config.json").write_text(json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **sizes}))  # no weights
     script = (
-        "import sys\nimport moekit.eval\n"
+        "import sys\nimport moekit.eval.compare\n"
         "def refuse(*args, **kwargs):\n    raise SystemExit('a model was loaded')\n"
-        "moekit.eval.load_model = refuse\n"
+        "moekit.eval.compare.load_model = refuse\n"
         "from moekit.cli import main\nmain(sys.argv[1:])\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

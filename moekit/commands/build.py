@@ -45,7 +45,8 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
     for note in parsed.notes:
         click.echo(f"note: {note}", err=True)
     with status("loading torch and mergekit"):
-        from moekit.build import BuildOptions, build, plan
+        from moekit.build.options import BuildOptions
+        from moekit.build.pipeline import build, plan
     try:
         build_options = BuildOptions(**options)
     except ValidationError as err:

@@ -44,7 +44,8 @@ def command(model: str, out: Path, against: tuple[str, ...], data: tuple[str, ..
     (each with its own tokenizer), lm-eval benchmark tasks, and the MoE's routing statistics per layer.
     Without --data, each expert's positive prompts form a small sanity set.
     """
-    from moekit.eval import EvalOptions, evaluate
+    from moekit.eval.compare import evaluate
+    from moekit.eval.options import EvalOptions
 
     eval_options = EvalOptions(against=list(against) or None, data=_parse_data(data), tasks=list(tasks), include_path=list(include_path), **options)
     result = evaluate(model, out, eval_options)
