@@ -35,6 +35,9 @@ def _run_and_list_heavy_imports(args: list[str]) -> tuple[int, str, list[str]]:
     (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--num-processes", "2"], "--num-processes needs --fsdp or --ddp"),
     (["plan", "some-moe", "--lora-r", "0"], "invalid --lora-r"),
     (["eval", "some-moe"], "Missing option '-o'"),
+    (["eval", "some-moe", "-o", "out", "--data", "justapath.txt"], "expected NAME=PATH, got 'justapath.txt'"),
+    (["build", "recipe.yaml", "--gate-batch-size", "0"], "invalid --gate-batch-size: Input should be greater than or equal to 1"),
+    (["build", "recipe.yaml", "--config", "no-such-config.yaml"], "cannot read no-such-config.yaml"),
     (["bulid", "recipe.yaml"], "Did you mean 'build'?"),
 ])
 def test_argument_errors_come_before_torch_is_imported(args, message):
