@@ -63,7 +63,6 @@ def main() -> None:
     import yaml
 
     from moekit.build.options import BuildOptions
-
     from moekit.build.pipeline import build
     from moekit.demo import RECIPE
     from moekit.recipe import parse_recipe

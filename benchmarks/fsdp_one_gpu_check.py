@@ -23,7 +23,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.finetune.distributed import config_path
 from moekit.recipe import parse_recipe

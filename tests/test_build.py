@@ -13,7 +13,6 @@ import torch
 from safetensors import safe_open
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 

@@ -14,7 +14,6 @@ import torch
 from test_build import PROMPTS, logits, recipe_text
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 from moekit.testing import run_cli

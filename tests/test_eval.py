@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.cli import main
 from moekit.errors import DataError, SourceError

@@ -45,7 +45,6 @@ def moe(tmp_path_factory, llama_family) -> Path:
     from test_build import recipe_text
 
     from moekit.build.options import BuildOptions
-
     from moekit.build.pipeline import build
     from moekit.recipe import parse_recipe
 

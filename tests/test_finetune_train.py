@@ -16,7 +16,6 @@ from safetensors import safe_open
 from test_build import recipe_text
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.cli import main
 from moekit.finetune.options import FinetuneOptions

@@ -9,7 +9,6 @@ from test_finetune_train import QUICK, changed_tensors, toy_conversations, write
 from test_phi_build import family, recipe
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.finetune.export import export, load_finetuned
 from moekit.finetune.options import FinetuneOptions

@@ -17,7 +17,6 @@ import torch
 import yaml
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 

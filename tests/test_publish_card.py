@@ -14,7 +14,6 @@ from huggingface_hub.repocard_data import (
 )
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.errors import PublishError
 from moekit.publish import model_card, validate_card, write_model_card

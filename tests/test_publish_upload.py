@@ -22,7 +22,6 @@ import pytest
 from huggingface_hub.utils.sha import git_hash
 
 from moekit.build.options import BuildOptions
-
 from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 
