@@ -3,9 +3,9 @@
     run_demo(out, preset="standard") -> dict    (the report.json content)
 
 1. make or reuse the zoo (`moekit.zoo`): a tiny Llama base and one expert per domain;
-2. build the MoE of `moekit/zoo/tiny-4x.yaml` (linked as `recipes/tiny-4x.yaml`) with `moekit.build.build`, once per compared gate mode;
+2. build the MoE of `moekit/zoo/tiny-4x.yaml` (linked as `recipes/tiny-4x.yaml`) with `moekit.build.pipeline.build`, once per compared gate mode;
 3. evaluate every MoE and every source on each domain's held-out split, on all of them together
-   (`mixed`) and on held-out chat conversations (`chat`) with `moekit.eval.evaluate`;
+   (`mixed`) and on held-out chat conversations (`chat`) with `moekit.eval.compare.evaluate`;
 4. QLoRA fine-tune the better MoE on a small mixed chat set with `moekit.finetune.trainer.finetune`
    and evaluate it again with the adapter;
 5. write OUT/report.json (the eval report schema plus a `demo` section), OUT/report.md and charts.

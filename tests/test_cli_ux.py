@@ -71,6 +71,9 @@ def test_interrupt_message_names_what_is_left(tmp_path):
     (tmp_path / "chat.partial").mkdir()
     finetune = _interrupted_message(["finetune", "moe", "--data", "d.jsonl", "-o", str(out)])
     assert f"{out}.partial" in finetune and "--resume" in finetune
+    assert f"{out}.partial" in _interrupted_message(["finetune", "moe", "--data", "d.jsonl", f"--out={out}"])
+    (tmp_path / "train.yaml").write_text(f"data: d.jsonl\nout: {out}\n")  # OUT from --config
+    assert f"{out}.partial" in _interrupted_message(["finetune", "moe", "--config", str(tmp_path / "train.yaml")])
 
 
 def test_plan_caps_the_default_sequence_length_and_hints_the_exact_flag(tmp_path):

@@ -155,6 +155,8 @@ def _read_config(ctx: click.Context, param: click.Parameter, path: Path | None) 
             close = did_you_mean(str(key).replace("-", "_"), options)
             known = close or f" (options: {', '.join(sorted({_config_name(o) for o in options.values()}))})"
             raise click.BadParameter(f"{path}: unknown option {key!r}{known}", ctx, param)
+        if value is None:  # `teacher:` with nothing after it: the option's default
+            continue
         if option.is_flag and not option.is_bool_flag:  # `fsdp: true` for the --fsdp of --fsdp/--ddp
             if not isinstance(value, bool):
                 raise click.BadParameter(f"{path}: {key} must be true or false, got {value!r}", ctx, param)
