@@ -3,6 +3,10 @@
 Subcommands live in `moekit.commands.<name>` and are imported only when they run, so `moekit --help`
 stays fast and does not import torch. This is the only module that exits: library code raises
 `MoekitError`, which is printed here as one message with a non-zero exit code.
+
+Exit codes: 1 for a `MoekitError` (input the library refused: a missing model, an unreadable data file),
+2 for a usage error (a bad flag or --config value: click's convention, one mapping in `moekit.commands.options`),
+130 for Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
