@@ -28,7 +28,7 @@ Model = TypeVar("Model", bound=BaseModel)
 CONFIG_KEY = "moekit.config"  # ctx.meta: the --config file, for messages about the values it gave
 
 
-def model_options(model: type[BaseModel], *, exclude: tuple[str, ...] = (), flags: dict[str, str] | None = None, metavars: dict[str, str] | None = None):
+def model_options(model: type[BaseModel], *, flags: dict[str, str] | None = None, metavars: dict[str, str] | None = None):
     """Decorator adding one click option per field of `model`, named after the field (`lora_r` -> `--lora-r`)
     unless `flags` spells it otherwise (`{"tasks": "--task"}`); `metavars` names a field's value in --help."""
     flags, metavars = flags or {}, metavars or {}
@@ -36,8 +36,7 @@ def model_options(model: type[BaseModel], *, exclude: tuple[str, ...] = (), flag
     def decorate(func):
         parsed_by_model = _parsed_by_model(model)
         for name, field in reversed(list(model.model_fields.items())):
-            if name not in exclude:
-                func = _option(name, field, flags.get(name, "--" + name.replace("_", "-")), metavars.get(name), name in parsed_by_model)(func)
+            func = _option(name, field, flags.get(name, "--" + name.replace("_", "-")), metavars.get(name), name in parsed_by_model)(func)
         return func
 
     return decorate
