@@ -62,7 +62,8 @@ def main() -> None:
 
     import yaml
 
-    from moekit.build import BuildOptions, build
+    from moekit.build.options import BuildOptions
+    from moekit.build.pipeline import build
     from moekit.demo import RECIPE
     from moekit.recipe import parse_recipe
     from moekit.zoo import PRESETS, ensure_zoo, use_zoo

@@ -22,7 +22,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.finetune.distributed import config_path
 from moekit.recipe import parse_recipe
 from moekit.testing import make_dense_checkpoint, make_tokenizer

@@ -3,6 +3,10 @@
 Subcommands live in `moekit.commands.<name>` and are imported only when they run, so `moekit --help`
 stays fast and does not import torch. This is the only module that exits: library code raises
 `MoekitError`, which is printed here as one message with a non-zero exit code.
+
+Exit codes: 1 for a `MoekitError` (input the library refused: a missing model, an unreadable data file),
+2 for a usage error (a bad flag or --config value: click's convention, one mapping in `moekit.commands.options`),
+130 for Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -142,11 +146,29 @@ def _interrupted_message(argv: list[str]) -> str:
     nothing = "nothing was written; the output directory is as it was before"
     if next((arg for arg in argv if arg in COMMANDS), None) != "finetune":
         return nothing
-    out = next((value for flag, value in zip(argv, argv[1:]) if flag in ("-o", "--out")), None)
-    out = out or next((arg.removeprefix("--out=") for arg in argv if arg.startswith("--out=")), None)
+    out = _flag_value(argv, "-o", "--out") or _config_value(_flag_value(argv, "--config"), "out")
     if out is None or not Path(f"{out}.partial").is_dir():  # the trainer removes it when no checkpoint was saved
         return nothing
     return f"{out} is as it was before; the checkpoints saved so far are in {out}.partial: run the same command with --resume to continue"
+
+
+
+def _flag_value(argv: list[str], *flags: str) -> str | None:
+    value = next((value for flag, value in zip(argv, argv[1:]) if flag in flags), None)
+    return value or next((arg.split("=", 1)[1] for arg in argv if arg.split("=", 1)[0] in flags and "=" in arg), None)
+
+
+def _config_value(config: str | None, key: str):
+    """`key` from a --config file, for messages written after the command has gone (None when unreadable)."""
+    if config is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 if __name__ == "__main__":

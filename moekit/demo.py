@@ -3,9 +3,9 @@
     run_demo(out, preset="standard") -> dict    (the report.json content)
 
 1. make or reuse the zoo (`moekit.zoo`): a tiny Llama base and one expert per domain;
-2. build the MoE of `moekit/zoo/tiny-4x.yaml` (linked as `recipes/tiny-4x.yaml`) with `moekit.build.build`, once per compared gate mode;
+2. build the MoE of `moekit/zoo/tiny-4x.yaml` (linked as `recipes/tiny-4x.yaml`) with `moekit.build.pipeline.build`, once per compared gate mode;
 3. evaluate every MoE and every source on each domain's held-out split, on all of them together
-   (`mixed`) and on held-out chat conversations (`chat`) with `moekit.eval.evaluate`;
+   (`mixed`) and on held-out chat conversations (`chat`) with `moekit.eval.compare.evaluate`;
 4. QLoRA fine-tune the better MoE on a small mixed chat set with `moekit.finetune.trainer.finetune`
    and evaluate it again with the adapter;
 5. write OUT/report.json (the eval report schema plus a `demo` section), OUT/report.md and charts.
@@ -227,7 +227,8 @@ def _conversation(domain: str, document: str, max_chars: int) -> list[dict]:
 
 
 def build_moe(recipe_path: Path, gate_mode: str, out: Path) -> Path:
-    from moekit.build import BuildOptions, build
+    from moekit.build.options import BuildOptions
+    from moekit.build.pipeline import build
     from moekit.recipe import load_recipe
 
     recipe = load_recipe(recipe_path).model_copy(update={"gate_mode": gate_mode})
@@ -236,7 +237,8 @@ def build_moe(recipe_path: Path, gate_mode: str, out: Path) -> Path:
 
 
 def _evaluate(model: Path, out: Path, data: dict[str, str], settings: DemoSettings, against: list[str] | None, adapter: Path | None = None) -> dict:
-    from moekit.eval import EvalOptions, evaluate
+    from moekit.eval.compare import evaluate
+    from moekit.eval.options import EvalOptions
 
     # Scored up to the length the zoo was trained on (positions beyond it were never seen).
     options = EvalOptions(against=against, data=data, adapter=str(adapter) if adapter else None, device="cpu", dtype="float32",

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 
 PROMPTS = {

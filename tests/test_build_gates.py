@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_build import PROMPTS, logits, recipe_text
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 from moekit.testing import run_cli
 

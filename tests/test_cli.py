@@ -39,6 +39,16 @@ def test_build_help_does_not_import_torch():
     assert "--dry-run" in done.stdout and done.stdout.strip().endswith("NO-TORCH")
 
 
+def test_only_the_command_line_imports_click():
+    """The library raises typed errors and takes pydantic options; click (and exiting) belong to cli.py and commands/."""
+    import re
+
+    package = Path(__file__).parent.parent / "moekit"
+    importers = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                       if re.search(r"^\s*(import click|from click)\b", path.read_text(encoding="utf-8"), re.MULTILINE))
+    assert importers and all(name == "cli.py" or name.startswith("commands/") for name in importers), importers
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_every_shipped_recipe_is_valid(recipe):
     from moekit.recipe import load_recipe

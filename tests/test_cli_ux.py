@@ -35,6 +35,9 @@ def _run_and_list_heavy_imports(args: list[str]) -> tuple[int, str, list[str]]:
     (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--num-processes", "2"], "--num-processes needs --fsdp or --ddp"),
     (["plan", "some-moe", "--lora-r", "0"], "invalid --lora-r"),
     (["eval", "some-moe"], "Missing option '-o'"),
+    (["eval", "some-moe", "-o", "out", "--data", "justapath.txt"], "expected NAME=PATH, got 'justapath.txt'"),
+    (["build", "recipe.yaml", "--gate-batch-size", "0"], "invalid --gate-batch-size: Input should be greater than or equal to 1"),
+    (["build", "recipe.yaml", "--config", "no-such-config.yaml"], "cannot read no-such-config.yaml"),
     (["bulid", "recipe.yaml"], "Did you mean 'build'?"),
 ])
 def test_argument_errors_come_before_torch_is_imported(args, message):
@@ -68,6 +71,9 @@ def test_interrupt_message_names_what_is_left(tmp_path):
     (tmp_path / "chat.partial").mkdir()
     finetune = _interrupted_message(["finetune", "moe", "--data", "d.jsonl", "-o", str(out)])
     assert f"{out}.partial" in finetune and "--resume" in finetune
+    assert f"{out}.partial" in _interrupted_message(["finetune", "moe", "--data", "d.jsonl", f"--out={out}"])
+    (tmp_path / "train.yaml").write_text(f"data: d.jsonl\nout: {out}\n")  # OUT from --config
+    assert f"{out}.partial" in _interrupted_message(["finetune", "moe", "--config", str(tmp_path / "train.yaml")])
 
 
 def test_plan_caps_the_default_sequence_length_and_hints_the_exact_flag(tmp_path):
@@ -130,9 +136,9 @@ def test_offline_lm_eval_task_fails_in_one_message_before_any_model_loads(tmp_pa
     sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256, "num_local_experts": 2, "num_experts_per_tok": 1}
     (model / "config.json").write_text(json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **sizes}))  # no weights
     script = (
-        "import sys\nimport moekit.eval\n"
+        "import sys\nimport moekit.eval.compare\n"
         "def refuse(*args, **kwargs):\n    raise SystemExit('a model was loaded')\n"
-        "moekit.eval.load_model = refuse\n"
+        "moekit.eval.compare.load_model = refuse\n"
         "from moekit.cli import main\nmain(sys.argv[1:])\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -44,7 +44,8 @@ def losses(out: Path, key: str = "lm_loss") -> list[float]:
 def moe(tmp_path_factory, llama_family) -> Path:
     from test_build import recipe_text
 
-    from moekit.build import BuildOptions, build
+    from moekit.build.options import BuildOptions
+    from moekit.build.pipeline import build
     from moekit.recipe import parse_recipe
 
     out = tmp_path_factory.mktemp("distributed") / "moe"

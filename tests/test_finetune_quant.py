@@ -30,7 +30,8 @@ NUM_EXPERTS, NUM_LAYERS, HIDDEN, INTERMEDIATE = 3, 2, 64, 128
 @pytest.fixture(scope="module")
 def moe_dir(llama_family, tmp_path_factory):
     """A tiny 3-expert Mixtral written by `moekit build` (random routers, so every expert gets tokens)."""
-    from moekit.build import BuildOptions, build
+    from moekit.build.options import BuildOptions
+    from moekit.build.pipeline import build
     from moekit.recipe import parse_recipe
 
     lines = [f"base_model: {llama_family['base']}", "gate_mode: random", "dtype: float32", "experts_per_token: 2", "experts:"]

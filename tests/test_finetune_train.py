@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from test_build import recipe_text
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.cli import main
 from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune, partial_dir

@@ -8,7 +8,8 @@ import torch
 from test_finetune_train import QUICK, changed_tensors, toy_conversations, write_jsonl
 from test_phi_build import family, recipe
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.finetune.export import export, load_finetuned
 from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune

@@ -16,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 
 RECIPES = Path(__file__).parent / "mergekit_recipes"

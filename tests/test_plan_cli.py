@@ -35,8 +35,8 @@ def test_every_training_option_is_a_plan_option_spelled_as_in_finetune():
     plan_params = {param.name: param for param in plan_command.params}
     finetune_params = {param.name: param for param in finetune_command.params}
     assert set(TrainingOptions.model_fields) <= set(plan_params)
-    # nothing else: the model argument, --gpu-memory and --json
-    assert set(plan_params) - set(TrainingOptions.model_fields) == {"model", "gpu_memory", "as_json"}
+    # nothing else: the model argument, --gpu-memory, --json and --config
+    assert set(plan_params) - set(TrainingOptions.model_fields) == {"model", "gpu_memory", "as_json", "config"}
     for name in TrainingOptions.model_fields:
         mine, theirs = plan_params[name], finetune_params[name]
         assert (mine.opts, mine.secondary_opts, repr(mine.type), mine.default) == (theirs.opts, theirs.secondary_opts, repr(theirs.type), theirs.default)

@@ -13,7 +13,8 @@ from huggingface_hub.repocard_data import (
     model_index_to_eval_results,
 )
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.errors import PublishError
 from moekit.publish import model_card, validate_card, write_model_card
 from moekit.recipe import parse_recipe

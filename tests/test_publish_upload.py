@@ -21,7 +21,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from huggingface_hub.utils.sha import git_hash
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
 
 TOKEN = "hf_moekitTestToken0123456789abcdef"

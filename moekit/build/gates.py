@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moekit.build.options import DEFAULT_GATE_BATCH_SIZE
 from moekit.build.sources import SourceModel
 from moekit.recipe import Recipe
 
 POSITIVE, NEGATIVE, CALIBRATION = 0, 1, 2
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
-DEFAULT_GATE_BATCH_SIZE = 8  # prompts per batch: with the layer's weights, one batch's activations set the pass's peak memory
 
 
 @dataclass

@@ -6,23 +6,17 @@ from pathlib import Path
 
 import click
 
+from moekit.build.options import BuildOptions
+from moekit.commands.options import config_option, model_options, parse_options
+
 
 @click.command("build")
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="Output directory [default: ./<recipe name>].")
 @click.option("--dry-run", is_flag=True, help="Print the plan (architecture, parameters, output size, tensor sources) and write nothing.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Device for the gate forward passes.")
-@click.option("--gate-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Prompts (or calibration chunks) run through the base model together in the gate pass; lower it if memory is short.")
-@click.option("--gate-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Dtype of the gate pass's forward through the base model. Router maths is float32 either way; float32 gives the same routers on CPU and GPU.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype [default: the recipe's, else the base model's].")
-@click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 2GB or 500MB.")
-@click.option("--allow-same-experts", is_flag=True, help="Allow every expert to be the same model (only useful before training).")
-@click.option("--allow-pickle", is_flag=True, help="Read checkpoints that exist only as pickle .bin files (pickles can run code).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the sources' repositories.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@model_options(BuildOptions, metavars={"shard_size": "SIZE"})
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
+@config_option
 def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | None, **options) -> None:
     """Assemble a mixture-of-experts model from the dense checkpoints described by RECIPE.
 
@@ -34,22 +28,17 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
     uniform_random, and calibrated (routers fitted on the tokens each router actually sees, from the
     prompts and optional per-expert calibration data). See the README for details.
     """
-    from pydantic import ValidationError
-
     from moekit.console import status
-    from moekit.errors import RecipeError
     from moekit.recipe import load_recipe
     from moekit.units import format_count, format_size
 
-    parsed = load_recipe(recipe)  # a missing or invalid recipe is reported before torch is imported
+    # bad options and a missing or invalid recipe are reported before torch is imported
+    build_options = parse_options(BuildOptions, options)
+    parsed = load_recipe(recipe)
     for note in parsed.notes:
         click.echo(f"note: {note}", err=True)
     with status("loading torch and mergekit"):
-        from moekit.build import BuildOptions, build, plan
-    try:
-        build_options = BuildOptions(**options)
-    except ValidationError as err:
-        raise RecipeError(f"invalid option: {err.errors()[0]['msg']}") from None
+        from moekit.build.pipeline import build, plan
     out = out or Path(recipe.stem)
     if dry_run:
         result = plan(parsed, build_options)

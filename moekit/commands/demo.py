@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from moekit.commands.options import config_option
+
 
 @click.command("demo")
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=Path("moekit-demo"), show_default=True, help="Output directory (models, evaluation, report).")
@@ -13,6 +15,7 @@ import click
 @click.option("--steps", "finetune_steps", type=click.IntRange(min=1), default=None, help="QLoRA fine-tuning steps [default: the preset's].")
 @click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), default=None, help="MoE recipe using zoo:NAME models [default: the packaged recipes/tiny-4x.yaml].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@config_option
 def command(out: Path, preset: str, finetune_steps: int | None, recipe: Path | None, overwrite: bool) -> None:
     """The whole pipeline offline on a tiny zoo of trained domain experts.
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from moekit.commands.options import config_option
+
 
 @click.command("export")
 @click.argument("finetune_dir", type=click.Path(path_type=Path, file_okay=False))
@@ -16,6 +18,7 @@ import click
               help="Weights the adapter is added to: the base's weights quantized as in training (--bits) and dequantized, which the adapter was trained against, or the base's original unquantized weights.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (the old OUT stays until the new one is complete).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
+@config_option
 def command(finetune_dir: Path, out: Path, dtype: str | None, shard_size: str, merge_into: str, overwrite: bool, push_to_hub: str | None) -> None:
     """Merge the adapter and routers of a `moekit finetune` output (FINETUNE_DIR) into full-precision
     weights, written in the same layout as `moekit build` and loadable with plain transformers. By default

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from moekit.finetune.options import FinetuneOptions, click_options
+from moekit.commands.options import config_option, model_options, parse_options
+from moekit.finetune.options import FinetuneOptions
 
 
 @click.command("finetune")
@@ -16,7 +17,8 @@ from moekit.finetune.options import FinetuneOptions, click_options
 @click.option("--fsdp", "launch_kind", flag_value="fsdp", default=None, help="Shard the (4-bit) model across the GPUs with FSDP: re-runs this command under `accelerate launch` with moekit's fsdp_qlora.yaml.")
 @click.option("--ddp", "launch_kind", flag_value="ddp", help="Data parallel, one model copy per GPU: re-runs this command under `accelerate launch` with moekit's ddp.yaml.")
 @click.option("--num-processes", "num_processes", type=click.IntRange(min=2), default=None, help="Processes for --fsdp/--ddp [default: one per visible GPU].")
-@click_options(FinetuneOptions)
+@model_options(FinetuneOptions)
+@config_option
 def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | None, num_processes: int | None, **options) -> None:
     """QLoRA fine-tune the MoE at MODEL (a `moekit build` output, a Mixtral/Phixtral checkpoint, a Hub id
     or zoo:NAME) on chat data, with every expert in 4-bit.
@@ -27,20 +29,10 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
     Checkpoints live in OUT.partial until the run finishes; --resume continues from the newest.
     Several GPUs: --fsdp or --ddp (or `accelerate launch -m moekit finetune ...` with your own config).
     """
-    from pydantic import ValidationError
-
     from moekit.console import status
-    from moekit.finetune.options import options_from_cli
 
     # every argument is checked before torch, transformers and TRL are imported (seconds of start-up)
-    try:
-        parsed = options_from_cli(FinetuneOptions, options)
-    except ValidationError as err:
-        first = err.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        if first["type"] == "missing":
-            raise click.UsageError(f"missing option {flag}") from None
-        raise click.UsageError(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}") from None
+    parsed = parse_options(FinetuneOptions, options)
     if push_to_hub:
         _check_push(model, push_to_hub)
     if num_processes is not None and launch_kind is None:

@@ -1,4 +1,4 @@
-"""`moekit plan MODEL [finetune options] [--gpu-memory 24GB] [--json]`."""
+"""`moekit plan MODEL [finetune options] [--gpu-memory 24GB] [--json] [--config FILE.yaml]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import click
 
-from moekit.finetune.options import TrainingOptions, click_options
+from moekit.commands.options import config_option, model_options, parse_options
+from moekit.finetune.options import TrainingOptions
 
 
 def _gpu_memory(_ctx, _param, value: str | None) -> int | None:
@@ -25,10 +26,11 @@ def _gpu_memory(_ctx, _param, value: str | None) -> int | None:
 
 @click.command("plan")
 @click.argument("model")
-@click_options(TrainingOptions)
+@model_options(TrainingOptions)
 @click.option("--gpu-memory", callback=_gpu_memory, metavar="SIZE", default=None,
               help="Memory of the GPU to check against, e.g. 24GB, 16GiB or 80e9: adds a verdict, the largest batch size and sequence length that fit, and the setting to change first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
+@config_option
 def command(model: str, gpu_memory: int | None, as_json: bool, **options) -> None:
     """Predict the GPU memory of `moekit finetune MODEL` with the same options, from MODEL's config
     alone (a local directory, a config.json, a Hub id or zoo:NAME; no weights are read).
@@ -37,18 +39,10 @@ def command(model: str, gpu_memory: int | None, as_json: bool, **options) -> Non
     parameters, gradients, optimizer states, activations and the predicted peak, plus total and
     active parameters and the checkpoint size on disk.
     """
-    from pydantic import ValidationError
-
     from moekit.console import status
-    from moekit.finetune.options import options_from_cli
     from moekit.plan import estimate
 
-    try:
-        parsed = options_from_cli(TrainingOptions, options)
-    except ValidationError as err:
-        first = err.errors()[0]
-        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-        raise click.UsageError(f"invalid {flag}: {first['msg'].removeprefix('Value error, ')}") from None
+    parsed = parse_options(TrainingOptions, options)
     with status("reading the config (loading transformers)"):
         plan = estimate(model, parsed, gpu_memory=gpu_memory)
     click.echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from moekit.commands.options import config_option
+
 
 @click.command("publish")
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
@@ -20,6 +22,7 @@ import click
 @click.option("--base-model", default=None, metavar="USER/NAME",
               help="Hub id of the MoE an adapter or fine-tune was trained on, when it was trained from a local directory.")
 @click.option("--dry-run", is_flag=True, help="List the files and sizes that would be uploaded and print the card; touch nothing remote.")
+@config_option
 def command(model_dir: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool, license_: str | None,
             report: Path | None, base_model: str | None, dry_run: bool) -> None:
     """Upload MODEL_DIR (a build, fine-tune, adapter or export) to the Hugging Face Hub in one commit,

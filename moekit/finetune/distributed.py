@@ -99,7 +99,8 @@ def launch(kind: str, num_processes: int, moekit_args: list[str]) -> None:
 def finetune_arguments(model: str, out: Path, options: dict) -> list[str]:
     """The `finetune` command line for the launched processes: the same options, without the launch ones.
 
-    `options` are click's values by field name (None where the user gave nothing). `--push-to-hub` is
+    `options` are click's values by field name (None where neither the command line nor --config gave one);
+    a --config file is not passed on, its values are. `--push-to-hub` is
     left out: the launching process uploads once, after all processes finished.
     """
     arguments = ["finetune", str(model), "-o", str(out)]

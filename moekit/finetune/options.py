@@ -2,15 +2,13 @@
 
 `TrainingOptions` holds what shapes memory and what is trained; `moekit plan` takes exactly these.
 `FinetuneOptions` adds what only a real run needs (data, schedule, distillation, logging).
-`click_options(Model)` turns a model's fields into click options, so the two commands cannot drift.
+Both commands generate their flags from these fields (`moekit.commands.options`), so they cannot drift.
 """
 
 from __future__ import annotations
 
-from types import UnionType
-from typing import Literal, Union, get_args, get_origin
+from typing import Literal, get_args
 
-import click
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TargetKind = Literal["attn", "experts", "gate"]
@@ -96,57 +94,3 @@ class FinetuneOptions(TrainingOptions):
     report_to: Literal["none", "tensorboard", "wandb"] = Field(default="none", description="Where to log metrics besides the local log.")
     seed: int = Field(default=0, description="Random seed for data order and adapter initialisation.")
     trust_remote_code: bool = Field(default=False, description="Allow model code from the checkpoint (needed for Phixtral builds without moekit installed).")
-
-
-def _click_type(annotation):
-    origin = get_origin(annotation)
-    args = get_args(annotation)
-    if origin in (Union, UnionType) and type(None) in args and len(args) == 2:  # `int | None`: the int's option
-        return _click_type(next(a for a in args if a is not type(None)))
-    if origin is Literal:
-        return click.Choice([str(a) for a in args]), args
-    if annotation is bool:
-        return bool, None
-    if annotation is int:
-        return int, None
-    if annotation is float:
-        return float, None
-    return str, None  # lists are parsed by the pydantic validators
-
-
-def _metavar(annotation) -> str | None:
-    """LIST for comma lists (parsed by the validators), else click's own (INTEGER, FLOAT, TEXT, choices)."""
-    inner = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) else [annotation]
-    return "LIST" if inner and get_origin(inner[0]) is list else None
-
-
-def click_options(model: type[BaseModel], exclude: tuple[str, ...] = ()):
-    """Decorator adding one click option per field of `model` (`--lora-r`, `--no-packing`, ...).
-
-    Values arrive as keyword arguments named after the fields; pass them to `model(**kwargs)` (the
-    CLI passes only the ones the user set, so the model's defaults stay the single source).
-    """
-
-    def decorate(func):
-        for name, field in reversed(list(model.model_fields.items())):
-            if name in exclude:
-                continue
-            flag = "--" + name.replace("_", "-")
-            click_type, choices = _click_type(field.annotation)
-            default = field.default if not field.is_required() else None
-            show = f" [default: {','.join(map(str, default)) if isinstance(default, list) else default}]" if default is not None and not isinstance(default, bool) else ""
-            help_text = (field.description or "") + show
-            if click_type is bool:
-                func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text + f" [default: {'on' if default else 'off'}]")(func)
-            elif choices is not None and all(isinstance(c, int) for c in choices):
-                func = click.option(flag, name, type=click.Choice([str(c) for c in choices]), default=None, callback=lambda _c, _p, v: None if v is None else int(v), help=help_text)(func)
-            else:
-                func = click.option(flag, name, type=click_type, default=None, metavar=_metavar(field.annotation), help=help_text)(func)
-        return func
-
-    return decorate
-
-
-def options_from_cli(model: type[BaseModel], values: dict):
-    """Build `model` from click values, leaving out the options the user did not give."""
-    return model(**{key: value for key, value in values.items() if value is not None and key in model.model_fields})
