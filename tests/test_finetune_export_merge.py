@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from test_build import recipe_text
 from test_finetune_train import QUICK, changed_tensors, logits, toy_conversations, write_jsonl
 
-from moekit.build import BuildOptions, build
+from moekit.build.options import BuildOptions
+from moekit.build.pipeline import build
 from moekit.finetune.export import _checkpoint_state_dict, _checkpoint_tensor_names, load_finetuned
 from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune
