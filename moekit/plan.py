@@ -195,7 +195,9 @@ def load_config(config_or_path):
     """
     from transformers import AutoConfig, PretrainedConfig
 
-    import moekit  # noqa: F401  (registers the Phixtral config class with AutoConfig)
+    from moekit.models import register_phixtral_config
+
+    register_phixtral_config()
 
     if isinstance(config_or_path, PretrainedConfig):
         return config_or_path

@@ -38,8 +38,6 @@ def opts(**changes) -> TrainingOptions:
 def _meta_model(config):
     from transformers import AutoModelForCausalLM
 
-    import moekit  # noqa: F401  (Phixtral registration)
-
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

@@ -111,6 +111,9 @@ def open_source(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool
     """Resolve `ref`, check that its weights are readable, and read its config."""
     from transformers import AutoConfig
 
+    from moekit.models import register_phixtral_config
+
+    register_phixtral_config()  # a Phixtral source reads as one, without trust_remote_code
     path = resolve_model(ref, allow_pickle=allow_pickle)
     if not (path / "config.json").is_file():
         raise SourceError(f"source model '{ref}' ({path}) has no config.json")

@@ -281,6 +281,9 @@ def _checkpoint_step(checkpoint: Path) -> int:
 def _load_config(path: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    from moekit.models import register_phixtral_config
+
+    register_phixtral_config()
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
