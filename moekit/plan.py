@@ -236,9 +236,9 @@ def _config_file(ref: str) -> Path:
         if not (local / "config.json").is_file():
             raise PlanError(f"{local} has no config.json: not a model directory")
         return local / "config.json"
-    if ref.startswith("zoo:"):
-        from moekit.build.sources import resolve_model
+    from moekit.build.sources import reference_scheme, resolve_model
 
+    if reference_scheme(ref) is not None:
         try:
             return _config_file(str(resolve_model(ref)))
         except SourceError as err:
