@@ -196,6 +196,18 @@ def test_import_moekit_changes_nothing_until_register_phixtral(phixtral_dir):
     run_python(code, phixtral_dir)
 
 
+def test_moekit_loaders_register_phixtral_themselves(phixtral_dir):
+    """In a fresh process that never calls register_phixtral(), moekit's own paths take a Phixtral without
+    trust_remote_code: the plan's config reader and the fine-tune loader."""
+    code = (
+        "import sys, torch\nfrom moekit.plan import estimate\nfrom moekit.finetune.quantize import load_moe_for_training\n"
+        "assert estimate(sys.argv[1]).shape.model_type == 'phixtral'\n"
+        "model = load_moe_for_training(sys.argv[1], bits=16, compute_dtype=torch.float32, device_map='cpu')\n"
+        "assert type(model).__name__ == 'PhixtralForCausalLM', type(model)"
+    )
+    run_python(code, phixtral_dir)
+
+
 @pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
 def test_decoding_with_either_cache_argument_equals_the_full_forward(phi_models, input_ids, cache_name):
     """transformers 5.2x passes the KV cache as `cache`, earlier 5.x as `past_key_values`: both must be used."""
