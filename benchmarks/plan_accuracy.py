@@ -84,8 +84,10 @@ TINY_GROUPS = {
 def make_config(architecture: str, shape: dict):
     from transformers import MixtralConfig
 
-    import moekit  # noqa: F401  (registers Phixtral with the Auto classes)
+    from moekit.models import register_phixtral
     from moekit.models.phixtral.configuration_phixtral import PhixtralConfig
+
+    register_phixtral()  # build_random makes models of this config with AutoModelForCausalLM
 
     common = {"max_position_embeddings": 4096, "tie_word_embeddings": False, "output_router_logits": True}
     if architecture == "phixtral":

@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-# Phixtral is registered with transformers' Auto classes as soon as transformers' auto modules load;
-# the hook itself imports neither torch nor transformers, so `moekit --help` stays fast.
-from moekit.models import install_registration_hook as _install_registration_hook
+# explicit, and cheap to import (no torch or transformers): `moekit.register_phixtral()` before loading a moekit
+# Phixtral with transformers' Auto classes, or trust_remote_code=True
+from moekit.models import register_phixtral
 
-_install_registration_hook()
+__all__ = ["__version__", "register_phixtral"]

@@ -77,6 +77,9 @@ def cli(verbose: bool) -> None:
         from moekit.console import quiet_third_party
 
         quiet_third_party()
+    from moekit import zoo
+
+    zoo.register()  # `zoo:NAME` sources in recipes and model arguments
 
 
 def _interrupt(signum, frame) -> None:

@@ -185,8 +185,7 @@ def staged_output(out: Path, *, overwrite: bool, what: str = "output directory")
             notice(f"removed {staging}, left by an earlier run{f' (PID {lock.stale_pid})' if lock.stale_pid else ''} that was killed")
         staging.mkdir()
         yield staging
-        _move_into_place(staging, out, overwrite)
-        shutil.rmtree(staging, ignore_errors=True)  # the old OUT, exchanged out of place
+        move_into_place(staging, out, overwrite=overwrite)
     except OSError as err:
         _discard(staging)
         if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
@@ -206,19 +205,21 @@ def _discard(staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+def move_into_place(staging: Path, out: Path, *, overwrite: bool) -> None:
+    """Put the finished `staging` directory at OUT: atomically where the system can, replacing an existing OUT
+    only with `overwrite` (an empty OUT is always replaced). The old OUT is deleted afterwards."""
     if not out.exists():
         staging.rename(out)
         return
     if not overwrite and any(out.iterdir()):
         raise OutputError(f"{out} appeared while it was being written; nothing was replaced")
-    if exchange(staging, out):
-        return  # staging now holds the old OUT
-    old = set_aside_dir(out)  # no atomic exchange here: two renames, undone by the next run if killed between them
-    shutil.rmtree(old, ignore_errors=True)
-    out.rename(old)
-    staging.rename(out)
-    old.rename(staging)
+    if not exchange(staging, out):  # else staging now holds the old OUT
+        old = set_aside_dir(out)  # no atomic exchange here: two renames, undone by the next run if killed between them
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        old.rename(staging)
+    shutil.rmtree(staging, ignore_errors=True)  # the old OUT, moved out of place
 
 
 _libc = None

@@ -16,7 +16,11 @@ def pytest_configure(config):
     # synchronisation dominates), and pytest-xdist already runs one worker per core.
     import torch
 
+    from moekit.models import register_phixtral
+
     torch.set_num_threads(1)
+    # tests load moekit's Phixtral through the Auto classes, as a user does after this call
+    register_phixtral()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,3 +38,22 @@ def test_refuses_a_non_empty_output_without_overwrite(tmp_path):
     with pytest.raises(OutputError, match="not empty"), staged_output(out, overwrite=False):
         pytest.fail("the body must not run")
     assert (out / "old.txt").read_text() == "old"
+
+
+def test_move_into_place_replaces_an_empty_output_and_refuses_one_that_appeared(tmp_path):
+    """The one move used by staged outputs and by the fine-tune's OUT.partial: an empty OUT (made by the user
+    meanwhile) is replaced and nothing staged is left; a non-empty one is kept, and so is the staged run."""
+    from moekit.output import move_into_place
+
+    out, staging = tmp_path / "out", tmp_path / "out.partial"
+    out.mkdir()
+    staging.mkdir()
+    (staging / "adapter.txt").write_text("trained")
+    move_into_place(staging, out, overwrite=False)
+    assert [p.name for p in out.iterdir()] == ["adapter.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    staging.mkdir()
+    (staging / "adapter.txt").write_text("again")
+    with pytest.raises(OutputError, match="appeared while it was being written"):
+        move_into_place(staging, out, overwrite=False)
+    assert (out / "adapter.txt").read_text() == "trained" and (staging / "adapter.txt").read_text() == "again"

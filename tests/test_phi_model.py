@@ -162,7 +162,7 @@ def test_loads_with_remote_code_where_moekit_is_missing(phixtral_dir, tmp_path):
     # -I drops the repo and user site from sys.path; sys.modules['moekit'] = None makes `import moekit` fail anyway
     prelude = "sys.modules['moekit'] = None\ntry:\n    import moekit\n    raise SystemExit('moekit importable')\nexcept ImportError:\n    pass"
     run_python(LOAD_AND_SAVE_LOGITS.format(prelude=prelude, kwargs=", trust_remote_code=True"), phixtral_dir, remote, isolated=True)
-    run_python(LOAD_AND_SAVE_LOGITS.format(prelude="import moekit", kwargs=""), phixtral_dir, registered)
+    run_python(LOAD_AND_SAVE_LOGITS.format(prelude="import moekit\nmoekit.register_phixtral()", kwargs=""), phixtral_dir, registered)
     remote, registered = torch.load(remote), torch.load(registered)
     assert remote["module"].startswith("transformers_modules.")
     assert registered["module"] == "moekit.models.phixtral.modeling_phixtral"
@@ -178,21 +178,32 @@ def test_moekit_help_does_not_import_torch_or_transformers():
     run_python(code)
 
 
-@pytest.mark.parametrize(
-    "order",
-    [
-        "import moekit\nfrom transformers import AutoModelForCausalLM, AutoConfig",
-        "from transformers import AutoConfig\nimport moekit\nfrom transformers import AutoModelForCausalLM",
-        "import moekit\nfrom transformers import PreTrainedModel\nfrom transformers import AutoModelForCausalLM, AutoConfig",
-    ],
-    ids=["moekit-first", "autoconfig-first", "modeling-utils-first"],
-)
-def test_import_moekit_registers_phixtral_with_auto_classes(phixtral_dir, order):
+def test_import_moekit_changes_nothing_until_register_phixtral(phixtral_dir):
+    """`import moekit` leaves the import system and transformers alone; `register_phixtral()` (idempotent) then
+    makes the Auto classes load moekit's Phixtral without trust_remote_code."""
     code = (
-        f"import sys\n{order}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+        "import sys\nfinders = list(sys.meta_path)\nimport moekit\n"
+        "assert sys.meta_path == finders, 'import moekit changed sys.meta_path'\n"
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import'\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "try:\n    AutoConfig.from_pretrained(sys.argv[1])\nexcept ValueError as err:\n    assert 'trust_remote_code' in str(err), err\n"
+        "else:\n    raise AssertionError('a Phixtral config loaded before register_phixtral()')\n"
+        "moekit.register_phixtral()\nmoekit.register_phixtral()\n"
         "config = AutoConfig.from_pretrained(sys.argv[1])\n"
         "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
         "assert type(model).__name__ == 'PhixtralForCausalLM' and type(config).__module__.startswith('moekit.'), type(model)"
+    )
+    run_python(code, phixtral_dir)
+
+
+def test_moekit_loaders_register_phixtral_themselves(phixtral_dir):
+    """In a fresh process that never calls register_phixtral(), moekit's own paths take a Phixtral without
+    trust_remote_code: the plan's config reader and the fine-tune loader."""
+    code = (
+        "import sys, torch\nfrom moekit.plan import estimate\nfrom moekit.finetune.quantize import load_moe_for_training\n"
+        "assert estimate(sys.argv[1]).shape.model_type == 'phixtral'\n"
+        "model = load_moe_for_training(sys.argv[1], bits=16, compute_dtype=torch.float32, device_map='cpu')\n"
+        "assert type(model).__name__ == 'PhixtralForCausalLM', type(model)"
     )
     run_python(code, phixtral_dir)
 

@@ -38,8 +38,6 @@ def opts(**changes) -> TrainingOptions:
 def _meta_model(config):
     from transformers import AutoModelForCausalLM
 
-    import moekit  # noqa: F401  (Phixtral registration)
-
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -115,6 +113,41 @@ def test_phixtral_counts_equal_the_model_and_the_build():
     assert (plan.parameters_total, plan.parameters_active) == PhixtralArchitecture().active_parameters(config)
     # fc1/fc2 experts with biases (bf16 biases beside the 4-bit weights)
     assert plan.part("weights", "experts") == L * 4 * (2 * H * I // 2 + (I + H) * 2)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phixtral"])
+@pytest.mark.parametrize("intermediate", [128, 36])
+def test_expert_linears_and_grouped_path_come_from_the_expert_block(family, intermediate):
+    """The plan's expert linears are the projections the expert block stores, and its grouped-GEMM prediction is
+    the block's own rule: what the block decides here (CPU, bf16) follows from the plan's shapes the same way."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.finetune.expert_layout import GROUPED_CUDA_CAPABILITY, runs_grouped
+    from moekit.finetune.experts import _torch_version, expert_blocks
+    from moekit.finetune.quantize import quantize_moe
+    from moekit.models.phixtral.configuration_phixtral import PhixtralConfig
+    from moekit.plan.activations import grouped_experts
+    from moekit.plan.shape import shape_from_config
+
+    if family == "mixtral":
+        config = tiny_config("mixtral", VOCAB, intermediate_size=intermediate)
+    else:
+        phi = {key: value for key, value in tiny_config("phi", VOCAB).to_dict().items() if key != "model_type"}
+        config = PhixtralConfig(**{**phi, "intermediate_size": intermediate}, num_local_experts=4, num_experts_per_tok=2)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    skeleton.to_empty(device="cpu")
+    block = next(iter(expert_blocks(quantize_moe(skeleton, bits=16, device="cpu")).values()))
+    shape = shape_from_config(config)
+
+    assert [(lin.name, lin.out_features, lin.in_features, lin.bias) for lin in shape.expert_mlp] == [
+        (name, *block.storage(name).shape[1:], hasattr(block, f"{name}_bias")) for name in block.projections]
+    dims = [size for lin in shape.expert_mlp for size in (lin.out_features, lin.in_features)]
+    inputs = torch.zeros(2, config.hidden_size, dtype=torch.bfloat16)
+    if hasattr(torch.nn.functional, "grouped_mm"):
+        assert block._grouped_kernel_available(inputs) == runs_grouped(dims, 2, "cpu", bf16=True, torch_version=_torch_version())
+    # 128 x 2 bytes is 16-byte aligned, 36 x 2 is not: the plan then counts the expert-by-expert path
+    assert grouped_experts(shape) == runs_grouped(dims, 2, "cuda", bf16=True, cuda_capability=GROUPED_CUDA_CAPABILITY) == (intermediate == 128)
 
 
 def test_activations_scale_with_tokens(mixtral_config):

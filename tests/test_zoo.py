@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,7 @@ from moekit.zoo import (
     MODEL_NAMES,
     ZooSettings,
     ensure_zoo,
+    register,
     resolve,
     use_zoo,
     zoo_directory,
@@ -102,10 +106,29 @@ def test_zoo_refs_resolve_through_build_sources(micro_zoo):
 def test_unknown_zoo_model_is_a_clear_error_with_did_you_mean():
     from moekit.build.sources import resolve_model
 
+    register()
     with pytest.raises(SourceError, match=r"'zoo:jsn' is not a zoo model \(did you mean 'json'\?\)"):
         resolve_model("zoo:jsn")
     with pytest.raises(SourceError, match="the zoo has base, code, prose, math, json"):
         resolve("unknown")
+
+
+def test_zoo_refs_resolve_only_after_the_zoo_registers():
+    """The build's sources do not import the zoo; importing it registers nothing; before `moekit.zoo.register()`
+    a `zoo:` reference is one error that names that call."""
+    code = (
+        "import sys\nfrom moekit.build.sources import resolve_model\nfrom moekit.errors import SourceError\n"
+        "def error(ref):\n    try:\n        resolve_model(ref)\n    except SourceError as err:\n        return err\n"
+        "    raise AssertionError(f'{ref} resolved')\n"
+        "assert 'moekit.zoo' not in sys.modules, 'moekit.build.sources imported the zoo'\n"
+        "import moekit.zoo\n"
+        "err = error('zoo:jsn')\n"
+        "assert \"nothing resolves 'zoo:' references\" in err.message and 'moekit.zoo.register()' in err.hint, err\n"
+        "moekit.zoo.register()\n"
+        "assert 'is not a zoo model' in error('zoo:jsn').message\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_unknown_zoo_model_in_a_recipe_fails_the_cli_with_one_message(tmp_path, capsys):

@@ -1,10 +1,12 @@
-"""Finding and opening source models: local directories, Hub ids (`org/name[@revision]`) and `zoo:NAME`."""
+"""Finding and opening source models: local directories, Hub ids (`org/name[@revision]`) and `scheme:NAME`
+references, which the resolver registered for the scheme turns into a directory (`moekit.zoo` registers `zoo:`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +14,9 @@ from pathlib import Path
 from moekit.errors import SourceError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+SCHEME = re.compile(r"^([a-z][a-z0-9_-]*):")  # `zoo:base`; a Hub id has no colon
+# scheme -> resolver(NAME) -> local directory, for `scheme:NAME` references (`register_resolver`)
+_RESOLVERS: dict[str, Callable[[str], Path]] = {}
 # Everything a build reads from a source; `*.bin` is added only where no safetensors exist.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "README.md"]
 TOKENIZER_FILES = (
@@ -35,15 +40,31 @@ def split_revision(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
+def register_resolver(scheme: str, resolver: Callable[[str], Path]) -> None:
+    """Resolve `scheme:NAME` references with `resolver(NAME)` (a local directory). Registering again replaces it."""
+    if not SCHEME.match(f"{scheme}:"):
+        raise ValueError(f"a scheme is lower-case letters, digits, '_' and '-', starting with a letter; got {scheme!r}")
+    _RESOLVERS[scheme] = resolver
+
+
+def reference_scheme(ref: str) -> str | None:
+    """'zoo' for 'zoo:base'; None for a path or a Hub id."""
+    match = SCHEME.match(ref)
+    return match.group(1) if match else None
+
+
 def resolve_model(ref: str, *, allow_pickle: bool = False) -> Path:
     """Local directory for `ref`, fetching from the Hub (or its cache) when it is a Hub id."""
-    if ref.startswith("zoo:"):
-        from moekit import zoo
-
-        return zoo.resolve(ref.removeprefix("zoo:"))
+    scheme = reference_scheme(ref)
+    if scheme in _RESOLVERS:
+        return _RESOLVERS[scheme](ref.removeprefix(f"{scheme}:"))
     local = Path(ref).expanduser()
     if local.is_dir():
         return local
+    if scheme is not None:
+        raise SourceError(f"source model '{ref}': nothing resolves '{scheme}:' references in this process",
+                          hint="`moekit.zoo.register()` registers zoo: (the moekit command does); other schemes need "
+                               "`moekit.build.sources.register_resolver`")
     name, revision = split_revision(ref)
     if local.exists() or not HUB_ID.match(name) or name.startswith((".", "/", "~")):
         raise SourceError(f"source model '{ref}' is not a directory and not a Hub id (org/name[@revision])")
@@ -111,6 +132,9 @@ def open_source(ref: str, *, allow_pickle: bool = False, trust_remote_code: bool
     """Resolve `ref`, check that its weights are readable, and read its config."""
     from transformers import AutoConfig
 
+    from moekit.models import register_phixtral_config
+
+    register_phixtral_config()  # a Phixtral source reads as one, without trust_remote_code
     path = resolve_model(ref, allow_pickle=allow_pickle)
     if not (path / "config.json").is_file():
         raise SourceError(f"source model '{ref}' ({path}) has no config.json")

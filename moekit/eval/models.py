@@ -136,6 +136,9 @@ def load_model(spec: ModelSpec, options: EvalOptions, device: str, trust_remote_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moekit.models import register_phixtral
+
+    register_phixtral()  # a moekit Phixtral loads without trust_remote_code
     dtype = _dtype(options, device)
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     if spec.adapter is not None:

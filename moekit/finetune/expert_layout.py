@@ -1,6 +1,7 @@
-"""The expert block's layout and when it runs grouped, without torch (so `moekit plan` can ask cheaply).
+"""The expert block's layout and the rule for when it runs grouped, without torch (so `moekit plan` can ask cheaply).
 
-`experts.ExpertBlock` uses these; `plan.grouped_experts` predicts from them what the block will do on a GPU.
+`experts.ExpertBlock` stores `projection_shapes` and picks its path with `runs_grouped` at every forward;
+`moekit plan` asks the same two functions about the GPU it plans for.
 """
 
 from __future__ import annotations
@@ -8,8 +9,18 @@ from __future__ import annotations
 # family -> (first projection, second projection); the first is gated (gate rows, then up rows) for Mixtral
 PROJECTIONS = {"mixtral": ("gate_up_proj", "down_proj"), "phixtral": ("fc1", "fc2")}
 GATED = {"mixtral": True, "phixtral": False}
+BIASED = {"mixtral": False, "phixtral": True}  # Phixtral's fc1/fc2 have biases
 # grouped GEMMs (torch.nn.functional.grouped_mm) need rows aligned to 16 bytes
 GROUPED_ALIGNMENT_BYTES = 16
+# where torch has grouped GEMM kernels: CUDA for bf16 on sm80+, the CPU from torch 2.11
+GROUPED_CUDA_CAPABILITY = (8, 0)
+GROUPED_CPU_TORCH = (2, 11)
+
+
+def projection_shapes(family: str, hidden: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """Projection name -> (out, in) of one expert, as the block stores them: one (experts, out, in) tensor each."""
+    first, second = PROJECTIONS[family]
+    return {first: ((2 if GATED[family] else 1) * intermediate, hidden), second: (hidden, intermediate)}
 
 
 def grouped_gemm_fits(dims, element_size: int) -> bool:
@@ -19,8 +30,13 @@ def grouped_gemm_fits(dims, element_size: int) -> bool:
     return all(size % align == 0 for size in dims)
 
 
-def grouped_on_gpu(family: str | None, dims, bits: int) -> bool:
-    """What an `ExpertBlock` of `family` does on a CUDA GPU (sm80+, bf16 compute) at any --bits: grouped
-    GEMMs when the projection sizes are aligned. `family` None (no expert block) is never grouped."""
-    del bits  # 4-, 8- and 16-bit storage all dequantize the whole projection at once
-    return family in PROJECTIONS and grouped_gemm_fits(dims, element_size=2)
+def runs_grouped(dims, element_size: int, device_type: str, *, bf16: bool, cuda_capability: tuple[int, int] | None = None,
+                 torch_version: tuple[int, int] = (0, 0)) -> bool:
+    """Whether an expert block whose projections have these (out, in) sizes runs torch's grouped GEMMs (a torch
+    that has `grouped_mm`) for inputs of `element_size` bytes (`bf16` or not) on `device_type`; else it runs
+    expert by expert. Any --bits: 4-, 8- and 16-bit storage all dequantize a whole projection at once."""
+    if not grouped_gemm_fits(dims, element_size):
+        return False
+    if device_type == "cuda":
+        return bf16 and cuda_capability is not None and cuda_capability >= GROUPED_CUDA_CAPABILITY
+    return torch_version >= GROUPED_CPU_TORCH

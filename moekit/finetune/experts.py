@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import TrainingError
-from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, grouped_gemm_fits
+from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, runs_grouped
 from moekit.finetune.expert_storage import ExpertStorage, quantize_tensor
 
 PATHS = ("grouped", "per_expert")
@@ -146,11 +146,10 @@ class ExpertBlock(nn.Module):
         if not hasattr(F, "grouped_mm"):
             return False
         # LoRA ranks are padded in `_project`; the weights must fit as they are
-        if not grouped_gemm_fits([size for name in self.projections for size in self.storage(name).shape[1:]], inputs.element_size()):
-            return False
-        if inputs.device.type == "cuda":
-            return inputs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(inputs.device) >= (8, 0)
-        return _torch_version() >= (2, 11)
+        dims = [size for name in self.projections for size in self.storage(name).shape[1:]]
+        capability = torch.cuda.get_device_capability(inputs.device) if inputs.device.type == "cuda" else None
+        return runs_grouped(dims, inputs.element_size(), inputs.device.type, bf16=inputs.dtype == torch.bfloat16,
+                            cuda_capability=capability, torch_version=_torch_version())
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states (tokens, hidden); top_k_index / top_k_weights (tokens, top_k)

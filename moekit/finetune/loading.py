@@ -160,7 +160,9 @@ def load_for_training(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    import moekit  # noqa: F401  (registers the Phixtral auto classes)
+    from moekit.models import register_phixtral
+
+    register_phixtral()
 
     if bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {bits}")

@@ -173,7 +173,12 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     losses = _loss_summary(log)
     _write_outputs(staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
     (staging / SETTINGS_FILE).unlink(missing_ok=True)
-    _move_into_place(staging, out)
+    from moekit.output import move_into_place
+
+    try:
+        move_into_place(staging, out, overwrite=False)
+    except OutputError:
+        raise OutputError(f"output directory {out} appeared while training", hint=f"the finished run is kept in {staging}") from None
     adapter_dir = out / "adapter" if has_lora(peft_model) else None
     return FinetuneResult(out, adapter_dir, trainer.state.global_step, losses.get("first"), losses.get("last"), table, peak, losses)
 
@@ -276,6 +281,9 @@ def _checkpoint_step(checkpoint: Path) -> int:
 def _load_config(path: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    from moekit.models import register_phixtral_config
+
+    register_phixtral_config()
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -807,14 +815,6 @@ def plot_losses(log: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        if any(out.iterdir()):
-            raise OutputError(f"output directory {out} appeared while training; the run is kept in {staging}")
-        out.rmdir()
-    staging.rename(out)
 
 
 __all__ = ["FinetuneResult", "finetune", "partial_dir", "plot_losses"]

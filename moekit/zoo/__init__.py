@@ -2,6 +2,8 @@
 
     ensure_zoo(settings) -> Zoo        make (or reuse) the zoo for these settings
     resolve(name) -> Path              `zoo:NAME` in a recipe: base, code, prose, math or json
+    register()                         make `moekit.build.sources` resolve `zoo:NAME` with `resolve`
+                                       (the moekit command and `use_zoo` call it; importing registers nothing)
 
 The zoo lives under `<cache>/zoo/<key>/` where <cache> is $MOEKIT_CACHE, else $XDG_CACHE_HOME/moekit,
 else ~/.cache/moekit, and <key> hashes the zoo version, the settings and the Python version (the
@@ -112,6 +114,7 @@ _active: contextvars.ContextVar[tuple[ZooSettings, Path | None] | None] = contex
 @contextlib.contextmanager
 def use_zoo(settings: ZooSettings, cache: Path | None = None):
     """Make `zoo:NAME` references resolve into the zoo of `settings` (in `cache`) inside this block."""
+    register()
     token = _active.set((settings, cache))
     try:
         yield
@@ -127,4 +130,11 @@ def resolve(name: str) -> Path:
     return ensure_zoo(settings, cache).model(name)
 
 
-__all__ = ["MODEL_NAMES", "PRESETS", "Zoo", "ZooSettings", "cache_dir", "ensure_zoo", "is_made", "resolve", "use_zoo", "zoo_directory"]
+def register() -> None:
+    """Register `resolve` for `zoo:` references with the build's source resolution. Idempotent."""
+    from moekit.build.sources import register_resolver
+
+    register_resolver("zoo", resolve)
+
+
+__all__ = ["MODEL_NAMES", "PRESETS", "Zoo", "ZooSettings", "cache_dir", "ensure_zoo", "is_made", "register", "resolve", "use_zoo", "zoo_directory"]
