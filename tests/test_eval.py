@@ -209,6 +209,23 @@ def test_phixtral_routing_matches_router_hooks(tiny_tokenizer, tmp_path):
         assert layer["entropy"] == pytest.approx(entropy, abs=1e-4)
 
 
+def test_the_eval_command_loads_a_phixtral_in_a_fresh_process(tiny_tokenizer, data_files, tmp_path):
+    """The CLI registers moekit's Phixtral itself: no trust_remote_code, no registration by the test process."""
+    import subprocess
+
+    from moekit.testing import make_dense_checkpoint
+
+    base = make_dense_checkpoint(tmp_path / "base", "phi", seed=0, tokenizer=tiny_tokenizer)
+    experts = [make_dense_checkpoint(tmp_path / f"e{i}", base=base, seed=i + 1, mlp_noise=0.5) for i in range(2)]
+    text = recipe({"base": base, "e0": experts[0], "e1": experts[1]}, ["e0", "e1"], top_k=1)
+    build(parse_recipe(text), tmp_path / "phixtral", BuildOptions(device="cpu"), recipe_text=text)
+    name, path = next(iter(data_files.items()))
+    done = subprocess.run([sys.executable, "-m", "moekit", "eval", str(tmp_path / "phixtral"), "--data", f"{name}={path}", "--limit", "1",
+                           "--device", "cpu", "-o", str(tmp_path / "report")], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "report" / "report.json").is_file()
+
+
 def test_moe_of_identical_experts_has_the_base_perplexity(llama_family, data_files, tmp_path):
     text = recipe(llama_family, ["base", "base"], top_k=1)
     build(parse_recipe(text), tmp_path / "same", BuildOptions(device="cpu", allow_same_experts=True), recipe_text=text)
