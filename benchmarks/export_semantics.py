@@ -64,11 +64,11 @@ def trained_model(finetune: Path, with_adapter: bool = True):
     """The base quantized as in training with the adapter attached (or without), computing as in training."""
     from moekit.finetune.adapter import load_adapter
     from moekit.finetune.export import ROUTERS_FILE, base_model_path, read_finetune
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
     from moekit.finetune.targets import load_routers
 
     metadata = read_finetune(finetune)
-    model = load_moe_for_training(base_model_path(metadata), bits=metadata["options"]["bits"], compute_dtype=torch.float32, device_map={"": "cpu"})
+    model = load_for_training(base_model_path(metadata), bits=metadata["options"]["bits"], compute_dtype=torch.float32, device_map={"": "cpu"})
     if with_adapter:
         model, counts = load_adapter(model, finetune / "adapter")
         if not counts["routers"] and (finetune / ROUTERS_FILE).is_file():

@@ -74,7 +74,7 @@ def worker(args) -> None:
     config = make_config("mixtral", SHAPES[args.shape])
     started = time.time()
     quantize_moe = quantize.quantize_moe
-    # what load_moe_for_training does: weights in the compute dtype; under FSDP 4-bit codes stored in it too
+    # what load_for_training does: weights in the compute dtype; under FSDP 4-bit codes stored in it too
     storage = compute_dtype if fsdp else torch.uint8
     quantize.quantize_moe = lambda model, **kw: quantize_moe(model, **{**kw, "compute_dtype": compute_dtype, "quant_storage": storage})
     try:

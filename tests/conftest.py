@@ -56,6 +56,20 @@ def llama_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def random_moe(tmp_path_factory, llama_family) -> Path:
+    """A Mixtral of `llama_family`'s three fine-tunes with random routers, built once (tests only read it)."""
+    from test_build import recipe_text
+
+    from moekit.build.options import BuildOptions
+    from moekit.build.pipeline import build
+    from moekit.recipe import parse_recipe
+
+    out = tmp_path_factory.mktemp("random_moe") / "moe"
+    build(parse_recipe(recipe_text(llama_family, "random")), out, BuildOptions(device="cpu"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def mistral_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     from moekit.testing import make_dense_checkpoint
 

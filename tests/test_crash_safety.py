@@ -337,14 +337,8 @@ QUICK = {"batch_size": 4, "max_seq_len": 64, "lora_r": 8, "learning_rate": 5e-3,
 
 
 @pytest.fixture(scope="module")
-def moe(llama_family, tmp_path_factory) -> Path:
-    from moekit.build.options import BuildOptions
-    from moekit.build.pipeline import build
-    from moekit.recipe import parse_recipe
-
-    out = tmp_path_factory.mktemp("crash") / "moe"
-    build(parse_recipe(recipe_text(llama_family, "random")), out, BuildOptions(device="cpu"))
-    return out
+def moe(random_moe) -> Path:
+    return random_moe
 
 
 @pytest.fixture(scope="module")

@@ -41,16 +41,8 @@ def losses(out: Path, key: str = "lm_loss") -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory, llama_family) -> Path:
-    from test_build import recipe_text
-
-    from moekit.build.options import BuildOptions
-    from moekit.build.pipeline import build
-    from moekit.recipe import parse_recipe
-
-    out = tmp_path_factory.mktemp("distributed") / "moe"
-    build(parse_recipe(recipe_text(llama_family, "random")), out, BuildOptions(device="cpu"))
-    return out
+def moe(random_moe) -> Path:
+    return random_moe
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +95,7 @@ def test_two_process_adapter_loads_and_exports(two_processes, one_process, moe, 
     from safetensors.torch import load_file
 
     from moekit.finetune.adapter import load_adapter
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
 
     out, _ = two_processes
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -111,7 +103,7 @@ def test_two_process_adapter_loads_and_exports(two_processes, one_process, moe, 
     assert ours.keys() == reference.keys()
     for key in ours:  # the same training, so the same adapter up to float noise (Adam amplifies it where gradients are ~0)
         assert (ours[key] - reference[key]).norm() <= 0.02 * reference[key].norm(), key
-    base = load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu")
+    base = load_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu")
     _model, counts = load_adapter(base, out / "adapter")  # every tensor matched (it raises otherwise)
     assert counts["expert_blocks"] == 2 and counts["routers"] == 2
     exported = tmp_path / "exported"
@@ -241,7 +233,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
     from moekit.finetune.expert_storage import NF4Storage
     from moekit.finetune.experts import path_counts
     from moekit.finetune.options import TrainingOptions
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
     from moekit.finetune.targets import apply_targets, snapshot_trainable, verify_changed
     from moekit.finetune.trainer import FSDP_OPTIMIZER_FILE, MoeSFTTrainer, _router_modules, _router_names, _write_routers
 
@@ -250,7 +242,7 @@ def _fsdp_worker(moe: str, out: str) -> None:
     rank = dist.get_rank()
     options = TrainingOptions(lora_r=8, lora_dropout=0.0, gradient_checkpointing=False)
     # what the trainer loads under FSDP on a CPU: NF4 weights stored in the compute dtype
-    load = functools.partial(load_moe_for_training, moe, bits=4, compute_dtype=torch.float32, device_map="cpu", quant_storage=torch.float32)
+    load = functools.partial(load_for_training, moe, bits=4, compute_dtype=torch.float32, device_map="cpu", quant_storage=torch.float32)
 
     def adapted():
         torch.manual_seed(0)

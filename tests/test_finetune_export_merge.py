@@ -16,15 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_build import recipe_text
 from test_finetune_train import QUICK, changed_tensors, logits, toy_conversations, write_jsonl
 
-from moekit.build.options import BuildOptions
-from moekit.build.pipeline import build
 from moekit.finetune.export import _checkpoint_state_dict, _checkpoint_tensor_names, load_finetuned
 from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune
-from moekit.recipe import parse_recipe
 from moekit.testing import run_cli
 
 LAYERS = range(2)
@@ -39,10 +35,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def moe(llama_family, workdir) -> Path:
-    out = workdir / "moe"
-    build(parse_recipe(recipe_text(llama_family, "random")), out, BuildOptions(device="cpu"))
-    return out
+def moe(random_moe) -> Path:
+    return random_moe
 
 
 @pytest.fixture(scope="module", params=[4, 8])
@@ -131,9 +125,9 @@ def test_zero_adapter_merged_into_original_gives_the_original_weights(trained, m
 def trained_model_logits(finetune_dir: Path, moe: Path, bits: int, input_ids: torch.Tensor) -> torch.Tensor:
     """The model as trained: the base quantized, the adapter attached, 4-bit layers computing as in training."""
     from moekit.finetune.adapter import load_adapter
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
 
-    model = load_moe_for_training(moe, bits=bits, compute_dtype=torch.float32, device_map="cpu")
+    model = load_for_training(moe, bits=bits, compute_dtype=torch.float32, device_map="cpu")
     model, counts = load_adapter(model, finetune_dir / "adapter")
     assert counts["lora_modules"] and counts["expert_blocks"] and counts["routers"]
     for module in model.modules():
@@ -190,11 +184,12 @@ def test_dequantizing_after_a_cpu_forward_is_exact_or_refused(moe, tiny_tokenize
     """bitsandbytes repacks a 4-bit weight at its first eval-mode CPU forward on avx512_bf16 CPUs, after which
     `dequantize_4bit(weight.data, ...)` reads it wrongly: `dequantize_moe` gives the weights of a fresh model or refuses."""
     from moekit.errors import TrainingError
-    from moekit.finetune.quantize import dequantize_moe, load_moe_for_training
+    from moekit.finetune.loading import load_for_training
+    from moekit.finetune.quantize import dequantize_moe
 
-    fresh = load_moe_for_training(moe, bits=4, compute_dtype=torch.float32, device_map="cpu")
+    fresh = load_for_training(moe, bits=4, compute_dtype=torch.float32, device_map="cpu")
     dequantize_moe(fresh, torch.float32)
-    used = load_moe_for_training(moe, bits=4, compute_dtype=torch.float32, device_map="cpu").eval()
+    used = load_for_training(moe, bits=4, compute_dtype=torch.float32, device_map="cpu").eval()
     logits(used, tiny_tokenizer(["1 + 2 = 3"], return_tensors="pt").input_ids)
     repacked = any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False) for m in used.modules() if type(m).__name__ == "Linear4bit")
     if repacked:

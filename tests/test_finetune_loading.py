@@ -79,7 +79,7 @@ def checkpoints(tmp_path_factory, tiny_tokenizer, llama_family) -> dict[str, Pat
 
 
 def old_loader(path: Path, bits: int, compute_dtype: torch.dtype, device: str = "cpu"):
-    """What `load_moe_for_training` did before streaming: the whole checkpoint on the CPU, then `quantize_moe` onto `device`."""
+    """What `load_for_training` did before streaming: the whole checkpoint on the CPU, then `quantize_moe` onto `device`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype, device_map="cpu")

@@ -11,11 +11,8 @@ from torch import nn
 from moekit.errors import SourceError, TargetError, TrainingError
 from moekit.finetune.options import TrainingOptions
 from moekit.finetune.experts import ExpertBlock, path_counts
-from moekit.finetune.quantize import (
-    count_quantized,
-    load_moe_for_training,
-    quantize_moe,
-)
+from moekit.finetune.loading import load_for_training
+from moekit.finetune.quantize import count_quantized, quantize_moe
 from moekit.finetune.targets import (
     apply_targets,
     load_routers,
@@ -66,7 +63,7 @@ def logits_of(model, input_ids):
 def test_all_expert_weights_are_4bit_after_loading(moe_dir):
     from moekit.finetune.expert_storage import NF4Storage
 
-    model = load_moe_for_training(moe_dir, bits=4, device_map="cpu")
+    model = load_for_training(moe_dir, bits=4, device_map="cpu")
     counts = count_quantized(model)
     # per layer: one 4-bit tensor per expert projection (gate_up, down) for all experts + q/k/v/o
     assert counts["params4bit"] == NUM_LAYERS * (2 + 4)
@@ -88,7 +85,7 @@ def test_all_expert_weights_are_4bit_after_loading(moe_dir):
 
 
 def test_bits16_model_equals_the_original(moe_dir, input_ids, reference_logits):
-    model = load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
+    model = load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
     assert count_quantized(model)["params4bit"] == 0
     assert model.model.layers[0].mlp.experts.storage("gate_up_proj").bits == 16
     torch.testing.assert_close(logits_of(model, input_ids), reference_logits, atol=2e-5, rtol=1e-5)
@@ -107,7 +104,7 @@ def _cpu_repack_settings() -> list[bool]:
 def test_4bit_model_computes_with_its_dequantized_weights_and_stays_close(moe_dir, input_ids, reference_logits, cpu_repack):
     import bitsandbytes as bnb
 
-    model = load_moe_for_training(moe_dir, bits=4, device_map="cpu")
+    model = load_for_training(moe_dir, bits=4, device_map="cpu")
     layers = [(parent, name, child) for parent in list(model.modules()) for name, child in parent.named_children() if isinstance(child, bnb.nn.Linear4bit)]
     # dequantized before the first forward: after a repack, `weight.data` is in the CPU kernel's layout and
     # `dequantize_4bit(weight.data, quant_state)` would return another matrix
@@ -131,7 +128,7 @@ def test_4bit_model_computes_with_its_dequantized_weights_and_stays_close(moe_di
 
 
 def test_8bit_loading_is_int8(moe_dir, input_ids, reference_logits):
-    model = load_moe_for_training(moe_dir, bits=8, device_map="cpu")
+    model = load_for_training(moe_dir, bits=8, device_map="cpu")
     assert count_quantized(model)["int8"] == NUM_LAYERS * (2 + 4)
     cosine = torch.nn.functional.cosine_similarity(logits_of(model, input_ids).flatten(), reference_logits.flatten(), dim=0)
     assert cosine > 0.98
@@ -186,7 +183,7 @@ def lora_params_attention(r: int, kv_out: int = 32) -> int:
 def test_trainable_table_matches_request(moe_dir, target, experts, layers):
     r = 4
     options = TrainingOptions(target=target, experts=experts, layers=layers, lora_r=r)
-    model, table = apply_targets(load_moe_for_training(moe_dir, bits=4, device_map="cpu"), options)
+    model, table = apply_targets(load_for_training(moe_dir, bits=4, device_map="cpu"), options)
     chosen_layers = options.layers or list(range(NUM_LAYERS))
     chosen_experts = options.experts or list(range(NUM_EXPERTS))
     expected_kinds = {}
@@ -218,14 +215,14 @@ def test_trainable_table_matches_request(moe_dir, target, experts, layers):
     ],
 )
 def test_bad_targets_raise(moe_dir, kwargs, message):
-    model = load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
+    model = load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
     with pytest.raises(TargetError, match=message):
         apply_targets(model, TrainingOptions(**kwargs))
 
 
 @pytest.mark.parametrize("target", ["experts", "gate"])
 def test_dense_model_with_moe_targets_raises(llama_family, target):
-    model = load_moe_for_training(llama_family["base"], bits=16, compute_dtype=torch.float32, device_map="cpu")
+    model = load_for_training(llama_family["base"], bits=16, compute_dtype=torch.float32, device_map="cpu")
     with pytest.raises(TargetError, match="not a mixture of experts"):
         apply_targets(model, TrainingOptions(target=target))
 
@@ -239,7 +236,7 @@ def test_fused_experts_are_refused(moe_dir):
 
 def test_missing_checkpoint_raises(tmp_path):
     with pytest.raises(SourceError):
-        load_moe_for_training(tmp_path / "nothing", bits=16, device_map="cpu")
+        load_for_training(tmp_path / "nothing", bits=16, device_map="cpu")
 
 
 def train_steps(model, input_ids, steps: int, params=None, lr: float = 1e-2):
@@ -255,7 +252,7 @@ def train_steps(model, input_ids, steps: int, params=None, lr: float = 1e-2):
 @pytest.fixture(scope="module")
 def trained(moe_dir, input_ids):
     """4-bit model, LoRA on attention and experts 0 and 2 + all routers, a few optimizer steps with gradient checkpointing."""
-    model = load_moe_for_training(moe_dir, bits=4, device_map="cpu")
+    model = load_for_training(moe_dir, bits=4, device_map="cpu")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     peft_model, _ = apply_targets(model, TrainingOptions(target="attn,experts,gate", experts="0,2", lora_r=4))
     assert peft_model.get_base_model().is_gradient_checkpointing
@@ -284,7 +281,7 @@ def test_training_changes_exactly_the_targets(trained):
 
 
 def test_verify_changed_names_untouched_targets(moe_dir, input_ids):
-    model, _ = apply_targets(load_moe_for_training(moe_dir, bits=4, device_map="cpu"), TrainingOptions(target="experts,gate", lora_r=4))
+    model, _ = apply_targets(load_for_training(moe_dir, bits=4, device_map="cpu"), TrainingOptions(target="experts,gate", lora_r=4))
     snapshot = snapshot_trainable(model)
     # the optimizer leaves out layer 1's down_proj adapters and layer 0's router, as a broken trainer might
     params = [p for name, p in model.named_parameters() if p.requires_grad and "layers.1.mlp.experts.lora_B_down" not in name and "layers.0.mlp.gate" not in name]
@@ -308,11 +305,11 @@ def test_routers_saved_under_checkpoint_keys_and_reloaded(trained, moe_dir, tmp_
     assert keys == {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(NUM_LAYERS)}
     if index is not None:
         assert keys <= set(index)
-    fresh = load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
+    fresh = load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
     load_routers(fresh, path)
     trained_router = peft_model.get_base_model().model.layers[1].mlp.gate.weight
     assert torch.equal(fresh.model.layers[1].mlp.gate.weight, trained_router.float())
-    dense = load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
+    dense = load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
     dense.model.layers = dense.model.layers[:1]
     with pytest.raises(TargetError, match="does not match"):
         load_routers(dense, path)
@@ -357,10 +354,10 @@ def test_adapter_is_peft_format_and_loads_with_stock_peft(trained, moe_dir, tmp_
     # attention q/k/v/o + both fused expert parameters (two nested wrappers), per layer: nothing dropped
     assert len(report["adapted"]) == NUM_LAYERS * (4 + 2) and report["tensors"] == len(saved)
 
-    ours, counts = load_adapter(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), tmp_path / "adapter")
+    ours, counts = load_adapter(load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), tmp_path / "adapter")
     assert counts == {"lora_modules": 4 * NUM_LAYERS, "expert_blocks": NUM_LAYERS, "routers": NUM_LAYERS, "tensors": len(saved)}
     torch.testing.assert_close(stock, logits_of(ours, input_ids), atol=1e-4, rtol=1e-4)
-    base_logits = logits_of(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), input_ids)
+    base_logits = logits_of(load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), input_ids)
     assert not torch.allclose(stock, base_logits, atol=1e-3)  # the adapter is active
 
 
@@ -374,7 +371,7 @@ def test_adapter_names_that_match_nothing_are_refused(trained, moe_dir, tmp_path
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     tensors["base_model.model.model.layers.0.mlp.experts.7.w_misc.lora_A.weight"] = torch.zeros(4, HIDDEN)
     save_file(tensors, str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    model = load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
+    model = load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu")
     with pytest.raises(TargetError, match="1 adapter tensor\\(s\\) match no module"):
         load_adapter(model, tmp_path / "adapter")
 
@@ -403,9 +400,9 @@ def test_legacy_adapter_loads_exactly(moe_dir, tmp_path):
     LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM").save_pretrained(str(legacy))
     save_file(tensors, str(legacy / "adapter_model.safetensors"))
 
-    model, _ = load_adapter(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), legacy)
+    model, _ = load_adapter(load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), legacy)
     block = model.get_base_model().model.layers[1].mlp.experts
-    base = load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu").model.layers[1].mlp.experts
+    base = load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu").model.layers[1].mlp.experts
     merged, original = block.dequantized("gate_up_proj", merge_lora=True), base.dequantized("gate_up_proj")
     scaling = alpha / r
 
@@ -420,7 +417,7 @@ def test_legacy_adapter_loads_exactly(moe_dir, tmp_path):
     assert torch.equal(merged[1], original[1])
     # and one command writes it in the current format, which loads the same
     converted = convert_legacy_adapter(legacy, tmp_path / "converted", num_experts=NUM_EXPERTS)
-    again, _ = load_adapter(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), converted)
+    again, _ = load_adapter(load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), converted)
     torch.testing.assert_close(again.get_base_model().model.layers[1].mlp.experts.dequantized("gate_up_proj", merge_lora=True), merged)
 
 
@@ -429,7 +426,7 @@ def test_grouped_experts_equal_the_expert_by_expert_path(moe_dir, input_ids, bit
     """The whole model: grouped expert blocks (LoRA included) give the logits and gradients of the per-expert path."""
     compute_dtype = torch.float32 if bits == 16 else torch.bfloat16
     model, _ = apply_targets(
-        load_moe_for_training(moe_dir, bits=bits, compute_dtype=compute_dtype, device_map="cpu"),
+        load_for_training(moe_dir, bits=bits, compute_dtype=compute_dtype, device_map="cpu"),
         TrainingOptions(target="attn,experts,gate", lora_r=8),
     )
     torch.manual_seed(0)
@@ -471,7 +468,7 @@ def test_layer_and_expert_subsets_survive_stock_peft(moe_dir, tmp_path, input_id
     and stock PEFT (no moekit in the process) computes what moekit's loader computes."""
     from moekit.finetune.adapter import load_adapter, save_adapter
 
-    model, _ = apply_targets(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"),
+    model, _ = apply_targets(load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"),
                              TrainingOptions(target="experts", experts="1", layers="1", lora_r=4))  # fmt: skip
     torch.manual_seed(0)
     with torch.no_grad():
@@ -484,7 +481,7 @@ def test_layer_and_expert_subsets_survive_stock_peft(moe_dir, tmp_path, input_id
     assert not config["target_modules"] and not config["modules_to_save"]
     stock, report = run_stock_peft(moe_dir, tmp_path / "adapter", input_ids, tmp_path)
     assert len(report["adapted"]) == 2  # the two nested wrappers of layer 1's experts
-    ours, counts = load_adapter(load_moe_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), tmp_path / "adapter")
+    ours, counts = load_adapter(load_for_training(moe_dir, bits=16, compute_dtype=torch.float32, device_map="cpu"), tmp_path / "adapter")
     assert counts["expert_blocks"] == 1 and counts["lora_modules"] == 0
     block = ours.model.layers[1].mlp.experts
     lora_b = block.lora_factors("down_proj")[1]

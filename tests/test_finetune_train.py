@@ -13,14 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_build import recipe_text
 
-from moekit.build.options import BuildOptions
-from moekit.build.pipeline import build
 from moekit.cli import main
 from moekit.finetune.options import FinetuneOptions
 from moekit.finetune.trainer import finetune, partial_dir
-from moekit.recipe import parse_recipe
 from moekit.testing import run_cli
 
 QUICK = {"batch_size": 4, "max_seq_len": 64, "lora_r": 8, "learning_rate": 5e-3, "save_steps": 1000}
@@ -46,10 +42,8 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def moe(llama_family, workdir) -> Path:
-    out = workdir / "moe"
-    build(parse_recipe(recipe_text(llama_family, "random")), out, BuildOptions(device="cpu"))
-    return out
+def moe(random_moe) -> Path:
+    return random_moe
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +158,7 @@ def test_loss_covers_exactly_the_assistant_reply(moe, tmp_path, form):
     from transformers import AutoTokenizer
 
     from moekit.finetune.data import load_training_data
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
     from moekit.finetune.targets import apply_targets
     from moekit.finetune.trainer import _make_trainer
 
@@ -175,7 +169,7 @@ def test_loss_covers_exactly_the_assistant_reply(moe, tmp_path, form):
         tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     data = load_training_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer)
     options = FinetuneOptions(data="unused", target="attn", max_steps=1, **QUICK)
-    model, _ = apply_targets(load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), options)
+    model, _ = apply_targets(load_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), options)
     trainer = _make_trainer(model, tokenizer, data, tmp_path, options, torch.float32, teacher=None)
     labels = [t for t in trainer.train_dataset[0]["labels"] if t != -100]
     assert tokenizer.decode(labels) == "5. The quick brown fox.</s>"
@@ -187,14 +181,14 @@ def test_a_single_process_that_sees_several_gpus_trains_on_one(moe, chat_data, t
     from trl import SFTConfig
 
     from moekit.finetune.data import load_training_data
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
     from moekit.finetune.targets import apply_targets
     from moekit.finetune.trainer import MoeSFTTrainer, train_on_one_gpu
 
     tokenizer = AutoTokenizer.from_pretrained(moe)
     data = load_training_data(str(chat_data), tokenizer)
     options = FinetuneOptions(data="unused", target="attn", max_steps=1, **QUICK)
-    model, _ = apply_targets(load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), options)
+    model, _ = apply_targets(load_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), options)
 
     def make(args):
         return MoeSFTTrainer(model=model, args=args, train_dataset=data.dataset, processing_class=tokenizer)
@@ -219,7 +213,7 @@ def test_adapter_loads_with_stock_transformers_and_peft(trained, moe, tiny_token
     from test_finetune_quant import run_stock_peft
 
     from moekit.finetune.export import load_finetuned
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
 
     out, _ = trained
     ids = tiny_tokenizer(["3 + 4 = 7. The quick brown fox."], return_tensors="pt").input_ids
@@ -228,7 +222,7 @@ def test_adapter_loads_with_stock_transformers_and_peft(trained, moe, tiny_token
     assert config["modules_to_save"] and config["target_parameters"] and config["lora_dropout"] == 0.0
     merged, _tokenizer = load_finetuned(out, dtype=torch.float32, device="cpu", merge_into="original")  # stock PEFT on the unquantized base
     torch.testing.assert_close(stock, logits(merged, ids), atol=1e-4, rtol=1e-4)
-    base_logits = logits(load_moe_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), ids)
+    base_logits = logits(load_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), ids)
     assert not torch.allclose(stock, base_logits, atol=1e-3)
 
 

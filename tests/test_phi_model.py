@@ -200,9 +200,9 @@ def test_moekit_loaders_register_phixtral_themselves(phixtral_dir):
     """In a fresh process that never calls register_phixtral(), moekit's own paths take a Phixtral without
     trust_remote_code: the plan's config reader and the fine-tune loader."""
     code = (
-        "import sys, torch\nfrom moekit.plan import estimate\nfrom moekit.finetune.quantize import load_moe_for_training\n"
+        "import sys, torch\nfrom moekit.plan import estimate\nfrom moekit.finetune.loading import load_for_training\n"
         "assert estimate(sys.argv[1]).shape.model_type == 'phixtral'\n"
-        "model = load_moe_for_training(sys.argv[1], bits=16, compute_dtype=torch.float32, device_map='cpu')\n"
+        "model = load_for_training(sys.argv[1], bits=16, compute_dtype=torch.float32, device_map='cpu')\n"
         "assert type(model).__name__ == 'PhixtralForCausalLM', type(model)"
     )
     run_python(code, phixtral_dir)

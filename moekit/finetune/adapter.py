@@ -1,7 +1,7 @@
 """Adapters in PEFT's own format: what moekit trains, loadable by stock transformers + PEFT.
 
     save_adapter(model, directory)           # the trained model (or, under FSDP, its gathered parameters)
-    load_adapter(model, directory) -> model  # onto a model from load_moe_for_training; counts what was adapted
+    load_adapter(model, directory) -> model  # onto a model from load_for_training; counts what was adapted
 
 The files are those of `PeftModel.save_pretrained` (adapter_config.json, adapter_model.safetensors):
 - attention LoRA: `target_modules` with full module names, PEFT's `lora.Linear` keys;
@@ -247,7 +247,7 @@ def convert_legacy_adapter(directory: str | Path, out: str | Path, num_experts: 
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | Path, *, is_trainable: bool = False) -> tuple[nn.Module, dict]:
-    """Put the adapter at `directory` onto `model` (from `load_moe_for_training`, not yet wrapped).
+    """Put the adapter at `directory` onto `model` (from `load_for_training`, not yet wrapped).
 
     Returns (model, PEFT-wrapped if the adapter has attention LoRA; counts {"lora_modules", "expert_blocks",
     "routers", "tensors"}). Raises TargetError, naming them, if any adapter tensor matches nothing in the model,

@@ -181,7 +181,8 @@ def _config_dtype(base: Path) -> torch.dtype:
 
 def _load_base(finetune_dir: Path, metadata: dict, dtype: torch.dtype, device, merge_into: MergeTarget):
     """(the base MoE in the structure it was trained in, 16-bit; the modules dequantized, for merge_into="dequantized")."""
-    from moekit.finetune.quantize import dequantize_moe, load_moe_for_training
+    from moekit.finetune.loading import load_for_training
+    from moekit.finetune.quantize import dequantize_moe
 
     if merge_into not in MERGE_TARGETS:
         raise OutputError(f"unknown merge target {merge_into!r}; choose from {', '.join(MERGE_TARGETS)}")
@@ -196,7 +197,7 @@ def _load_base(finetune_dir: Path, metadata: dict, dtype: torch.dtype, device, m
             raise DependencyError(f"merging into the dequantized {bits}-bit weights needs bitsandbytes ({err})",
                                   hint="pip install bitsandbytes, or pass --merge-into original") from None
     # quantizing the base again gives the weights the adapter was trained against: quantization is deterministic
-    model = load_moe_for_training(base, bits=bits, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
+    model = load_for_training(base, bits=bits, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
     dequantized = dequantize_moe(model, dtype) if bits != 16 else []
     return model, dequantized
 

@@ -12,7 +12,6 @@ model's own. Attention and dense MLP linear layers become bitsandbytes `Linear4b
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -189,7 +188,7 @@ def quantize_moe(
 
 @torch.no_grad()
 def dequantize_moe(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """Turn a model quantized by `quantize_moe` / `load_moe_for_training` into the module structure of bits=16, in
+    """Turn a model quantized by `quantize_moe` / `loading.load_for_training` into the module structure of bits=16, in
     place, holding the weights the quantized model computes with: each bitsandbytes `Linear4bit` / `Linear8bitLt`
     becomes an `nn.Linear` with its dequantized weight (PEFT's `dequantize_bnb_weight`), each quantized expert
     projection a dense storage of its dequantized tensor. Returns the names of the modules it changed (linear
@@ -229,30 +228,6 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype) -> list[str]:
     model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
     model.moekit_bits = 16
     return changed
-
-
-def load_moe_for_training(
-    path: str | Path,
-    *,
-    bits: int,
-    compute_dtype: torch.dtype = torch.bfloat16,
-    device_map=None,
-    quant_storage: torch.dtype = torch.uint8,
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """Load a Mixtral/Phixtral (or dense) checkpoint for training with every linear layer at `bits`.
-
-    The checkpoint is streamed tensor by tensor onto the device (`device_map`: a device, {"": device} or
-    None for the GPU if there is one) and quantized on the way, so neither the CPU nor the GPU ever
-    holds it whole in bf16: `moekit.finetune.loading.load_for_training`, which gives the same model as
-    `from_pretrained` + `quantize_moe`. `config.use_cache` is turned off for training; the router
-    auxiliary loss (`output_router_logits`) is left to the trainer.
-    """
-    from moekit.finetune.loading import load_for_training
-
-    return load_for_training(
-        path, bits=bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=trust_remote_code
-    )
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:

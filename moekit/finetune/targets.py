@@ -73,7 +73,7 @@ def describe_layers(model: nn.Module) -> list[MoeLayer]:
             if not isinstance(mlp.experts, ExpertBlock):
                 raise TargetError(
                     f"the experts of {mlp_name} are not moekit's quantized expert block ({type(mlp.experts).__name__})",
-                    hint="load the model with moekit.finetune.quantize.load_moe_for_training (or call quantize_moe) first",
+                    hint="load the model with moekit.finetune.loading.load_for_training (or call quantize_moe) first",
                 )
             experts, num_experts = f"{mlp_name}.experts", mlp.experts.num_experts
         described.append(MoeLayer(index=index, attention=attention, router=router, experts=experts, num_experts=num_experts))
@@ -168,7 +168,7 @@ def _count_all(model: nn.Module) -> int:
 
 
 def apply_targets(model: nn.Module, options: TrainingOptions):
-    """Wrap `model` (from `load_moe_for_training`) for training as `options` asks; returns (model, TrainableTable).
+    """Wrap `model` (from `loading.load_for_training`) for training as `options` asks; returns (model, TrainableTable).
 
     attn / experts get LoRA (r, alpha, dropout from `options`) on explicitly named modules, restricted by
     `options.layers` and `options.experts`; gate makes the routers' weights trainable in full (not LoRA).

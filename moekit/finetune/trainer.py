@@ -108,7 +108,7 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     if teacher_path is not None:
         _check_teacher(config, _load_config(teacher_path, options.trust_remote_code), options.teacher)
 
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
     from moekit.finetune.targets import apply_targets, snapshot_trainable
 
     device = _device()
@@ -116,7 +116,7 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     # FSDP flattens quantized and plain parameters together, so they must share one storage dtype.
     quant_storage = compute_dtype if _under_fsdp() else torch.uint8
     device_map = {"": device} if device.type == "cuda" else None
-    base = load_moe_for_training(model_path, bits=options.bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=options.trust_remote_code)
+    base = load_for_training(model_path, bits=options.bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=options.trust_remote_code)
     from transformers import set_seed
 
     set_seed(options.seed)  # LoRA initialisation draws from the global generator
@@ -334,9 +334,9 @@ def _device() -> torch.device:
 
 def _load_teacher(path: Path, compute_dtype, device_map, options: FinetuneOptions):
     """The teacher in 4-bit (experts included), streamed like the model."""
-    from moekit.finetune.quantize import load_moe_for_training
+    from moekit.finetune.loading import load_for_training
 
-    teacher = load_moe_for_training(path, bits=4, compute_dtype=compute_dtype, device_map=device_map, trust_remote_code=options.trust_remote_code)
+    teacher = load_for_training(path, bits=4, compute_dtype=compute_dtype, device_map=device_map, trust_remote_code=options.trust_remote_code)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher

@@ -38,6 +38,28 @@ class PlannedTensor:
     load: Callable[[], torch.Tensor]
 
 
+def decoder_config_fields(base) -> dict:
+    """The fields a Llama-like output config copies from the dense base config (attention, norms, rope, tokens)."""
+    return dict(
+        vocab_size=base.vocab_size,
+        hidden_size=base.hidden_size,
+        intermediate_size=base.intermediate_size,
+        num_hidden_layers=base.num_hidden_layers,
+        num_attention_heads=base.num_attention_heads,
+        num_key_value_heads=getattr(base, "num_key_value_heads", None) or base.num_attention_heads,
+        hidden_act=base.hidden_act,
+        max_position_embeddings=base.max_position_embeddings,
+        initializer_range=getattr(base, "initializer_range", 0.02),
+        rms_norm_eps=base.rms_norm_eps,
+        pad_token_id=base.pad_token_id,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+        tie_word_embeddings=bool(getattr(base, "tie_word_embeddings", False)),
+        attention_dropout=getattr(base, "attention_dropout", 0.0) or 0.0,
+        rope_parameters=dict(base.rope_parameters) if getattr(base, "rope_parameters", None) else None,
+    )
+
+
 class OutputArchitecture(ABC):
     name: str
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
+from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor, decoder_config_fields
 
 # Config keys of Llama-like models that Mixtral cannot express; a model using them is refused.
 UNSUPPORTED_SETTINGS = {
@@ -49,24 +49,9 @@ class MixtralArchitecture(OutputArchitecture):
         base = inputs.base.config
         recipe = inputs.recipe
         config = MixtralConfig(
-            vocab_size=base.vocab_size,
-            hidden_size=base.hidden_size,
-            intermediate_size=base.intermediate_size,
-            num_hidden_layers=base.num_hidden_layers,
-            num_attention_heads=base.num_attention_heads,
-            num_key_value_heads=getattr(base, "num_key_value_heads", None) or base.num_attention_heads,
+            **decoder_config_fields(base),
             head_dim=getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads,
-            hidden_act=base.hidden_act,
-            max_position_embeddings=base.max_position_embeddings,
-            initializer_range=getattr(base, "initializer_range", 0.02),
-            rms_norm_eps=base.rms_norm_eps,
-            pad_token_id=base.pad_token_id,
-            bos_token_id=base.bos_token_id,
-            eos_token_id=base.eos_token_id,
-            tie_word_embeddings=bool(getattr(base, "tie_word_embeddings", False)),
             sliding_window=getattr(base, "sliding_window", None),
-            attention_dropout=getattr(base, "attention_dropout", 0.0) or 0.0,
-            rope_parameters=dict(base.rope_parameters) if getattr(base, "rope_parameters", None) else None,
             num_local_experts=len(recipe.experts),
             num_experts_per_tok=recipe.experts_per_token,
             router_aux_loss_coef=recipe.moekit.router_aux_loss_coef,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor
+from moekit.build.arch.base import BuildInputs, OutputArchitecture, PlannedTensor, decoder_config_fields
 
 QWEN2_ARCHITECTURE = "Qwen2ForCausalLM"
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -42,31 +42,16 @@ class Qwen2MoeArchitecture(OutputArchitecture):
         base = inputs.base.config
         recipe = inputs.recipe
         config = Qwen2MoeConfig(
-            vocab_size=base.vocab_size,
-            hidden_size=base.hidden_size,
-            intermediate_size=base.intermediate_size,
+            **decoder_config_fields(base),
             moe_intermediate_size=base.intermediate_size,
             shared_expert_intermediate_size=base.intermediate_size,
-            num_hidden_layers=base.num_hidden_layers,
-            num_attention_heads=base.num_attention_heads,
-            num_key_value_heads=getattr(base, "num_key_value_heads", None) or base.num_attention_heads,
-            hidden_act=base.hidden_act,
-            max_position_embeddings=base.max_position_embeddings,
-            initializer_range=getattr(base, "initializer_range", 0.02),
-            rms_norm_eps=base.rms_norm_eps,
-            tie_word_embeddings=bool(getattr(base, "tie_word_embeddings", False)),
-            rope_parameters=dict(base.rope_parameters) if getattr(base, "rope_parameters", None) else None,
             use_sliding_window=False,
-            attention_dropout=getattr(base, "attention_dropout", 0.0) or 0.0,
             decoder_sparse_step=1,
             num_experts=len(recipe.experts),
             num_experts_per_tok=recipe.experts_per_token,
             norm_topk_prob=True,
             router_aux_loss_coef=recipe.moekit.router_aux_loss_coef,
             qkv_bias=True,
-            pad_token_id=base.pad_token_id,
-            bos_token_id=base.bos_token_id,
-            eos_token_id=base.eos_token_id,
         )
         config.architectures = ["Qwen2MoeForCausalLM"]
         config.dtype = inputs.dtype
