@@ -25,8 +25,12 @@ from pathlib import Path
 
 import torch
 
-PROMPTS = [["def main():", "import numpy as np", "class Foo:"], ["Once upon a time", "Dear diary", "The poem"],
-           ["12 + 30 =", "Solve for x", "integral of"], ['{"name":', "<html>", "SELECT * FROM"]]
+PROMPTS = [
+    ["def main():", "import numpy as np", "class Foo:"],
+    ["Once upon a time", "Dear diary", "The poem"],
+    ["12 + 30 =", "Solve for x", "integral of"],
+    ['{"name":', "<html>", "SELECT * FROM"],
+]
 
 
 def make_sources(work: Path, args) -> list[Path]:
@@ -35,9 +39,15 @@ def make_sources(work: Path, args) -> list[Path]:
     from moekit.testing import make_tokenizer
 
     tokenizer = make_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
-                                      num_key_value_heads=max(1, args.hidden // 512), tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 128,
+        num_key_value_heads=max(1, args.hidden // 512),
+        tie_word_embeddings=False,
+    )
     paths = []
     for index in range(args.experts + 1):
         path = work / ("base" if index == 0 else f"expert{index}")
@@ -169,11 +179,15 @@ def main() -> None:
         prompts = [long_prompts(tokenizer, index, args.prompts, args.prompt_tokens) for index in range(len(experts))]
         label = f"{args.prompts} prompts x {args.prompt_tokens} tokens"
         run_both(f"{label}, hidden", write_recipe(args.work / "recipe-realistic-hidden.yaml", base, experts, prompts, "hidden"))
-        run_both(f"{label}, calibrated", write_recipe(args.work / "recipe-realistic-calibrated.yaml", base, experts, prompts, "calibrated"), tools=("moekit build",))
+        run_both(
+            f"{label}, calibrated", write_recipe(args.work / "recipe-realistic-calibrated.yaml", base, experts, prompts, "calibrated"), tools=("moekit build",)
+        )
 
     source_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
-    print(f"\nshape: {args.experts}x Llama(layers={args.layers}, hidden={args.hidden}, intermediate={args.intermediate}), "
-          f"{source_gb:.2f} GB per source (bf16), gate pass on {args.device}, {os.cpu_count()} CPU cores; " + "; ".join(checks) + "\n")
+    print(
+        f"\nshape: {args.experts}x Llama(layers={args.layers}, hidden={args.hidden}, intermediate={args.intermediate}), "
+        f"{source_gb:.2f} GB per source (bf16), gate pass on {args.device}, {os.cpu_count()} CPU cores; " + "; ".join(checks) + "\n"
+    )
     print("| recipe | tool | wall time (s) | peak RSS (GB) |\n|---|---|---:|---:|")
     for (row, tool), (wall, rss) in rows.items():
         print(f"| {row} | {tool} | {wall:.1f} | {rss:.2f} |")
@@ -181,9 +195,12 @@ def main() -> None:
     for (row, tool), (wall, rss) in rows.items():
         theirs = rows.get((row, "mergekit-moe 0.1.5"))
         if tool == "moekit build" and few and row != "few prompts, hidden":
-            print(f"\n{row}: moekit peak RSS {rss / few[1]:.2f}x its few-prompt build" + (f", wall time {wall / theirs[0]:.2f}x mergekit-moe's" if theirs else ""))
+            print(
+                f"\n{row}: moekit peak RSS {rss / few[1]:.2f}x its few-prompt build" + (f", wall time {wall / theirs[0]:.2f}x mergekit-moe's" if theirs else "")
+            )
         elif tool == "moekit build" and theirs:
             print(f"\n{row}: moekit / mergekit-moe: wall {wall / theirs[0]:.2f}x, peak RSS {rss / theirs[1]:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -93,8 +93,10 @@ def main() -> None:
             rows[name] = measure(out, zoo, domains, args.heldout)
             print(f"{name}: routing accuracy {rows[name][0]:.1%}, mixed perplexity {rows[name][1]:.3f}", flush=True)
 
-    print(f"\nzoo preset {args.preset}; calibration data: each domain's training split, {args.max_tokens} tokens per expert; "
-          f"held-out: {args.heldout} blocks per domain\n")
+    print(
+        f"\nzoo preset {args.preset}; calibration data: each domain's training split, {args.max_tokens} tokens per expert; "
+        f"held-out: {args.heldout} blocks per domain\n"
+    )
     print("| routers | held-out routing accuracy (top-1, chance 25%) | mixed perplexity |\n|---|---:|---:|")
     for name, (accuracy, perplexity) in rows.items():
         print(f"| {name} | {accuracy:.1%} | {perplexity:.3f} |")

@@ -135,8 +135,10 @@ def measure(work: Path, preset: str, bits_list: list[int]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| preset | bits | model | " + " | ".join(f"ppl {name}" for name in SETS) + f" | KL to trained ({KL_SET}, nats/token) |",
-             "|---|---:|---|" + "---:|" * (len(SETS) + 1)]
+    lines = [
+        "| preset | bits | model | " + " | ".join(f"ppl {name}" for name in SETS) + f" | KL to trained ({KL_SET}, nats/token) |",
+        "|---|---:|---|" + "---:|" * (len(SETS) + 1),
+    ]
     for row in rows:
         reference = next(r for r in rows if r["preset"] == row["preset"] and r["bits"] == row["bits"] and r.get("reference"))
         cells = [f"{row['ppl'][name]:.3f}" + ("" if row is reference else f" ({row['ppl'][name] / reference['ppl'][name] - 1:+.2%})") for name in SETS]

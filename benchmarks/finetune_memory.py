@@ -217,7 +217,8 @@ def run_cli_row(args) -> dict:
         torch.cuda.empty_cache()
     data = work / "chat.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is {i % 97} plus {i % 13}? Answer in words and explain."},
-                          {"role": "assistant", "content": f"{i % 97} plus {i % 13} is {i % 97 + i % 13}. " + "The quick brown fox jumps over the lazy dog. " * 8}]}
+                          {"role": "assistant",
+                           "content": f"{i % 97} plus {i % 13} is {i % 97 + i % 13}. " + "The quick brown fox jumps over the lazy dog. " * 8}]}
             for i in range(4000)]  # fmt: skip
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     steps = 3 if args.tiny else args.cli_steps
@@ -294,7 +295,9 @@ def main() -> None:
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         result = json.loads(lines[-1][len("RESULT ") :]) if proc.returncode == 0 and lines else {"error": (proc.stderr or proc.stdout)[-3000:]}
-        result.update(row=row, path=result.get("path", path), seq=seq or result.get("seq"), batch=batch or result.get("batch"), run_s=time.perf_counter() - start)
+        result.update(
+            row=row, path=result.get("path", path), seq=seq or result.get("seq"), batch=batch or result.get("batch"), run_s=time.perf_counter() - start
+        )
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "top_kernels", "most_launched")}), flush=True)
         for kernel in result.get("top_kernels", []):

@@ -42,7 +42,10 @@ def make_moe(root: Path) -> Path:
     for i, expert in enumerate(experts):
         lines += [f"  - source_model: {expert}", f'    positive_prompts: ["prompt {i}"]']
     build(parse_recipe("\n".join(lines) + "\n"), root / "moe", BuildOptions(device="cpu"))
-    rows = [{"messages": [{"role": "user", "content": f"{i % 7} + {i * 3 % 5} ="}, {"role": "assistant", "content": f"{i % 7 + i * 3 % 5}. The quick brown fox."}]} for i in range(32)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i % 7} + {i * 3 % 5} ="}, {"role": "assistant", "content": f"{i % 7 + i * 3 % 5}. The quick brown fox."}]}
+        for i in range(32)
+    ]
     (root / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return root / "moe"
 

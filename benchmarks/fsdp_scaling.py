@@ -213,7 +213,7 @@ def _messages(process: subprocess.CompletedProcess) -> list[str]:
 def run_cli_resume(args, env: dict, timeout: float) -> list[dict]:
     """The real CLI on 2 GPUs under --fsdp (on CPUs --ddp): a tiny MoE, 6 steps with a checkpoint at step 3, then a
     second run resumed from that checkpoint under --fsdp; its steps 4-6 should repeat the first run's."""
-    from fsdp_one_gpu_check import FINETUNE, make_moe, losses
+    from fsdp_one_gpu_check import FINETUNE, losses, make_moe
 
     kind = "--fsdp" if visible_gpus() else "--ddp"
     root = Path(tempfile.mkdtemp(prefix="moekit-cli-resume-"))
@@ -224,13 +224,24 @@ def run_cli_resume(args, env: dict, timeout: float) -> list[dict]:
     if first.returncode != 0:
         return [{"mode": "cli-resume", "error": f"first run exit code {first.returncode}: {_messages(first)}"}]
     shutil.copytree(root / "first" / "checkpoints" / "checkpoint-3", root / "resumed.partial" / "checkpoints" / "checkpoint-3")
-    resumed = subprocess.run([*common, "-o", str(root / "resumed"), "--resume"], env=env, capture_output=True, text=True, timeout=max(deadline - time.time(), 1), check=False)
+    resumed = subprocess.run(
+        [*common, "-o", str(root / "resumed"), "--resume"], env=env, capture_output=True, text=True, timeout=max(deadline - time.time(), 1), check=False
+    )
     if resumed.returncode != 0:
         return [{"mode": "cli-resume", "error": f"resumed run exit code {resumed.returncode}: {_messages(resumed)}"}]
     uninterrupted, again = dict(losses(root / "first")), dict(losses(root / "resumed"))
     steps = sorted(step for step in again if step > 3)
     worst = max(abs(again[step] - uninterrupted[step]) / abs(uninterrupted[step]) for step in steps)
-    return [{"mode": "cli-resume", "launch": kind, "steps": steps, "uninterrupted": [uninterrupted[s] for s in steps], "resumed": [again[s] for s in steps], "max_rel_difference": worst}]
+    return [
+        {
+            "mode": "cli-resume",
+            "launch": kind,
+            "steps": steps,
+            "uninterrupted": [uninterrupted[s] for s in steps],
+            "resumed": [again[s] for s in steps],
+            "max_rel_difference": worst,
+        }
+    ]
 
 
 def run_mode(mode: str, args, timeout: float) -> list[dict]:
@@ -240,7 +251,13 @@ def run_mode(mode: str, args, timeout: float) -> list[dict]:
     common = ["--worker", mode, "--out", str(args.out), "--shape", args.shape, "--seq", str(args.seq), "--batch", str(args.batch),
               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     gpus = visible_gpus()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     if mode == "cli-resume":
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[:2])
@@ -307,7 +324,8 @@ def summary(rows: list[dict]) -> dict:
 
 
 def markdown(modes: dict) -> str:
-    lines = ["| mode | GPUs | batch per GPU (global) | per-GPU memory after build | per-GPU peak | tokens/s | vs one GPU | GPU busy (w/o NCCL) | expert path | losses of the first steps |",
+    lines = ["| mode | GPUs | batch per GPU (global) | per-GPU memory after build | per-GPU peak | "
+             "tokens/s | vs one GPU | GPU busy (w/o NCCL) | expert path | losses of the first steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]  # fmt: skip
     gb = lambda value: "-" if value is None else f"{value:.2f} GiB"
     for mode in MODES:
@@ -325,14 +343,16 @@ def markdown(modes: dict) -> str:
         losses = ", ".join(f"{loss:.4f}" for loss in entry["losses"])
         lines.append(f"| {mode} | {entry['world_size']} | {entry['per_device_batch']} ({entry['global_batch']}) | {gb(entry.get('built_gb'))} | "
                      f"{peak} | {entry['tokens_per_s']:,.0f} | {ratio} | {busy} | {path} | {losses} |")  # fmt: skip
-    notes = [f"{mode}: {entry['fsdp_units']} FSDP units, checkpoint round trip max difference {entry['checkpoint_round_trip']['max_difference']:.3g} over {entry['checkpoint_round_trip']['tensors']} tensors"
+    notes = [f"{mode}: {entry['fsdp_units']} FSDP units, checkpoint round trip max difference "
+             f"{entry['checkpoint_round_trip']['max_difference']:.3g} over {entry['checkpoint_round_trip']['tensors']} tensors"
              for mode, entry in modes.items() if entry.get("fsdp_units")]  # fmt: skip
     resume = modes.get("cli-resume")
     if resume and "error" in resume:
         notes.append(f"cli-resume: {resume['error']}")
     elif resume:
         notes.append(f"cli-resume (moekit finetune {resume['launch']} --num-processes 2, checkpoint-3 resumed): steps {resume['steps']} "
-                     f"losses {', '.join(f'{v:.5f}' for v in resume['uninterrupted'])} uninterrupted vs {', '.join(f'{v:.5f}' for v in resume['resumed'])} resumed, "
+                     f"losses {', '.join(f'{v:.5f}' for v in resume['uninterrupted'])} uninterrupted "
+                     f"vs {', '.join(f'{v:.5f}' for v in resume['resumed'])} resumed, "
                      f"max rel. difference {resume['max_rel_difference']:.2g}")  # fmt: skip
     return "\n".join(lines + [""] + notes)
 
@@ -340,7 +360,9 @@ def markdown(modes: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="Directory for per-rank JSON, results.json and results.md.")
-    parser.add_argument("--modes", default=None, help=f"Comma list of {', '.join(MODES)} [default on GPUs: {','.join(DEFAULT_GPU_MODES)}; on CPUs: {','.join(CPU_MODES)}].")
+    parser.add_argument(
+        "--modes", default=None, help=f"Comma list of {', '.join(MODES)} [default on GPUs: {','.join(DEFAULT_GPU_MODES)}; on CPUs: {','.join(CPU_MODES)}]."
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="Mixtral shape [default: 8x7b-16l, tiny with --tiny].")
     parser.add_argument("--seq", type=int, default=None, help="Tokens per sequence [default: 1024, 64 with --tiny].")
     parser.add_argument("--batch", type=int, default=4, help="Global batch of single, fsdp and ddp (sequences per optimizer step); must be even.")

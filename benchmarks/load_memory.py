@@ -67,14 +67,18 @@ def write_checkpoint(path: Path, shape: str, layers: int, layout: str) -> None:
     tensors = [PlannedTensor("model.embed_tokens.weight", (vocab, hidden), "random", random(vocab, hidden))]
     for layer in range(layers):
         prefix = f"model.layers.{layer}."
-        tensors += [PlannedTensor(prefix + "input_layernorm.weight", (hidden,), "ones", ones(hidden)),
-                    PlannedTensor(prefix + "post_attention_layernorm.weight", (hidden,), "ones", ones(hidden))]
+        tensors += [
+            PlannedTensor(prefix + "input_layernorm.weight", (hidden,), "ones", ones(hidden)),
+            PlannedTensor(prefix + "post_attention_layernorm.weight", (hidden,), "ones", ones(hidden)),
+        ]
         for name, out in (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv), ("o_proj", hidden)):
             tensors.append(PlannedTensor(prefix + f"self_attn.{name}.weight", (out, hidden), "random", random(out, hidden)))
         if layout == "fused":
-            tensors += [PlannedTensor(prefix + "mlp.gate.weight", (4, hidden), "random", random(4, hidden)),
-                        PlannedTensor(prefix + "mlp.experts.gate_up_proj", (4, 2 * inter, hidden), "random", random(4, 2 * inter, hidden)),
-                        PlannedTensor(prefix + "mlp.experts.down_proj", (4, hidden, inter), "random", random(4, hidden, inter))]
+            tensors += [
+                PlannedTensor(prefix + "mlp.gate.weight", (4, hidden), "random", random(4, hidden)),
+                PlannedTensor(prefix + "mlp.experts.gate_up_proj", (4, 2 * inter, hidden), "random", random(4, 2 * inter, hidden)),
+                PlannedTensor(prefix + "mlp.experts.down_proj", (4, hidden, inter), "random", random(4, hidden, inter)),
+            ]
         else:
             tensors.append(PlannedTensor(prefix + "block_sparse_moe.gate.weight", (4, hidden), "random", random(4, hidden)))
             for expert in range(4):
@@ -89,7 +93,8 @@ def write_checkpoint(path: Path, shape: str, layers: int, layout: str) -> None:
     # varied text, so that the random routers send tokens to every expert within a few steps
     rng = __import__("random").Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randint(2, 9))) for _ in range(2000)]
-    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=40))}, {"role": "assistant", "content": " ".join(rng.choices(words, k=120))}]}
+    rows = [{"messages": [{"role": "user", "content": " ".join(rng.choices(words, k=40))},
+                          {"role": "assistant", "content": " ".join(rng.choices(words, k=120))}]}
             for _ in range(256)]  # fmt: skip
     (path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -137,7 +142,7 @@ def run(command: list[str]) -> tuple[float, float, dict]:
     output, errors = process.stdout.read(), process.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{errors[-4000:]}\n{output[-2000:]}")
-    last = next((line for line in reversed(output.splitlines()) if line.startswith("{\"")), "{}")
+    last = next((line for line in reversed(output.splitlines()) if line.startswith('{"')), "{}")
     return wall, usage.ru_maxrss * 1024 / 1e9, json.loads(last)
 
 
@@ -187,9 +192,13 @@ def main() -> None:
 
     import platform
 
-    names = {"streaming": "moekit streaming load (bits 4)", "plain": "plain bitsandbytes 4-bit from_pretrained", "old": "old moekit loader (CPU bf16 + quantize_moe)",
+    names = {"streaming": "moekit streaming load (bits 4)", "plain": "plain bitsandbytes 4-bit from_pretrained",
+             "old": "old moekit loader (CPU bf16 + quantize_moe)",
              "finetune": f"`moekit finetune` ({args.steps} steps, attn+experts, packing)"}  # fmt: skip
-    print(f"\ncheckpoint: Mixtral {shape} shape, {layers} layers, {args.layout} layout, {size_gb:.2f} GB bf16 safetensors; {platform.node()}, {os.cpu_count()} CPUs\n")
+    print(
+        f"\ncheckpoint: Mixtral {shape} shape, {layers} layers, {args.layout} layout, "
+        f"{size_gb:.2f} GB bf16 safetensors; {platform.node()}, {os.cpu_count()} CPUs\n"
+    )
     print("| run | wall (s) | load (s) | peak RSS (GB) | peak RSS / checkpoint | GPU memory after load (GB) |\n|---|---:|---:|---:|---:|---:|")
     for kind, (wall, rss, child) in results.items():
         load_s = f"{child['load_seconds']:.1f}" if "load_seconds" in child else ""

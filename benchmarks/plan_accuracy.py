@@ -29,55 +29,106 @@ import tempfile
 import time
 from pathlib import Path
 
-FOUR_BY_7B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 4, "num_experts_per_tok": 2}
+FOUR_BY_7B = {
+    "num_hidden_layers": 32,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
 EIGHT_BY_7B = dict(FOUR_BY_7B, num_local_experts=8)
 # Phi-2 shape (2.7B) with 4 fc1/fc2 experts per layer, top-2
-PHIXTRAL_4X = {"num_hidden_layers": 32, "hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 32,
-               "num_key_value_heads": 32, "vocab_size": 51200, "partial_rotary_factor": 0.4, "num_local_experts": 4, "num_experts_per_tok": 2}
-TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 384, "num_local_experts": 4, "num_experts_per_tok": 2}
+PHIXTRAL_4X = {
+    "num_hidden_layers": 32,
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 51200,
+    "partial_rotary_factor": 0.4,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
+TINY = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 384,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+}
 TINY_PHI = dict(TINY, num_key_value_heads=4, partial_rotary_factor=0.5)
 
 LORA = {"target": ["attn", "experts"]}
 
 
 def lora_runs(pairs, **extra):
-    return [(f"attn+experts r16, seq {s}, batch {b}" + "".join(f", {k}={v}" for k, v in extra.items()), {**LORA, "max_seq_len": s, "batch_size": b, **extra})
-            for s, b in pairs]
+    return [
+        (f"attn+experts r16, seq {s}, batch {b}" + "".join(f", {k}={v}" for k, v in extra.items()), {**LORA, "max_seq_len": s, "batch_size": b, **extra})
+        for s, b in pairs
+    ]
 
 
 # name -> (architecture, config overrides, bits, [(label, options overrides)]); runs that change the
 # targets come in an order that lets one model serve them (router-only first, no checkpointing last)
 GROUPS = {
-    "4x7b": ("mixtral", FOUR_BY_7B, 4,
-             [("router-only, seq 1024, batch 2", {"target": ["gate"], "max_seq_len": 1024, "batch_size": 2})]
-             + lora_runs([(s, b) for s in (512, 1024) for b in (1, 2, 4)])
-             + [("attn+experts r16, seq 1024, batch 2, adamw_8bit", {**LORA, "max_seq_len": 1024, "batch_size": 2, "optimizer": "adamw_8bit"}),
-                ("attn+experts r16, seq 512, batch 1, no checkpointing", {**LORA, "max_seq_len": 512, "batch_size": 1, "gradient_checkpointing": False})]),
+    "4x7b": (
+        "mixtral",
+        FOUR_BY_7B,
+        4,
+        [("router-only, seq 1024, batch 2", {"target": ["gate"], "max_seq_len": 1024, "batch_size": 2})]
+        + lora_runs([(s, b) for s in (512, 1024) for b in (1, 2, 4)])
+        + [
+            ("attn+experts r16, seq 1024, batch 2, adamw_8bit", {**LORA, "max_seq_len": 1024, "batch_size": 2, "optimizer": "adamw_8bit"}),
+            ("attn+experts r16, seq 512, batch 1, no checkpointing", {**LORA, "max_seq_len": 512, "batch_size": 1, "gradient_checkpointing": False}),
+        ],
+    ),
     "8x7b": ("mixtral", EIGHT_BY_7B, 4, lora_runs([(1024, 2), (512, 4)])),
     # held out: settings the constants were not looked at for
-    "4x7b-variants": ("mixtral", FOUR_BY_7B, 4,
-                      [("attn only r16, seq 2048, batch 2", {"target": ["attn"], "max_seq_len": 2048, "batch_size": 2}),
-                       ("experts 0,1 of layers 0-15 r64, no dropout, seq 2048, batch 1",
-                        {"target": ["experts"], "experts": [0, 1], "layers": list(range(16)), "lora_r": 64, "lora_dropout": 0.0, "max_seq_len": 2048, "batch_size": 1}),
-                       ("all targets r16, seq 4096, batch 1", {"target": ["attn", "experts", "gate"], "max_seq_len": 4096, "batch_size": 1})]),
+    "4x7b-variants": (
+        "mixtral",
+        FOUR_BY_7B,
+        4,
+        [
+            ("attn only r16, seq 2048, batch 2", {"target": ["attn"], "max_seq_len": 2048, "batch_size": 2}),
+            (
+                "experts 0,1 of layers 0-15 r64, no dropout, seq 2048, batch 1",
+                {"target": ["experts"], "experts": [0, 1], "layers": list(range(16)), "lora_r": 64, "lora_dropout": 0.0, "max_seq_len": 2048, "batch_size": 1},
+            ),
+            ("all targets r16, seq 4096, batch 1", {"target": ["attn", "experts", "gate"], "max_seq_len": 4096, "batch_size": 1}),
+        ],
+    ),
     "4x7b-bf16": ("mixtral", FOUR_BY_7B, 16, lora_runs([(1024, 2)], bits=16)),
     "4x7b-int8": ("mixtral", FOUR_BY_7B, 8, lora_runs([(1024, 2)], bits=8)),
     "phixtral-4x2.7b": ("phixtral", PHIXTRAL_4X, 4, lora_runs([(1024, 2), (2048, 1)])),
 }
 MAIN_GROUPS = ("4x7b", "8x7b")
 TINY_GROUPS = {
-    "tiny": ("mixtral", TINY, 4,
-             [("router-only, seq 64, batch 2", {"target": ["gate"], "max_seq_len": 64, "batch_size": 2})]
-             + lora_runs([(64, 2), (128, 1)])
-             + [("attn+experts r16, seq 64, batch 2, no checkpointing", {**LORA, "max_seq_len": 64, "batch_size": 2, "gradient_checkpointing": False})]),
+    "tiny": (
+        "mixtral",
+        TINY,
+        4,
+        [("router-only, seq 64, batch 2", {"target": ["gate"], "max_seq_len": 64, "batch_size": 2})]
+        + lora_runs([(64, 2), (128, 1)])
+        + [("attn+experts r16, seq 64, batch 2, no checkpointing", {**LORA, "max_seq_len": 64, "batch_size": 2, "gradient_checkpointing": False})],
+    ),
     "tiny-phixtral": ("phixtral", TINY_PHI, 4, lora_runs([(64, 2)])),
     "tiny-int8": ("mixtral", TINY, 8, lora_runs([(64, 2)], bits=8)),
     "tiny-bf16": ("mixtral", TINY, 16, lora_runs([(64, 2)], bits=16)),
-    "tiny-variants": ("mixtral", TINY, 4,
-                      [("attn only r16, seq 64, batch 2", {"target": ["attn"], "max_seq_len": 64, "batch_size": 2}),
-                       ("experts 0,1 r64, seq 64, batch 1", {"target": ["experts"], "experts": [0, 1], "lora_r": 64, "max_seq_len": 64, "batch_size": 1})]),
+    "tiny-variants": (
+        "mixtral",
+        TINY,
+        4,
+        [
+            ("attn only r16, seq 64, batch 2", {"target": ["attn"], "max_seq_len": 64, "batch_size": 2}),
+            ("experts 0,1 r64, seq 64, batch 1", {"target": ["experts"], "experts": [0, 1], "lora_r": 64, "max_seq_len": 64, "batch_size": 1}),
+        ],
+    ),
 }
 
 
@@ -197,17 +248,27 @@ def run_group(name: str, tiny: bool, steps: int) -> list[dict]:
     model = build_quantized(config, device, bits)
     loaded = torch.cuda.memory_allocated() if cuda else None
     weights_measured = quantized_bytes(model)
-    print(f"[{name}] built in {time.time() - started:.0f}s: {weights_measured / 2**30:.2f} GiB of weights"
-          + (f", {loaded / 2**30:.2f} GiB allocated" if cuda else ""), flush=True)
+    print(
+        f"[{name}] built in {time.time() - started:.0f}s: {weights_measured / 2**30:.2f} GiB of weights"
+        + (f", {loaded / 2**30:.2f} GiB allocated" if cuda else ""),
+        flush=True,
+    )
     tokenizer = make_tokenizer()
     results = []
     wrapped, wrapped_for = None, None
     for label, overrides in runs:
         options = FinetuneOptions(data="random tokens", max_steps=steps, save_steps=10**6, warmup_ratio=0.0, **overrides)
         plan = estimate(config, options)
-        row = {"group": name, "config": label, "options": options.model_dump(mode="json"),
-               "predicted_peak": plan.peak_bytes, "predicted_phase": plan.peak_phase,
-               "predicted_weights": plan.group_bytes("weights"), "measured_weights": weights_measured, "loaded_allocated": loaded}
+        row = {
+            "group": name,
+            "config": label,
+            "options": options.model_dump(mode="json"),
+            "predicted_peak": plan.peak_bytes,
+            "predicted_phase": plan.peak_phase,
+            "predicted_weights": plan.group_bytes("weights"),
+            "measured_weights": weights_measured,
+            "loaded_allocated": loaded,
+        }
         try:
             targets = tuple(options.target)
             if wrapped_for != targets:
@@ -254,20 +315,25 @@ def run_group(name: str, tiny: bool, steps: int) -> list[dict]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| shape | configuration | predicted peak | measured peak | error | measured reserved |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| shape | configuration | predicted peak | measured peak | error | measured reserved |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in results:
         measured = row.get("measured_peak")
         lines.append(
             f"| {row['group']} | {row['config']} | {row['predicted_peak'] / 2**30:.2f} GiB | "
-            + (f"{measured / 2**30:.2f} GiB | {row['error_pct']:+.1f}% | {row['measured_reserved'] / 2**30:.2f} GiB |" if measured
-               else f"{row.get('error', 'not measured (no GPU)')} | | |")
+            + (
+                f"{measured / 2**30:.2f} GiB | {row['error_pct']:+.1f}% | {row['measured_reserved'] / 2**30:.2f} GiB |"
+                if measured
+                else f"{row.get('error', 'not measured (no GPU)')} | | |"
+            )
         )
     weights = {row["group"]: row for row in results}
     lines.append("")
     for group, row in weights.items():
-        lines.append(f"- {group}: weights predicted {row['predicted_weights'] / 2**30:.3f} GiB, counted on the quantized model "
-                     f"{row['measured_weights'] / 2**30:.3f} GiB" + (f", allocated after loading {row['loaded_allocated'] / 2**30:.3f} GiB" if row["loaded_allocated"] else ""))
+        lines.append(
+            f"- {group}: weights predicted {row['predicted_weights'] / 2**30:.3f} GiB, counted on the quantized model "
+            f"{row['measured_weights'] / 2**30:.3f} GiB"
+            + (f", allocated after loading {row['loaded_allocated'] / 2**30:.3f} GiB" if row["loaded_allocated"] else "")
+        )
     return "\n".join(lines)
 
 

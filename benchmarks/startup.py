@@ -4,8 +4,9 @@
 
 Runs each command below in a fresh interpreter, `--repeat` times, and prints the median wall time, the
 median CPU time (user + system: what the run costs whatever else the machine does), the median time spent
-importing modules (`python -X importtime`, top-level imports summed) and which heavy libraries were imported. Targets on a 2-core machine: an argument error in under 1 s, `moekit plan`
-(config only) in under 3 s. The load average is printed too: on a busy machine every figure grows.
+importing modules (`python -X importtime`, top-level imports summed) and which heavy libraries were imported.
+Targets on a 2-core machine: an argument error in under 1 s, `moekit plan` (config only) in under 3 s.
+The load average is printed too: on a busy machine every figure grows.
 """
 
 from __future__ import annotations
@@ -23,14 +24,30 @@ from pathlib import Path
 
 HEAVY = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "lm_eval", "matplotlib")
 TINY_MOE_CONFIG = {
-    "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384,
-    "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128,
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 384,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 128,
 }
 MIXTRAL_4X7B_CONFIG = {
-    "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-    "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 32768,
 }
 
 
@@ -92,8 +109,10 @@ def main() -> None:
     width = max(map(len, results))
     print(f"{'command':<{width}}  {'wall s':>7}  {'CPU s':>6}  {'import s':>8}  exit  heavy libraries imported")
     for label, result in results.items():
-        print(f"{label:<{width}}  {result['wall_s']:>7.2f}  {result['cpu_s']:>6.2f}  {result['import_s']:>8.2f}  {result['exit_code']:>4}  "
-              f"{', '.join(result['heavy_imports']) or '-'}")
+        print(
+            f"{label:<{width}}  {result['wall_s']:>7.2f}  {result['cpu_s']:>6.2f}  {result['import_s']:>8.2f}  {result['exit_code']:>4}  "
+            f"{', '.join(result['heavy_imports']) or '-'}"
+        )
     print(f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} CPUs; median of {options.repeat} runs")
     if options.json:
         options.json.write_text(json.dumps({"results": results, "load_average": [load_before[0], load_after[0]], "cpus": os.cpu_count()}, indent=2))

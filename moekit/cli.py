@@ -155,7 +155,6 @@ def _interrupted_message(argv: list[str]) -> str:
     return f"{out} is as it was before; the checkpoints saved so far are in {out}.partial: run the same command with --resume to continue"
 
 
-
 def _flag_value(argv: list[str], *flags: str) -> str | None:
     value = next((value for flag, value in zip(argv, argv[1:]) if flag in flags), None)
     return value or next((arg.split("=", 1)[1] for arg in argv if arg.split("=", 1)[0] in flags and "=" in arg), None)

@@ -148,6 +148,7 @@ def _read_pid(path: Path) -> str | None:
     except OSError:
         return None
 
+
 def _output_error(err: OSError, what: str) -> OutputError:
     if err.errno == errno.ENOSPC:
         return OutputError(f"the disk is full while writing {what}; nothing was written", hint="free space or choose another -o")

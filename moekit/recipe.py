@@ -29,7 +29,9 @@ class CalibrationData(BaseModel):
     data: str = Field(description="Text this expert should receive: a local .txt / .jsonl file, or `hf:dataset[:split]` (from the local Hugging Face cache).")
     max_tokens: int = Field(default=16384, ge=1, description="Token budget taken from the data (in chunks of up to `chunk_tokens`).")
     chunk_tokens: int = Field(default=256, ge=8, description="Longest chunk of the data run through the base model at once.")
-    text_field: str | None = Field(default=None, description="Field of a JSONL record or dataset row that holds the text; `text` or the first string field when omitted.")
+    text_field: str | None = Field(
+        default=None, description="Field of a JSONL record or dataset row that holds the text; `text` or the first string field when omitted."
+    )
 
 
 class ExpertSettings(BaseModel):
@@ -37,7 +39,11 @@ class ExpertSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    calibration: CalibrationData | None = Field(default=None, description="Data whose router inputs `calibrated` mode fits this expert's router row on, besides its prompts.")
+    calibration: CalibrationData | None = Field(
+        default=None, description="Data whose router inputs `calibrated` mode fits this expert's router row on, besides its prompts."
+    )
+
+
 DType = Literal["float32", "float16", "bfloat16"]
 
 
@@ -78,7 +84,9 @@ class CalibrationSettings(BaseModel):
     learning_rate: float = Field(default=0.05, gt=0, description="Learning rate of the router fit.")
     weight_decay: float = Field(default=1e-3, ge=0, description="L2 penalty that keeps fitted routers small.")
     max_fit_tokens: int = Field(
-        default=4096, ge=1, description="Tokens per expert (for and against it, each) whose router inputs the fit keeps; a seeded random sample when there are more."
+        default=4096,
+        ge=1,
+        description="Tokens per expert (for and against it, each) whose router inputs the fit keeps; a seeded random sample when there are more.",
     )
 
 
@@ -102,8 +110,14 @@ class Recipe(BaseModel):
     gate_mode: GateMode = Field(default="hidden", description="How routers are initialised: hidden, cheap_embed, random, uniform_random or calibrated.")
     dtype: DType | None = Field(default=None, description="Output dtype; the base model's dtype when omitted.")
     experts_per_token: int = Field(default=2, description="Experts each token is routed to (top-k).")
-    architecture: str | None = Field(default=None, description="Output architecture (mixtral, phixtral, qwen2_moe; mergekit's names and prefixes such as 'qwen' work too); chosen from the inputs when omitted.")
-    shared_experts: list[Expert] | None = Field(default=None, description="Experts every token goes through (mergekit-moe's key); one, for a Qwen2-MoE output from Qwen2 models.")
+    architecture: str | None = Field(
+        default=None,
+        description="Output architecture (mixtral, phixtral, qwen2_moe; mergekit's names and "
+        "prefixes such as 'qwen' work too); chosen from the inputs when omitted.",
+    )
+    shared_experts: list[Expert] | None = Field(
+        default=None, description="Experts every token goes through (mergekit-moe's key); one, for a Qwen2-MoE output from Qwen2 models."
+    )
     moekit: MoekitSettings = Field(default_factory=MoekitSettings, description="moekit's own settings.")
 
     @model_validator(mode="after")
@@ -115,12 +129,19 @@ class Recipe(BaseModel):
             for i, expert in enumerate(self.experts):
                 if not expert.positive_prompts and not (self.gate_mode == "calibrated" and expert.calibration):
                     needs = "positive_prompts or calibration data (under its `moekit:` key)" if self.gate_mode == "calibrated" else "positive_prompts"
-                    raise ValueError(f"expert {i} ({expert.source_model}) has no {needs}, which gate_mode '{self.gate_mode}' needs; add prompts or use gate_mode 'random'")
+                    raise ValueError(
+                        f"expert {i} ({expert.source_model}) has no {needs}, which gate_mode '{self.gate_mode}' needs; add prompts or use gate_mode 'random'"
+                    )
             for i, expert in enumerate(self.shared_experts or []):
                 if not expert.positive_prompts:
-                    raise ValueError(f"shared expert {i} ({expert.source_model}) has no positive_prompts, which its gate needs under gate_mode '{self.gate_mode}' (as in mergekit-moe)")
+                    raise ValueError(
+                        f"shared expert {i} ({expert.source_model}) has no positive_prompts, which "
+                        f"its gate needs under gate_mode '{self.gate_mode}' (as in mergekit-moe)"
+                    )
             if n > 1:
-                prompt_sets = {(tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ()), e.calibration and e.calibration.model_dump_json()) for e in self.experts}
+                prompt_sets = {
+                    (tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ()), e.calibration and e.calibration.model_dump_json()) for e in self.experts
+                }
                 if len(prompt_sets) == 1:
                     raise ValueError("all experts have identical prompts, so no router could tell them apart; give each expert prompts for its own speciality")
         return self

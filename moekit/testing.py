@@ -47,9 +47,7 @@ def make_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None):
     tok.train_from_iterator(corpus or TOKENIZER_CORPUS, trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -98,7 +98,9 @@ def test_output_layout_and_files(calibrated_moe, llama_family):
     assert metadata["gate_mode"] == "calibrated" and metadata["num_experts"] == 3
     assert metadata["base_model"] == str(llama_family["base"])
     # the expert MLPs are copied bit for bit from their sources
-    assert torch.equal(_tensor(calibrated_moe, "model.layers.1.block_sparse_moe.experts.2.w2.weight"), _tensor(llama_family["e2"], "model.layers.1.mlp.down_proj.weight"))
+    assert torch.equal(
+        _tensor(calibrated_moe, "model.layers.1.block_sparse_moe.experts.2.w2.weight"), _tensor(llama_family["e2"], "model.layers.1.mlp.down_proj.weight")
+    )
 
 
 def test_identical_experts_equal_the_base_model(llama_family, tmp_path, input_ids):
@@ -146,7 +148,14 @@ def test_loads_in_a_plain_transformers_process(calibrated_moe, input_ids):
 def test_mistral_sliding_window_and_rope_survive(tmp_path, tiny_tokenizer, input_ids):
     from moekit.testing import make_dense_checkpoint
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     base = make_dense_checkpoint(tmp_path / "base", "mistral", tokenizer=tiny_tokenizer, sliding_window=16, rope_parameters=rope)
     models = {"base": base, "e0": base}
     text = recipe_text(models, "random", experts=("e0", "e0"), top_k=1)
@@ -167,14 +176,14 @@ def test_mergekit_recipe_builds_unchanged_with_mergekit_gates(llama_family, tmp_
     from transformers import AutoTokenizer
 
     text = textwrap.dedent(f"""
-        base_model: {llama_family['base']}
+        base_model: {llama_family["base"]}
         gate_mode: cheap_embed
         dtype: float32
         experts:
-          - source_model: {llama_family['e0']}
+          - source_model: {llama_family["e0"]}
             positive_prompts: ["def add(a, b)"]
             negative_prompts: ["once upon a time"]
-          - source_model: {llama_family['e1']}
+          - source_model: {llama_family["e1"]}
             positive_prompts: ["once upon a time"]
     """)
     out = tmp_path / "moe"
@@ -209,7 +218,9 @@ def rope_as_transformers_4_reads_it(config: dict) -> tuple[float, dict | None]:
     return config.get("rope_theta", 1e6), config.get("rope_scaling")
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+@pytest.mark.parametrize(
+    "rope_scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}]
+)
 def test_config_has_the_legacy_rope_keys_of_the_base(tmp_path, tiny_tokenizer, rope_scaling):
     """transformers 4.x readers get the base's rope settings, not Mixtral's default rope_theta of 1e6."""
     from transformers import AutoConfig
@@ -219,7 +230,9 @@ def test_config_has_the_legacy_rope_keys_of_the_base(tmp_path, tiny_tokenizer, r
     rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else {**rope_scaling, "rope_theta": 500000.0}
     base = make_dense_checkpoint(tmp_path / "base", "llama", tokenizer=tiny_tokenizer, rope_parameters=rope)
     out = tmp_path / "moe"
-    build(parse_recipe(recipe_text({"base": base, "e0": base}, "random", experts=("e0", "e0"), top_k=1)), out, BuildOptions(device="cpu", allow_same_experts=True))
+    build(
+        parse_recipe(recipe_text({"base": base, "e0": base}, "random", experts=("e0", "e0"), top_k=1)), out, BuildOptions(device="cpu", allow_same_experts=True)
+    )
     config = json.loads((out / "config.json").read_text())
     assert rope_as_transformers_4_reads_it(config) == (rope["rope_theta"], rope_scaling)
     # transformers 5 still reads rope_parameters, unchanged by the extra keys

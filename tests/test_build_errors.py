@@ -63,7 +63,9 @@ def test_mixed_architectures(tmp_path, capsys, llama_family, mistral_family):
 def test_unsupported_architecture_lists_supported(tmp_path, capsys, tiny_tokenizer):
     import transformers
 
-    config = transformers.Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
     model = transformers.Qwen2ForCausalLM(config)
     model.save_pretrained(tmp_path / "qwen")
     tiny_tokenizer.save_pretrained(tmp_path / "qwen")
@@ -79,18 +81,21 @@ def test_experts_per_token_out_of_range(tmp_path, capsys, llama_family, top_k):
 
 def test_prompt_mode_needs_positive_prompts(tmp_path, capsys, llama_family):
     text = textwrap.dedent(f"""
-        base_model: {llama_family['base']}
+        base_model: {llama_family["base"]}
         gate_mode: hidden
         experts:
-          - source_model: {llama_family['e0']}
+          - source_model: {llama_family["e0"]}
             positive_prompts: ["code"]
-          - source_model: {llama_family['e1']}
+          - source_model: {llama_family["e1"]}
     """)
     assert_refused(tmp_path, text, capsys, "expert 1", "has no positive_prompts")
 
 
 def test_identical_prompts_for_all_experts(tmp_path, capsys, llama_family):
-    text = recipe_text(llama_family, experts=("e0", "e1")).replace(json.dumps(["The quick brown fox jumps over the lazy dog.", "Write a poem about the sea.", "Once upon a time"]), json.dumps(["def add(a, b): return a + b", "import os\nprint(os.getcwd())", "for i in range(10): pass"]))
+    text = recipe_text(llama_family, experts=("e0", "e1")).replace(
+        json.dumps(["The quick brown fox jumps over the lazy dog.", "Write a poem about the sea.", "Once upon a time"]),
+        json.dumps(["def add(a, b): return a + b", "import os\nprint(os.getcwd())", "for i in range(10): pass"]),
+    )
     assert_refused(tmp_path, text, capsys, "identical prompts")
 
 
@@ -158,5 +163,10 @@ def test_interrupted_write_leaves_nothing(tmp_path, capsys, llama_family, monkey
             return self.file.write(data)
 
     monkeypatch.setattr(writer, "open", FailingFile, raising=False)
-    assert_refused(tmp_path, recipe_text(llama_family, "random"), capsys, "interrupted: nothing was written; the output directory is as it was before" if failure is KeyboardInterrupt else "disk is full")
+    assert_refused(
+        tmp_path,
+        recipe_text(llama_family, "random"),
+        capsys,
+        "interrupted: nothing was written; the output directory is as it was before" if failure is KeyboardInterrupt else "disk is full",
+    )
     assert calls["n"] == 10

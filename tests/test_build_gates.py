@@ -106,18 +106,18 @@ def write_domain_files(root: Path) -> dict[str, Path]:
 
 def calibration_recipe(models: dict, files: dict, max_tokens: int = 300) -> str:
     return textwrap.dedent(f"""
-        base_model: {models['base']}
+        base_model: {models["base"]}
         gate_mode: calibrated
         dtype: float32
         experts_per_token: 1
         experts:
-          - source_model: {models['e0']}
+          - source_model: {models["e0"]}
             moekit:
-              calibration: {{data: {files['code']}, max_tokens: {max_tokens}, chunk_tokens: 64}}
-          - source_model: {models['e1']}
+              calibration: {{data: {files["code"]}, max_tokens: {max_tokens}, chunk_tokens: 64}}
+          - source_model: {models["e1"]}
             positive_prompts: ["Write a poem about the sea."]
             moekit:
-              calibration: {{data: {files['prose']}, max_tokens: {max_tokens}}}
+              calibration: {{data: {files["prose"]}, max_tokens: {max_tokens}}}
     """)
 
 
@@ -183,8 +183,10 @@ def qwen2_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
 
 def qwen2_recipe(models: dict, gate_mode: str = "hidden", routed=("base", "base"), residual_scale: float = 0.0) -> str:
     experts = "".join(f"  - source_model: {models[name]}\n    positive_prompts: {json.dumps(PROMPTS[f'e{i}'])}\n" for i, name in enumerate(routed))
-    return (f"base_model: {models['base']}\ngate_mode: {gate_mode}\ndtype: float32\nexperts_per_token: 1\nexperts:\n{experts}"
-            f"shared_experts:\n  - source_model: {models['e0']}\n    positive_prompts: [\"hello\"]\n    residual_scale: {residual_scale}\n")
+    return (
+        f"base_model: {models['base']}\ngate_mode: {gate_mode}\ndtype: float32\nexperts_per_token: 1\nexperts:\n{experts}"
+        f'shared_experts:\n  - source_model: {models["e0"]}\n    positive_prompts: ["hello"]\n    residual_scale: {residual_scale}\n'
+    )
 
 
 @pytest.mark.parametrize("gate_mode", ["hidden", "calibrated", "random"])
@@ -229,8 +231,10 @@ def input_ids(tiny_tokenizer):
 def test_calibrated_fit_keeps_a_bounded_sample_of_tokens(llama_family, tiny_tokenizer):
     from moekit.build.gates import NEGATIVE, fit_sample, tokenize_prompts
 
-    text = recipe_text(llama_family, "calibrated").replace("    positive_prompts: " + json.dumps(PROMPTS["e0"]),
-                                                           "    positive_prompts: " + json.dumps(PROMPTS["e0"]) + "\n    negative_prompts: [\"Once upon a time\"]")
+    text = recipe_text(llama_family, "calibrated").replace(
+        "    positive_prompts: " + json.dumps(PROMPTS["e0"]),
+        "    positive_prompts: " + json.dumps(PROMPTS["e0"]) + '\n    negative_prompts: ["Once upon a time"]',
+    )
     prompts = tokenize_prompts(parse_recipe(text), tiny_tokenizer)
     sample = fit_sample(prompts, 3, max_tokens=5, seed=0)
     for expert in range(3):

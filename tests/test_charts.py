@@ -20,8 +20,12 @@ def perplexity_report() -> dict:
     models = []
     for name in MODELS:
         role = "moe" if name.startswith("moe") else "source"
-        entry = {"name": name, "role": role, "same_tokenizer": True,
-                 "metrics": {s: {"perplexity": level[s] * rng.uniform(0.85, 1.3), "loss": 1.0, "tokens": 5000} for s in SETS}}
+        entry = {
+            "name": name,
+            "role": role,
+            "same_tokenizer": True,
+            "metrics": {s: {"perplexity": level[s] * rng.uniform(0.85, 1.3), "loss": 1.0, "tokens": 5000} for s in SETS},
+        }
         models.append(entry)
     data = {s: {"source": f"{s}.jsonl", "documents": 64} for s in SETS}
     data["chat"]["overlaps_training"] = {"model": "moe-calibrated+finetune", "training_data": "chat.jsonl", "documents": 8, "of": 64}
@@ -38,9 +42,13 @@ def routing_stats(layers: int = 32, experts: int = 4) -> dict:
             rows.append([v / sum(row) for v in row])  # shares of the top-k slots: they sum to 1
         return rows
 
-    return {"experts": [f"expert-{i}" for i in range(experts)], "experts_per_token": 2, "model": "moe-calibrated",
-            "layers": [{"layer": i, "share": row, "entropy": 1.0, "load_cv": 0.2} for i, row in enumerate(shares())],
-            "per_set": {s: {"share": shares()} for s in SETS}}
+    return {
+        "experts": [f"expert-{i}" for i in range(experts)],
+        "experts_per_token": 2,
+        "model": "moe-calibrated",
+        "layers": [{"layer": i, "share": row, "entropy": 1.0, "load_cv": 0.2} for i, row in enumerate(shares())],
+        "per_set": {s: {"share": shares()} for s in SETS},
+    }
 
 
 def _texts(fig):

@@ -15,7 +15,10 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 
 def test_help_lists_commands_without_importing_torch():
-    script = "import sys; from moekit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    script = (
+        "import sys; from moekit.cli import main\ntry:\n    main(['--help'])\nexcept "
+        "SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip().endswith("NO-TORCH")
     for name in COMMANDS:
@@ -34,7 +37,10 @@ def test_every_listed_command_imports(name):
 
 
 def test_build_help_does_not_import_torch():
-    script = "import sys; from moekit.cli import main\ntry:\n    main(['build', '--help'])\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    script = (
+        "import sys; from moekit.cli import main\ntry:\n    main(['build', '--help'])\nexcept "
+        "SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "--dry-run" in done.stdout and done.stdout.strip().endswith("NO-TORCH")
 
@@ -44,8 +50,11 @@ def test_only_the_command_line_imports_click():
     import re
 
     package = Path(__file__).parent.parent / "moekit"
-    importers = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
-                       if re.search(r"^\s*(import click|from click)\b", path.read_text(encoding="utf-8"), re.MULTILINE))
+    importers = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(import click|from click)\b", path.read_text(encoding="utf-8"), re.MULTILINE)
+    )
     assert importers and all(name == "cli.py" or name.startswith("commands/") for name in importers), importers
 
 

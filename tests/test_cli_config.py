@@ -43,15 +43,18 @@ def test_plan_config_values_take_effect_and_flags_override_them(mixtral_config, 
     assert code == 0 and (options["lora_r"], options["target"], options["experts"], options["batch_size"]) == (4, ["attn"], None, 1)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("lora_rank: 8\n", "{config}: unknown option 'lora_rank' (did you mean 'lora_r'?)"),
-    ("lora_r: 0\n", "invalid lora_r in {config}: Input should be greater than or equal to 1"),
-    ("bits: 3\n", "{config}: bits: 3 is not one of '4', '8', '16'"),
-    ("max_seq_len: lots\n", "{config}: max_seq_len: 'lots' is not a valid integer"),
-    ("target: [attn, mlp]\n", "invalid target in {config}: unknown target 'mlp'"),
-    ("- lora_r\n", "must be a mapping of option names to values"),
-    ("lora_r: [unclosed\n", "is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lora_rank: 8\n", "{config}: unknown option 'lora_rank' (did you mean 'lora_r'?)"),
+        ("lora_r: 0\n", "invalid lora_r in {config}: Input should be greater than or equal to 1"),
+        ("bits: 3\n", "{config}: bits: 3 is not one of '4', '8', '16'"),
+        ("max_seq_len: lots\n", "{config}: max_seq_len: 'lots' is not a valid integer"),
+        ("target: [attn, mlp]\n", "invalid target in {config}: unknown target 'mlp'"),
+        ("- lora_r\n", "must be a mapping of option names to values"),
+        ("lora_r: [unclosed\n", "is not valid YAML"),
+    ],
+)
 def test_bad_config_values_are_one_usage_error(mixtral_config, tmp_path, capsys, text, message):
     config = write(tmp_path / "plan.yaml", text)
     code, output = run_cli(["plan", str(mixtral_config), "--config", str(config)], capsys)

@@ -28,18 +28,21 @@ def _run_and_list_heavy_imports(args: list[str]) -> tuple[int, str, list[str]]:
     return code, done.stderr, imported
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["finetune", "some-moe", "-o", "out"], "missing option --data"),
-    (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--max-steps", "many"], "'many' is not a valid integer"),
-    (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--target", "atn"], "unknown target 'atn'"),
-    (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--num-processes", "2"], "--num-processes needs --fsdp or --ddp"),
-    (["plan", "some-moe", "--lora-r", "0"], "invalid --lora-r"),
-    (["eval", "some-moe"], "Missing option '-o'"),
-    (["eval", "some-moe", "-o", "out", "--data", "justapath.txt"], "expected NAME=PATH, got 'justapath.txt'"),
-    (["build", "recipe.yaml", "--gate-batch-size", "0"], "invalid --gate-batch-size: Input should be greater than or equal to 1"),
-    (["build", "recipe.yaml", "--config", "no-such-config.yaml"], "cannot read no-such-config.yaml"),
-    (["bulid", "recipe.yaml"], "Did you mean 'build'?"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["finetune", "some-moe", "-o", "out"], "missing option --data"),
+        (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--max-steps", "many"], "'many' is not a valid integer"),
+        (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--target", "atn"], "unknown target 'atn'"),
+        (["finetune", "some-moe", "-o", "out", "--data", "d.jsonl", "--num-processes", "2"], "--num-processes needs --fsdp or --ddp"),
+        (["plan", "some-moe", "--lora-r", "0"], "invalid --lora-r"),
+        (["eval", "some-moe"], "Missing option '-o'"),
+        (["eval", "some-moe", "-o", "out", "--data", "justapath.txt"], "expected NAME=PATH, got 'justapath.txt'"),
+        (["build", "recipe.yaml", "--gate-batch-size", "0"], "invalid --gate-batch-size: Input should be greater than or equal to 1"),
+        (["build", "recipe.yaml", "--config", "no-such-config.yaml"], "cannot read no-such-config.yaml"),
+        (["bulid", "recipe.yaml"], "Did you mean 'build'?"),
+    ],
+)
 def test_argument_errors_come_before_torch_is_imported(args, message):
     code, stderr, imported = _run_and_list_heavy_imports(args)
     assert code == 2 and message in stderr and "Traceback" not in stderr
@@ -79,10 +82,23 @@ def test_interrupt_message_names_what_is_left(tmp_path):
 def test_plan_caps_the_default_sequence_length_and_hints_the_exact_flag(tmp_path):
     model = tmp_path / "moe"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384,
-        "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "mixtral",
+                "architectures": ["MixtralForCausalLM"],
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 384,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "max_position_embeddings": 128,
+            }
+        )
+    )
     done = subprocess.run([sys.executable, "-m", "moekit", "plan", str(model), "--json"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
@@ -133,7 +149,15 @@ def test_offline_lm_eval_task_fails_in_one_message_before_any_model_loads(tmp_pa
     pytest.importorskip("lm_eval")
     model = tmp_path / "moe"
     model.mkdir()
-    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256, "num_local_experts": 2, "num_experts_per_tok": 1}
+    sizes = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "vocab_size": 256,
+        "num_local_experts": 2,
+        "num_experts_per_tok": 1,
+    }
     (model / "config.json").write_text(json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], **sizes}))  # no weights
     script = (
         "import sys\nimport moekit.eval.compare\n"
@@ -142,8 +166,14 @@ def test_offline_lm_eval_task_fails_in_one_message_before_any_model_loads(tmp_pa
         "from moekit.cli import main\nmain(sys.argv[1:])\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", script, "eval", str(model), "--task", "arc_easy", "--limit", "5", "-o", str(tmp_path / "report")],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script, "eval", str(model), "--task", "arc_easy", "--limit", "5", "-o", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "a model was loaded" not in done.stderr and "Traceback" not in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -185,12 +185,14 @@ def test_sigterm_during_an_import_is_delivered_after_it(tmp_path):
     """SIGTERM raised inside an import could reach a C extension's initialisation and abort Python: it waits for the import."""
     module = tmp_path / "slow_module.py"
     marker = tmp_path / "imported"
-    module.write_text(textwrap.dedent(f"""
+    module.write_text(
+        textwrap.dedent(f"""
         import os, signal, time
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.3)
         open({str(marker)!r}, "w").close()
-    """))
+    """)
+    )
     script = f"""
     import sys, time, click
     from moekit.cli import cli, main
@@ -223,7 +225,10 @@ def read_only_dir(tmp_path):
     """A directory on a read-only file system (a tmpfs mounted read-only), else one without write permission."""
     directory = tmp_path / "ro"
     directory.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)], capture_output=True, check=False).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)], capture_output=True, check=False).returncode == 0
+    )
     if not mounted:
         if os.geteuid() == 0:
             pytest.skip("running as root without permission to mount a read-only tmpfs")
@@ -349,9 +354,31 @@ def chat_data(tmp_path_factory) -> Path:
 
 
 def finetune_args(moe: Path, data: Path, out: Path, steps: int = 6, save_steps: int = 2, **extra) -> list[str]:
-    args = ["finetune", str(moe), "--data", str(data), "-o", str(out), "--max-steps", str(steps), "--save-steps", str(save_steps),
-            "--batch-size", "4", "--max-seq-len", "64", "--lora-r", "8", "--learning-rate", "5e-3", "--lora-dropout", "0", "--target", "attn,gate",
-            "--no-gradient-checkpointing"]
+    args = [
+        "finetune",
+        str(moe),
+        "--data",
+        str(data),
+        "-o",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--save-steps",
+        str(save_steps),
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "64",
+        "--lora-r",
+        "8",
+        "--learning-rate",
+        "5e-3",
+        "--lora-dropout",
+        "0",
+        "--target",
+        "attn,gate",
+        "--no-gradient-checkpointing",
+    ]
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
@@ -401,8 +428,9 @@ def test_two_fine_tunes_started_together_into_one_out(moe, chat_data, tmp_path):
     """Both start at once: one trains, the other is refused naming it; the log holds one run's steps in order."""
     out = tmp_path / "run"
     args = finetune_args(moe, chat_data, out, steps=3, save_steps=100)
-    processes = [subprocess.Popen([sys.executable, "-m", "moekit", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "moekit", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [(process.pid, *finish(process, timeout=300)) for process in processes]
     codes = sorted(code for _, code, _ in results)
     assert codes[0] == 0 and codes[1] != 0, results
@@ -482,12 +510,20 @@ def test_push_to_hub_with_a_local_base_is_refused_before_training(moe, chat_data
     assert "trainable" not in output and not out.exists() and not out.with_name("run.partial").exists()
 
 
-@pytest.mark.parametrize("rows, expected", [
-    ([], "is empty"),
-    (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', '{"messages": [broken'], "d.jsonl:2 is not valid JSON"),
-    (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
-      '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}'], "row 2"),
-])
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([], "is empty"),
+        (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', '{"messages": [broken'], "d.jsonl:2 is not valid JSON"),
+        (
+            [
+                '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+                '{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}',
+            ],
+            "row 2",
+        ),
+    ],
+)
 def test_bad_training_rows_are_named(moe, tmp_path, capsys, rows, expected):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(row + "\n" for row in rows))
@@ -550,8 +586,13 @@ def test_demo_overwrite_killed_keeps_the_old_report(tmp_path, kill):
     out = tmp_path / "D"
     before = old_output(out)
     env = dict(ENV, MOEKIT_CACHE=str(tmp_path / "cache"))
-    process = subprocess.Popen([sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out), "--overwrite"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out), "--overwrite"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until(staging_dir(out).exists, process)  # the demo is under way
     time.sleep(1.0)
     process.send_signal(kill)

@@ -63,7 +63,8 @@ def two_processes(moe, chat_data, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("two") / "run"
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in COMMON.items()]
     proc = subprocess.run(
-        [sys.executable, "-m", "moekit", "finetune", str(moe), "--data", str(chat_data), "-o", str(out), "--ddp", "--num-processes", "2", "--batch-size", "2", *flags],
+        [sys.executable, "-m", "moekit", "finetune", str(moe), "--data", str(chat_data), "-o", str(out),
+         "--ddp", "--num-processes", "2", "--batch-size", "2", *flags],
         capture_output=True, text=True, env=launch_env(), timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -143,7 +144,24 @@ def test_launch_options_are_checked(moe, chat_data, tmp_path, capsys):
 def test_launch_checks_the_output_once_before_launching(moe, chat_data, tmp_path, capsys):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "file").write_text("x")
-    code, output = run_cli(["finetune", str(moe), "--data", str(chat_data), "-o", str(tmp_path / "used"), "--ddp", "--num-processes", "2", "--target", "attn,experts", "--experts", "5"], capsys)
+    code, output = run_cli(
+        [
+            "finetune",
+            str(moe),
+            "--data",
+            str(chat_data),
+            "-o",
+            str(tmp_path / "used"),
+            "--ddp",
+            "--num-processes",
+            "2",
+            "--target",
+            "attn,experts",
+            "--experts",
+            "5",
+        ],
+        capsys,
+    )
     assert code != 0 and "exists and is not empty" in output and "launching" not in output  # checked once, before launching
 
 
@@ -194,7 +212,13 @@ def test_fsdp_shards_4bit_experts_and_gathers_the_adapter(moe, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "fsdp_report.json").read_text())
     # one unit per decoder layer (LoRA, routers and 4-bit experts inside), embeddings, final norm + lm_head, the root
-    assert report["units"] == ["", "base_model.model.model.embed_tokens", "base_model.model.model.layers.0", "base_model.model.model.layers.1", "base_model.model.lm_head"]
+    assert report["units"] == [
+        "",
+        "base_model.model.model.embed_tokens",
+        "base_model.model.model.layers.0",
+        "base_model.model.model.layers.1",
+        "base_model.model.lm_head",
+    ]
     assert report["expert_nf4_tensors_before_wrap"] == 2 * 2  # gate_up, down per layer
     # the grouped path ran under FSDP, never the per-expert fallback (2 layers, one forward)
     assert report["expert_paths_under_fsdp"] == {"grouped": 2, "per_expert": 0}
@@ -232,8 +256,8 @@ def _fsdp_worker(moe: str, out: str) -> None:
     from moekit.finetune.distributed import fsdp_units, gathered_trainable, optimizer_state_from_fsdp, save_fsdp_optimizer
     from moekit.finetune.expert_storage import NF4Storage
     from moekit.finetune.experts import path_counts
-    from moekit.finetune.options import TrainingOptions
     from moekit.finetune.loading import load_for_training
+    from moekit.finetune.options import TrainingOptions
     from moekit.finetune.targets import apply_targets, snapshot_trainable, verify_changed
     from moekit.finetune.trainer import FSDP_OPTIMIZER_FILE, MoeSFTTrainer, _router_modules, _router_names, _write_routers
 
@@ -261,9 +285,18 @@ def _fsdp_worker(moe: str, out: str) -> None:
 
     def wrap(model):
         """What accelerate does to the model under the shipped fsdp_qlora.yaml, with the policy MoeSFTTrainer sets."""
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True, cpu_ram_efficient_loading=False)
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True, cpu_ram_efficient_loading=False
+        )
         plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-        accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"), torch_device_mesh=None, parallelism_config=None)
+        accelerator = SimpleNamespace(
+            state=SimpleNamespace(fsdp_plugin=plugin),
+            mixed_precision="no",
+            is_main_process=rank == 0,
+            device=torch.device("cpu"),
+            torch_device_mesh=None,
+            parallelism_config=None,
+        )
         return fsdp2_prepare_model(accelerator, model)
 
     model = adapted()
@@ -324,7 +357,9 @@ def _fsdp_worker(moe: str, out: str) -> None:
     uninterrupted = adam_steps(first, first_optimizer, [3, 4])
     resumed = wrap(adapted())
     resumed_optimizer = adam(resumed)
-    trainer = SimpleNamespace(model_wrapped=resumed, optimizer=resumed_optimizer, adapter_layout=layout, train_routers=True, router_names=router_names, is_fsdp_enabled=True)
+    trainer = SimpleNamespace(
+        model_wrapped=resumed, optimizer=resumed_optimizer, adapter_layout=layout, train_routers=True, router_names=router_names, is_fsdp_enabled=True
+    )
     MoeSFTTrainer._load_sharded(trainer, checkpoint)
     from moekit.finetune.distributed import load_fsdp_optimizer
 
@@ -332,7 +367,9 @@ def _fsdp_worker(moe: str, out: str) -> None:
     optimizer_dtypes = sorted({str(value.dtype) for state in resumed_optimizer.state.values() for key, value in state.items() if key != "step"})
     resumed_losses = adam_steps(resumed, resumed_optimizer, [3, 4])
     # the quant_state each Linear4bit keeps (FSDP hands the forward a new weight tensor, bitsandbytes puts it back on it)
-    cpu_repacked = sum(bool(getattr(getattr(module, "quant_state", None), "packing_format_for_cpu", False)) for net in (first, resumed) for module in net.modules())
+    cpu_repacked = sum(
+        bool(getattr(getattr(module, "quant_state", None), "packing_format_for_cpu", False)) for net in (first, resumed) for module in net.modules()
+    )
 
     # the dtypes of a GPU run: 4-bit codes, norms and embeddings in bf16, LoRA and routers float32, bf16 autocast
     from moekit.finetune.trainer import trainables_to_float32
@@ -361,11 +398,16 @@ def _fsdp_worker(moe: str, out: str) -> None:
         names = {id(param): name for name, param in reference.named_parameters()}
         fsdp_sgd_state = torch.load(Path(out) / "sgd_optimizer.bin", weights_only=True)
         resumed_sgd.load_state_dict(optimizer_state_from_fsdp(fsdp_sgd_state, resumed_sgd, names))
-        optimizer_difference = max(float((resumed_sgd.state[p]["momentum_buffer"] - reference_optimizer.state[p]["momentum_buffer"]).abs().max()) for p in trainable)
+        optimizer_difference = max(
+            float((resumed_sgd.state[p]["momentum_buffer"] - reference_optimizer.state[p]["momentum_buffer"]).abs().max()) for p in trainable
+        )
         expected = {name: param.detach() for name, param in reference.named_parameters() if param.requires_grad}
         update_difference = max(float((trained[name] - expected[name]).abs().max()) for name in expected)
         save_adapter(reference, Path(out) / "reference_adapter", routers=_router_modules(reference))
-        saved, wanted = load_file(str(Path(out) / "adapter" / "adapter_model.safetensors")), load_file(str(Path(out) / "reference_adapter" / "adapter_model.safetensors"))
+        saved, wanted = (
+            load_file(str(Path(out) / "adapter" / "adapter_model.safetensors")),
+            load_file(str(Path(out) / "reference_adapter" / "adapter_model.safetensors")),
+        )
         _loaded, counts = load_adapter(load(), Path(out) / "adapter")
         report = {
             "units": units,

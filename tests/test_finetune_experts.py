@@ -25,7 +25,12 @@ def canonical_tensors(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
     if family == "mixtral":
         return {"gate_up_proj": rand(EXPERTS, 2 * INTER, HIDDEN), "down_proj": rand(EXPERTS, HIDDEN, INTER)}
-    return {"fc1.weight": rand(EXPERTS, INTER, HIDDEN), "fc1.bias": rand(EXPERTS, INTER), "fc2.weight": rand(EXPERTS, HIDDEN, INTER), "fc2.bias": rand(EXPERTS, HIDDEN)}
+    return {
+        "fc1.weight": rand(EXPERTS, INTER, HIDDEN),
+        "fc1.bias": rand(EXPERTS, INTER),
+        "fc2.weight": rand(EXPERTS, HIDDEN, INTER),
+        "fc2.bias": rand(EXPERTS, HIDDEN),
+    }
 
 
 def make_block(family, bits, device, dtype, experts=None):
@@ -148,7 +153,9 @@ def test_identical_experts_equal_one_dense_mlp(bits):
 def test_factory_refuses_wrong_tensors():
     tensors = canonical_tensors("mixtral")
     with pytest.raises(ValueError, match="down_proj"):
-        build_expert_block("mixtral", {**tensors, "down_proj": tensors["down_proj"][:, :, :5]}, bits=16, compute_dtype=torch.float32, device="cpu", act_fn=nn.SiLU())
+        build_expert_block(
+            "mixtral", {**tensors, "down_proj": tensors["down_proj"][:, :, :5]}, bits=16, compute_dtype=torch.float32, device="cpu", act_fn=nn.SiLU()
+        )
     with pytest.raises(ValueError, match="must be"):
         build_expert_block("phixtral", tensors, bits=16, compute_dtype=torch.float32, device="cpu", act_fn=nn.SiLU())
 

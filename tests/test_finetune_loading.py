@@ -41,7 +41,9 @@ def write_fused_layout(legacy: Path, out: Path) -> Path:
     for layer in {int(key.split(".")[2]) for key in tensors if key.startswith("model.layers.")}:
         prefix = f"model.layers.{layer}.block_sparse_moe.experts"
         experts = range(NUM_EXPERTS)
-        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([tensors[f"{prefix}.{e}.w1.weight"], tensors[f"{prefix}.{e}.w3.weight"]]) for e in experts])
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[f"{prefix}.{e}.w1.weight"], tensors[f"{prefix}.{e}.w3.weight"]]) for e in experts]
+        )
         fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([tensors[f"{prefix}.{e}.w2.weight"] for e in experts])
     save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
@@ -64,7 +66,9 @@ def checkpoints(tmp_path_factory, tiny_tokenizer, llama_family) -> dict[str, Pat
     assert (sharded / "model.safetensors.index.json").is_file()
     tied = make_dense_checkpoint(root / "mixtral-tied", "mixtral", seed=2, tokenizer=tiny_tokenizer, tie_word_embeddings=True)
     assert "lm_head.weight" not in load_file(str(tied / "model.safetensors"))
-    settings = {k: v for k, v in tiny_config("phi", len(tiny_tokenizer)).to_dict().items() if k not in ("model_type", "architectures", "transformers_version", "dtype")}
+    settings = {
+        k: v for k, v in tiny_config("phi", len(tiny_tokenizer)).to_dict().items() if k not in ("model_type", "architectures", "transformers_version", "dtype")
+    }
     torch.manual_seed(3)
     phixtral = root / "phixtral"
     PhixtralForCausalLM(PhixtralConfig(**settings, num_local_experts=3)).save_pretrained(phixtral)
@@ -223,7 +227,8 @@ def test_bad_targets_and_data_are_refused_before_any_weight_is_read(unreadable_w
 
 # --- memory -------------------------------------------------------------------------------------
 
-# Runs in a fresh process: imports what loading needs (as `moekit finetune` has before it loads), notes its resident set, loads, and reports its peak. The peak is the
+# Runs in a fresh process: imports what loading needs (as `moekit finetune` has before it loads), notes its resident set,
+# loads, and reports its peak. The peak is the
 # kernel's high-water mark of this process's memory (VmHWM), not wait4's ru_maxrss: after a fork (or vfork) and exec, that
 # also counts the parent's resident set at the fork, and pytest's is larger than the figures measured here.
 LOAD_IN_CHILD = """
@@ -244,7 +249,9 @@ print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
 
 def peak_growth(path: Path, loader: str, bits: int = 4) -> int:
     """Peak resident memory of a process loading `path`, above its resident set before loading (bytes)."""
-    result = subprocess.run([sys.executable, "-c", LOAD_IN_CHILD, str(path), loader, str(bits)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_CHILD, str(path), loader, str(bits)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.splitlines()[-1])
     return figures["peak"] - figures["baseline"]
@@ -262,7 +269,10 @@ def test_streaming_peak_memory_stays_far_below_the_checkpoint(tmp_path, tiny_tok
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     assert 150e6 < size < 400e6
     streaming4, streaming16, old = peak_growth(path, "streaming", 4), peak_growth(path, "streaming", 16), peak_growth(path, "from_pretrained")
-    figures = f"for a {size / 1e6:.0f} MB checkpoint: streaming {streaming4 / 1e6:.0f} MB (bits 4), {streaming16 / 1e6:.0f} MB (bits 16); from_pretrained {old / 1e6:.0f} MB"
+    figures = (
+        f"for a {size / 1e6:.0f} MB checkpoint: streaming {streaming4 / 1e6:.0f} MB (bits "
+        f"4), {streaming16 / 1e6:.0f} MB (bits 16); from_pretrained {old / 1e6:.0f} MB"
+    )
     assert old > 1.5 * size, figures
     assert streaming16 < 1.25 * size, figures
     assert streaming4 < 0.75 * size, figures

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from moekit.errors import SourceError, TargetError, TrainingError
-from moekit.finetune.options import TrainingOptions
 from moekit.finetune.experts import ExpertBlock, path_counts
 from moekit.finetune.loading import load_for_training
+from moekit.finetune.options import TrainingOptions
 from moekit.finetune.quantize import count_quantized, quantize_moe
 from moekit.finetune.targets import (
     apply_targets,
@@ -139,7 +139,9 @@ def test_phixtral_experts_quantized_and_16bit_exact(tiny_tokenizer):
     from moekit.models.phixtral.modeling_phixtral import PhixtralForCausalLM
     from moekit.testing import tiny_config
 
-    settings = {k: v for k, v in tiny_config("phi", len(tiny_tokenizer)).to_dict().items() if k not in ("model_type", "architectures", "transformers_version", "dtype")}
+    settings = {
+        k: v for k, v in tiny_config("phi", len(tiny_tokenizer)).to_dict().items() if k not in ("model_type", "architectures", "transformers_version", "dtype")
+    }
     torch.manual_seed(0)
     model = PhixtralForCausalLM(PhixtralConfig(**settings, num_local_experts=3)).eval()
     ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
@@ -284,7 +286,9 @@ def test_verify_changed_names_untouched_targets(moe_dir, input_ids):
     model, _ = apply_targets(load_for_training(moe_dir, bits=4, device_map="cpu"), TrainingOptions(target="experts,gate", lora_r=4))
     snapshot = snapshot_trainable(model)
     # the optimizer leaves out layer 1's down_proj adapters and layer 0's router, as a broken trainer might
-    params = [p for name, p in model.named_parameters() if p.requires_grad and "layers.1.mlp.experts.lora_B_down" not in name and "layers.0.mlp.gate" not in name]
+    params = [
+        p for name, p in model.named_parameters() if p.requires_grad and "layers.1.mlp.experts.lora_B_down" not in name and "layers.0.mlp.gate" not in name
+    ]
     train_steps(model, input_ids, steps=1, params=params)
     with pytest.raises(TrainingError) as error:
         verify_changed(snapshot, model)
@@ -443,7 +447,9 @@ def test_grouped_experts_equal_the_expert_by_expert_path(moe_dir, input_ids, bit
         model.zero_grad()
         output = model(input_ids=input_ids, labels=input_ids)
         output.loss.backward()
-        assert path_counts(model) == ({"grouped": 2 * NUM_LAYERS, "per_expert": 0} if grouped else {"grouped": 0, "per_expert": 2 * NUM_LAYERS})  # checkpointing recomputes
+        assert path_counts(model) == (
+            {"grouped": 2 * NUM_LAYERS, "per_expert": 0} if grouped else {"grouped": 0, "per_expert": 2 * NUM_LAYERS}
+        )  # checkpointing recomputes
         results[grouped] = output.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     tol = {"atol": 1e-5, "rtol": 1e-4} if bits == 16 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(results[True][0], results[False][0], **tol)

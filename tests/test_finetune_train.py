@@ -63,8 +63,30 @@ def trained(moe, chat_data, workdir):
 def expert1(moe, chat_data, workdir):
     """Trained through the real CLI (main() returns normally on success)."""
     out = workdir / "expert1"
-    main(["finetune", str(moe), "--data", str(chat_data), "-o", str(out), "--max-steps", "4", "--target", "experts", "--experts", "1",
-          "--batch-size", "4", "--max-seq-len", "64", "--lora-r", "8", "--learning-rate", "5e-3"])
+    main(
+        [
+            "finetune",
+            str(moe),
+            "--data",
+            str(chat_data),
+            "-o",
+            str(out),
+            "--max-steps",
+            "4",
+            "--target",
+            "experts",
+            "--experts",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-seq-len",
+            "64",
+            "--lora-r",
+            "8",
+            "--learning-rate",
+            "5e-3",
+        ]
+    )
     return out
 
 
@@ -75,6 +97,7 @@ def logits(model, input_ids) -> torch.Tensor:
 
 def changed_tensors(base: Path, other: Path) -> set[str]:
     """Names of the tensors whose values differ between two checkpoints of the same layout."""
+
     def read(model_dir):
         tensors = {}
         for file in model_dir.glob("*.safetensors"):
@@ -85,8 +108,6 @@ def changed_tensors(base: Path, other: Path) -> set[str]:
     a, b = read(base), read(other)
     assert set(a) == set(b)
     return {key for key in a if not torch.equal(a[key], b[key])}
-
-
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -166,7 +187,9 @@ def test_loss_covers_exactly_the_assistant_reply(moe, tmp_path, form):
     rows = [{"prompt": "2 + 3 =", "completion": "5. The quick brown fox."}] if form == "prompt_completion" else [{"messages": turns}]
     tokenizer = AutoTokenizer.from_pretrained(moe)
     if form == "unmarked_template":  # no {% generation %} markers: the last reply is trained as a completion
-        tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+        tokenizer.chat_template = (
+            "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+        )
     data = load_training_data(str(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer)
     options = FinetuneOptions(data="unused", target="attn", max_steps=1, **QUICK)
     model, _ = apply_targets(load_for_training(moe, bits=16, compute_dtype=torch.float32, device_map="cpu"), options)
@@ -328,8 +351,11 @@ def test_export_changes_only_expert_1(expert1, moe, tmp_path, capsys, tiny_token
     dequantized = tmp_path / "dequantized"
     code, output = run_cli(["export", str(expert1), "-o", str(dequantized)], capsys)
     assert code == 0, output
-    assert changed_tensors(out, dequantized) == {f"model.layers.{layer}.{name}" for layer in range(2)
-                                                 for name in [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(3) for w in ("w1", "w2", "w3")]}
+    assert changed_tensors(out, dequantized) == {
+        f"model.layers.{layer}.{name}"
+        for layer in range(2)
+        for name in [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(3) for w in ("w1", "w2", "w3")]
+    }
     assert json.loads((dequantized / "moekit.json").read_text())["finetune"]["merge_into"] == "dequantized"
 
 

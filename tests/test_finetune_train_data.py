@@ -39,7 +39,9 @@ def test_prompt_completion_strings_become_a_conversation_and_parquet_dirs_load(t
 
 def test_template_without_generation_markers_trains_the_last_reply(tmp_path):
     tokenizer = make_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     rows = [{"messages": CHAT[0]["messages"] + [{"role": "user", "content": "and 3 + 3?"}, {"role": "assistant", "content": "6"}]}]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     data = load_training_data(str(tmp_path / "d.json"), tokenizer)

@@ -42,8 +42,12 @@ def test_phixtral_expert_and_router_finetune_exports_exactly(tmp_path, tiny_toke
     # the default merges into the dequantized 4-bit weights: every quantized linear weight differs from the
     # original-weights export (attention, all experts), never a bias, norm, embedding or lm_head
     quantized = changed_tensors(exported, export(out, tmp_path / "dequantized"))
-    assert {key for key in quantized if ".experts." in key} == {f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer in range(2) for e in range(2) for p in ("fc1", "fc2")}
-    assert any(".self_attn." in key for key in quantized) and all(key.endswith(".weight") and "norm" not in key and "embed" not in key and "lm_head" not in key for key in quantized)
+    assert {key for key in quantized if ".experts." in key} == {
+        f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer in range(2) for e in range(2) for p in ("fc1", "fc2")
+    }
+    assert any(".self_attn." in key for key in quantized) and all(
+        key.endswith(".weight") and "norm" not in key and "embed" not in key and "lm_head" not in key for key in quantized
+    )
 
     # stock transformers (remote code) + PEFT, without moekit: per-expert fc1/fc2 LoRA of expert 1 and the routers
     from test_finetune_quant import run_stock_peft

@@ -10,7 +10,13 @@ TESTS = Path(__file__).parent
 
 
 def test_gpu_lane_selects_tests():
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(TESTS)],
-                          capture_output=True, text=True, cwd=TESTS.parent, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(TESTS)],
+        capture_output=True,
+        text=True,
+        cwd=TESTS.parent,
+        timeout=600,
+        check=False,
+    )
     selected = [line for line in done.stdout.splitlines() if "::" in line]
     assert done.returncode == 0 and selected, done.stdout[-3000:] + done.stderr[-3000:]

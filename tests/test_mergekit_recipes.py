@@ -106,7 +106,9 @@ def test_hidden_avg_is_mergekits_where_mergekit_pads_nothing(tmp_path, tiny_toke
     moekit over the prompt's own tokens. With one prompt per expert there is no padding and the two agree."""
     text = (RECIPES / "llama3-hidden-avg.yaml").read_text()
     text = text.replace('["Hello, how can I help you today?", "Tell me about yourself"]', '["Hello, how can I help you today?"]')
-    text = text.replace('["def quicksort(arr):", "SELECT name FROM users WHERE"]', '["def quicksort(arr):"]').replace('    negative_prompts: ["Tell me about yourself"]\n', "")
+    text = text.replace('["def quicksort(arr):", "SELECT name FROM users WHERE"]', '["def quicksort(arr):"]').replace(
+        '    negative_prompts: ["Tell me about yourself"]\n', ""
+    )
     text = localize(text, "llama", tmp_path / "models", tiny_tokenizer)
     assert build_with_mergekit(text, tmp_path / "mergekit")
     build(parse_recipe(text), tmp_path / "moekit", BuildOptions(device="cpu"))

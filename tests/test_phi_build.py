@@ -144,8 +144,6 @@ def test_router_input_is_what_the_moe_block_sees(arch, base_class, request, tiny
     assert checked == 2 * prompts.tokens  # every real token of every prompt, at both layers
 
 
-
-
 def assert_refused(tmp_path: Path, text: str, capsys, *expected: str) -> None:
     recipe_path, out = tmp_path / "r.yaml", tmp_path / "out"
     recipe_path.write_text(text)
@@ -169,7 +167,14 @@ def test_mixing_phi2_expert_into_phi3_base_is_refused(phi2, phi3, tmp_path, caps
             {
                 "max_position_embeddings": 64,
                 "original_max_position_embeddings": 16,
-                "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "partial_rotary_factor": 1.0, "original_max_position_embeddings": 16},
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "rope_theta": 10000.0,
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "partial_rotary_factor": 1.0,
+                    "original_max_position_embeddings": 16,
+                },
             },
             "'longrope'",
         ),
@@ -187,7 +192,9 @@ def test_phi3_settings_mixtral_cannot_express_are_refused(overrides, setting, tm
 def test_phi_msft_layout_is_refused(tmp_path, phi2, capsys):
     legacy = tmp_path / "models" / "phi-msft"
     legacy.mkdir(parents=True)
-    (legacy / "config.json").write_text(json.dumps({"model_type": "phi-msft", "architectures": ["PhiForCausalLM"], "auto_map": {"AutoConfig": "configuration_phi.PhiConfig"}, "n_embd": 64}))
+    (legacy / "config.json").write_text(
+        json.dumps({"model_type": "phi-msft", "architectures": ["PhiForCausalLM"], "auto_map": {"AutoConfig": "configuration_phi.PhiConfig"}, "n_embd": 64})
+    )
     save_file({"transformer.h.0.mixer.Wqkv.weight": torch.zeros(192, 64), "layers.0.mlp.fc1.weight": torch.zeros(128, 64)}, legacy / "model.safetensors")
     assert_refused(tmp_path, recipe(phi2["base"], [phi2["e0"], legacy]), capsys, "phi-msft", str(legacy))
 

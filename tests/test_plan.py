@@ -63,7 +63,9 @@ def test_weights_trainable_and_optimizer_states_by_hand(mixtral_config):
     assert plan.part("weights", "embeddings + lm_head") == 2 * VOCAB * H * 2  # untied, bf16
     assert plan.part("weights", "norms") == (L * 2 * H + H) * 2
     # experts: one 4-bit tensor per projection for all experts (gate_up E x 2I x H, down E x H x I)
-    constants = L * (2 * (nf4_bytes(64 * 64) - 2048) + 2 * (nf4_bytes(32 * 64) - 1024) + nf4_bytes(E * 2 * H * I) - E * H * I + nf4_bytes(E * H * I) - E * H * I // 2)
+    constants = L * (
+        2 * (nf4_bytes(64 * 64) - 2048) + 2 * (nf4_bytes(32 * 64) - 1024) + nf4_bytes(E * 2 * H * I) - E * H * I + nf4_bytes(E * H * I) - E * H * I // 2
+    )
     assert plan.part("weights", "quantization constants") == constants
     # LoRA r=16: attention r*(in+out) summed = 16*(128+96+96+128); experts 16*((64+256) + (128+64)) per expert (fused gate_up)
     attn, experts, gate = L * 16 * 448, L * E * 16 * 512, L * E * H
@@ -141,7 +143,8 @@ def test_expert_linears_and_grouped_path_come_from_the_expert_block(family, inte
     shape = shape_from_config(config)
 
     assert [(lin.name, lin.out_features, lin.in_features, lin.bias) for lin in shape.expert_mlp] == [
-        (name, *block.storage(name).shape[1:], hasattr(block, f"{name}_bias")) for name in block.projections]
+        (name, *block.storage(name).shape[1:], hasattr(block, f"{name}_bias")) for name in block.projections
+    ]
     dims = [size for lin in shape.expert_mlp for size in (lin.out_features, lin.in_features)]
     inputs = torch.zeros(2, config.hidden_size, dtype=torch.bfloat16)
     if hasattr(torch.nn.functional, "grouped_mm"):
@@ -168,8 +171,16 @@ def test_four_by_seven_b_shape_matches_the_measured_gpu_peak():
     """The H100 measurement of benchmarks/plan_accuracy.py (4x7B, seq 1024, batch 2, r=16 on attn+experts)."""
     from transformers import MixtralConfig
 
-    config = MixtralConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=32000, num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     plan = estimate(config, opts(target=["attn", "experts"], batch_size=2, max_seq_len=1024))
     # counted byte for byte on the quantized GPU model (12,850,931,712 with per-expert 4-bit tensors before the
     # expert block stored one tensor per projection; the CPU tests below check the count against the module)
@@ -219,11 +230,14 @@ def test_weights_equal_the_bytes_of_the_quantized_model(mixtral_config, bits):
     assert _stored_bytes(model) == estimate(mixtral_config, opts(bits=bits)).group_bytes("weights")
 
 
-@pytest.mark.parametrize("request_", [
-    {"target": ["gate"]},
-    {"target": ["attn", "experts"], "experts": [0, 2], "lora_r": 4},
-    {"target": ["experts", "gate"], "layers": [1], "lora_r": 8},
-])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"target": ["gate"]},
+        {"target": ["attn", "experts"], "experts": [0, 2], "lora_r": 4},
+        {"target": ["experts", "gate"], "layers": [1], "lora_r": 8},
+    ],
+)
 def test_trainable_counts_equal_apply_targets(mixtral_config, request_):
     from transformers import AutoModelForCausalLM
 
@@ -256,8 +270,18 @@ def test_fit_verdict_and_largest_settings(mixtral_config):
 def test_render_and_to_dict(mixtral_config):
     plan = estimate(mixtral_config, opts(), gpu_memory=24 * 10**9)
     text = plan.render()
-    for part in ("attention", "experts", "routers", "embeddings + lm_head", "quantization constants", "LoRA adapters",
-                 "optimizer states", "checkpointed layer inputs", "predicted peak", "on a 24.00 GB GPU: fits"):
+    for part in (
+        "attention",
+        "experts",
+        "routers",
+        "embeddings + lm_head",
+        "quantization constants",
+        "LoRA adapters",
+        "optimizer states",
+        "checkpointed layer inputs",
+        "predicted peak",
+        "on a 24.00 GB GPU: fits",
+    ):
         assert part in text
     data = json.loads(json.dumps(plan.to_dict()))
     assert data["peak_bytes"] == plan.peak_bytes and data["fits"] is True

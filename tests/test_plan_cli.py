@@ -43,9 +43,25 @@ def test_every_training_option_is_a_plan_option_spelled_as_in_finetune():
 
 
 def test_plan_prints_the_breakdown_and_json(capsys, model_dir):
-    code, out, _ = run(capsys, model_dir, "--target", "experts,gate", "--experts", "0,2", "--lora-r", "8",
-                       "--batch-size", "1", "--max-seq-len", "128", "--no-gradient-checkpointing", "--optimizer", "adamw_8bit",
-                       "--gpu-memory", "24GB")
+    code, out, _ = run(
+        capsys,
+        model_dir,
+        "--target",
+        "experts,gate",
+        "--experts",
+        "0,2",
+        "--lora-r",
+        "8",
+        "--batch-size",
+        "1",
+        "--max-seq-len",
+        "128",
+        "--no-gradient-checkpointing",
+        "--optimizer",
+        "adamw_8bit",
+        "--gpu-memory",
+        "24GB",
+    )
     assert code == 0
     assert "target experts,gate, LoRA r=8, batch 1 x 128 tokens, gradient checkpointing off, adamw_8bit" in out
     assert "on a 24.00 GB GPU: fits" in out
@@ -62,14 +78,17 @@ def test_plan_help_does_not_import_torch():
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--batch-size", "0"], 2, "invalid --batch-size: Input should be greater than or equal to 1"),
-    (["--gpu-memory", "lots"], 2, "cannot read size 'lots'"),
-    (["--gpu-memory", "0GB"], 2, "must be positive"),
-    (["--target", "experts,mlp"], 2, "unknown target 'mlp'"),
-    (["--max-seq-len", "4096"], 1, "beyond the model's max_position_embeddings (256)"),
-    (["--experts", "9", "--max-seq-len", "128"], 1, "expert index 9 is out of range"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--batch-size", "0"], 2, "invalid --batch-size: Input should be greater than or equal to 1"),
+        (["--gpu-memory", "lots"], 2, "cannot read size 'lots'"),
+        (["--gpu-memory", "0GB"], 2, "must be positive"),
+        (["--target", "experts,mlp"], 2, "unknown target 'mlp'"),
+        (["--max-seq-len", "4096"], 1, "beyond the model's max_position_embeddings (256)"),
+        (["--experts", "9", "--max-seq-len", "128"], 1, "expert index 9 is out of range"),
+    ],
+)
 def test_bad_options(capsys, model_dir, args, code, message):
     exit_code, out, err = run(capsys, model_dir, *args)
     assert exit_code == code

@@ -132,10 +132,23 @@ def test_eval_report_becomes_model_index_table_and_charts(hub_build, tmp_path):
     shutil.copytree(hub_build, model_dir)
     report_dir = tmp_path / "report"
     report_dir.mkdir()
-    report = {"models": [
-        {"name": "tiny-moe", "path": str(model_dir), "role": "moe", "metrics": {"code": {"perplexity": 12.3456, "loss": 2.5133, "tokens": 900}, "prose": {"perplexity": 20.5, "loss": 3.02, "tokens": 800}}},
-        {"name": "acme/tiny-code", "path": "x", "role": "source", "metrics": {"code": {"perplexity": 11.0, "loss": 2.4, "tokens": 900}, "prose": {"perplexity": 31.0, "loss": 3.4, "tokens": 800}}},
-    ], "routing": {}}
+    report = {
+        "models": [
+            {
+                "name": "tiny-moe",
+                "path": str(model_dir),
+                "role": "moe",
+                "metrics": {"code": {"perplexity": 12.3456, "loss": 2.5133, "tokens": 900}, "prose": {"perplexity": 20.5, "loss": 3.02, "tokens": 800}},
+            },
+            {
+                "name": "acme/tiny-code",
+                "path": "x",
+                "role": "source",
+                "metrics": {"code": {"perplexity": 11.0, "loss": 2.4, "tokens": 900}, "prose": {"perplexity": 31.0, "loss": 3.4, "tokens": 800}},
+            },
+        ],
+        "routing": {},
+    }
     (report_dir / "report.json").write_text(json.dumps(report))
     plt.figure(figsize=(2, 2))
     plt.plot([1, 2])
@@ -166,10 +179,18 @@ def test_adapter_card_states_its_base_and_training(hub_build, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(hub_build, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(finetune_dir / "adapter")
-    (finetune_dir / "moekit-finetune.json").write_text(json.dumps({
-        "kind": "finetune", "base_model": str(hub_build), "base_model_path": str(hub_build), "datasets": ["acme/chat-data", "data/train.jsonl"],
-        "options": {"learning_rate": 0.0002, "lora_r": 2, "target": ["attention", "gate"], "bits": 4}, "losses": {"first": 3.25, "last": 1.5},
-    }))
+    (finetune_dir / "moekit-finetune.json").write_text(
+        json.dumps(
+            {
+                "kind": "finetune",
+                "base_model": str(hub_build),
+                "base_model_path": str(hub_build),
+                "datasets": ["acme/chat-data", "data/train.jsonl"],
+                "options": {"learning_rate": 0.0002, "lora_r": 2, "target": ["attention", "gate"], "bits": 4},
+                "losses": {"first": 3.25, "last": 1.5},
+            }
+        )
+    )
     card = model_card(finetune_dir, base_model="me/tiny-moe")
     data = card.data.to_dict()
     assert data["base_model"] == ["me/tiny-moe"] and data["base_model_relation"] == "adapter"
@@ -214,22 +235,33 @@ def test_a_card_shows_its_own_models_rows_and_marks_sets_overlapping_training(hu
     finetune_dir = tmp_path / "ft"
     model = AutoModelForCausalLM.from_pretrained(hub_build, dtype=torch.float32)
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(finetune_dir / "adapter")
-    (finetune_dir / "moekit-finetune.json").write_text(json.dumps({
-        "kind": "finetune", "base_model": str(hub_build), "base_model_path": str(hub_build), "datasets": ["train.jsonl"]}))
+    (finetune_dir / "moekit-finetune.json").write_text(
+        json.dumps({"kind": "finetune", "base_model": str(hub_build), "base_model_path": str(hub_build), "datasets": ["train.jsonl"]})
+    )
     metrics = lambda chat, held: {"chat": {"perplexity": chat, "loss": 1.0}, "held": {"perplexity": held, "loss": 1.0}}  # noqa: E731
-    report = {"model": {"name": "tiny-moe"}, "routing": {"model": "tiny-moe"}, "models": [
-        {"name": "tiny-moe", "path": str(hub_build), "role": "moe", "metrics": metrics(10.0, 11.0)},
-        {"name": "tiny-moe+ft", "path": str(finetune_dir), "adapter": str(finetune_dir), "role": "moe", "metrics": metrics(5.0, 10.5)},
-        {"name": "acme/tiny-code", "path": "x", "role": "source", "metrics": metrics(12.0, 12.5)},
-    ], "data": {"chat": {"source": "train.jsonl", "overlaps_training": {"model": "tiny-moe+ft", "training_data": "train.jsonl", "documents": 8, "of": 8}},
-                "held": {"source": "held.jsonl"}}}
+    report = {
+        "model": {"name": "tiny-moe"},
+        "routing": {"model": "tiny-moe"},
+        "models": [
+            {"name": "tiny-moe", "path": str(hub_build), "role": "moe", "metrics": metrics(10.0, 11.0)},
+            {"name": "tiny-moe+ft", "path": str(finetune_dir), "adapter": str(finetune_dir), "role": "moe", "metrics": metrics(5.0, 10.5)},
+            {"name": "acme/tiny-code", "path": "x", "role": "source", "metrics": metrics(12.0, 12.5)},
+        ],
+        "data": {
+            "chat": {"source": "train.jsonl", "overlaps_training": {"model": "tiny-moe+ft", "training_data": "train.jsonl", "documents": 8, "of": 8}},
+            "held": {"source": "held.jsonl"},
+        },
+    }
 
     build_card = model_card(hub_build, report=report)
     text = str(build_card)
     assert "| tiny-moe | moe | 10.000 | 11.000 |" in text and "| acme/tiny-code | source | 12.000 | 12.500 |" in text
     assert "tiny-moe+ft" not in text and "‡" not in text  # the fine-tune's row and its training-data mark are not this model's
     _, results = model_index_to_eval_results(build_card.data.to_dict()["model-index"])
-    assert {(r.dataset_name, r.metric_type): r.metric_value for r in results if r.metric_type == "perplexity"} == {("chat", "perplexity"): 10.0, ("held", "perplexity"): 11.0}
+    assert {(r.dataset_name, r.metric_type): r.metric_value for r in results if r.metric_type == "perplexity"} == {
+        ("chat", "perplexity"): 10.0,
+        ("held", "perplexity"): 11.0,
+    }
 
     text = str(model_card(finetune_dir, report=report, base_model="me/tiny-moe"))
     assert "| tiny-moe+ft | moe | 5.000 | 10.500 |" in text

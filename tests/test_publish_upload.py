@@ -108,8 +108,15 @@ class HubHandler(BaseHTTPRequestHandler):
             if action == "preupload":
                 payload = json.loads(body)
                 record["json"] = payload
-                modes = [{"path": f["path"], "uploadMode": "lfs" if f["size"] > LFS_THRESHOLD else "regular", "shouldIgnore": False,
-                          "oid": files[f["path"]][0] if f["path"] in files else None} for f in payload["files"]]
+                modes = [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "lfs" if f["size"] > LFS_THRESHOLD else "regular",
+                        "shouldIgnore": False,
+                        "oid": files[f["path"]][0] if f["path"] in files else None,
+                    }
+                    for f in payload["files"]
+                ]
                 return "preupload", 200, {"files": modes}
             if action == "commit":
                 lines = [json.loads(line) for line in body.decode().splitlines() if line]
@@ -163,8 +170,20 @@ def hub():
 def moe_dir(llama_family, tmp_path_factory) -> Path:
     """A tiny build, with a trainer checkpoint and a cache that must not be uploaded."""
     out = tmp_path_factory.mktemp("publish") / "tiny-moe"
-    text = "\n".join([f"base_model: {llama_family['base']}", "gate_mode: random", "dtype: float32", "experts_per_token: 1", "experts:",
-                      f"  - source_model: {llama_family['e0']}", f"  - source_model: {llama_family['e1']}", "moekit:", "  license: apache-2.0", ""])
+    text = "\n".join(
+        [
+            f"base_model: {llama_family['base']}",
+            "gate_mode: random",
+            "dtype: float32",
+            "experts_per_token: 1",
+            "experts:",
+            f"  - source_model: {llama_family['e0']}",
+            f"  - source_model: {llama_family['e1']}",
+            "moekit:",
+            "  license: apache-2.0",
+            "",
+        ]
+    )
     build(parse_recipe(text), out, BuildOptions(device="cpu"), recipe_text=text)
     (out / "checkpoints" / "checkpoint-5").mkdir(parents=True)
     (out / "checkpoints" / "checkpoint-5" / "optimizer.pt").write_bytes(b"\0" * 2048)
@@ -176,16 +195,26 @@ def moe_dir(llama_family, tmp_path_factory) -> Path:
 def run_publish(args: list[str], endpoint: str, tmp_path: Path, token: str | None = TOKEN) -> subprocess.CompletedProcess:
     """The real CLI in a fresh process: huggingface_hub reads HF_ENDPOINT when it is imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
-               HF_HOME=str(tmp_path / "hf-home"), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="5")
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HUB_OFFLINE="0",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_ETAG_TIMEOUT="2",
+        HF_HUB_DOWNLOAD_TIMEOUT="5",
+    )
     if token:
         env["HF_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "moekit", "publish", *args], check=False, env=env, capture_output=True, text=True, timeout=120)
 
 
 def uploaded_tree(model_dir: Path) -> dict[str, bytes]:
-    return {p.relative_to(model_dir).as_posix(): p.read_bytes() for p in sorted(model_dir.rglob("*"))
-            if p.is_file() and "checkpoints" not in p.parts and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(model_dir).as_posix(): p.read_bytes()
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and "checkpoints" not in p.parts and "__pycache__" not in p.parts
+    }
 
 
 def test_upload_creates_repo_and_commits_the_folder_once(hub, moe_dir, tmp_path):
@@ -256,7 +285,7 @@ def test_dry_run_lists_files_and_card_and_touches_nothing(hub, moe_dir, tmp_path
     assert hub.requests == []  # nothing remote, not even without a token
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"would upload {len(before)} files")
-    listed = [line.split()[0] for line in lines[1:lines.index("")]]
+    listed = [line.split()[0] for line in lines[1 : lines.index("")]]
     assert sorted(listed) == sorted(before)  # exactly the files an upload sends
     assert "checkpoints/checkpoint-5/optimizer.pt" not in done.stdout
     assert "base_model_relation: merge" in done.stdout and 'from_pretrained("me/dry"' in done.stdout
@@ -276,11 +305,14 @@ def test_token_is_never_written_to_the_folder(hub, moe_dir, tmp_path):
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("remove, message", [
-    ("model.safetensors", "model weights"),
-    ("config.json", "config.json"),
-    ("tokenizer.json", "tokenizer files"),
-])
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        ("model.safetensors", "model weights"),
+        ("config.json", "config.json"),
+        ("tokenizer.json", "tokenizer files"),
+    ],
+)
 def test_incomplete_directory_is_refused_with_what_is_missing(hub, moe_dir, tmp_path, remove, message):
     import shutil
 
@@ -303,7 +335,9 @@ def test_missing_shard_is_named(moe_dir, tmp_path):
     sharded = tmp_path / "sharded"
     shutil.copytree(moe_dir, sharded)
     (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     with pytest.raises(PublishError, match="weight shards listed in model.safetensors.index.json: model-00002-of-00002.safetensors"):
         publish(sharded, "me/x", dry_run=True)
 
@@ -363,13 +397,15 @@ def test_dry_run_lists_exactly_what_the_upload_sends_with_a_report(hub, moe_dir,
     shutil.copytree(moe_dir, model_dir)
     report_dir = tmp_path / "eval-out"
     report_dir.mkdir()
-    (report_dir / "report.json").write_text(json.dumps({"models": [{"name": "moe", "path": str(model_dir), "role": "moe", "metrics": {"code": {"perplexity": 9.5, "loss": 2.25, "tokens": 10}}}]}))
+    (report_dir / "report.json").write_text(
+        json.dumps({"models": [{"name": "moe", "path": str(model_dir), "role": "moe", "metrics": {"code": {"perplexity": 9.5, "loss": 2.25, "tokens": 10}}}]})
+    )
     (report_dir / "perplexity.png").write_bytes(b"\x89PNG not really")
     args = [str(model_dir), "--repo-id", "me/evaluated", "--report", str(report_dir)]
     dry = run_publish([*args, "--dry-run"], hub.endpoint, tmp_path)
     assert dry.returncode == 0, dry.stderr[-3000:]
     lines = dry.stdout.splitlines()
-    listed = [line.split()[0] for line in lines[1:lines.index("")]]
+    listed = [line.split()[0] for line in lines[1 : lines.index("")]]
     assert not (model_dir / "eval").exists()  # a dry run copies nothing
     done = run_publish(args, hub.endpoint, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -381,6 +417,9 @@ def test_dry_run_lists_exactly_what_the_upload_sends_with_a_report(hub, moe_dir,
 
 
 def test_publish_help_does_not_import_torch():
-    script = "import sys\nfrom moekit.cli import main\ntry:\n    main(['publish', '--help'])\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    script = (
+        "import sys\nfrom moekit.cli import main\ntry:\n    main(['publish', '--help'])\nexcept "
+        "SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert "--repo-id" in done.stdout and done.stdout.strip().endswith("NO-TORCH")

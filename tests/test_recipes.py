@@ -48,8 +48,9 @@ def test_shipped_recipe_builds_through_the_cli(name, tmp_path, tiny_tokenizer):
 
     out = tmp_path / "moe"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "moekit", "build", str(recipe_path), "-o", str(out), "--device", "cpu"],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "moekit", "build", str(recipe_path), "-o", str(out), "--device", "cpu"], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     config = json.loads((out / "config.json").read_text())

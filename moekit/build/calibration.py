@@ -106,6 +106,9 @@ def _dataset_records(settings: CalibrationData, where: str) -> Iterator[str]:
 
         rows = datasets.load_dataset(name, split=split or "train", streaming=False)
     except Exception as err:  # datasets raises many unrelated types for "not found / not cached / bad split"
-        raise SourceError(f"{where} cannot be loaded: {type(err).__name__}: {err}", hint="datasets are read from the local Hugging Face cache when offline; download it once with `hf download --repo-type dataset " + name + "`") from None
+        raise SourceError(
+            f"{where} cannot be loaded: {type(err).__name__}: {err}",
+            hint="datasets are read from the local Hugging Face cache when offline; download it once with `hf download --repo-type dataset " + name + "`",
+        ) from None
     for index, row in enumerate(rows):
         yield _text_of(row, settings.text_field, f"{where}, row {index}")

@@ -76,10 +76,7 @@ class Phi3Family(DenseFamily):
         rope = dict(getattr(config, "rope_parameters", None) or {})
         partial = rope.get("partial_rotary_factor", 1.0)
         if partial != 1.0:
-            return (
-                f"its rotary embedding covers only part of each head (partial_rotary_factor={partial}, as in Phi-4-mini), "
-                "while Mixtral rotates whole heads"
-            )
+            return f"its rotary embedding covers only part of each head (partial_rotary_factor={partial}, as in Phi-4-mini), while Mixtral rotates whole heads"
         rope_type = rope.get("rope_type", "default")
         if rope_type == "longrope":
             return (

@@ -76,7 +76,7 @@ def tokenize_prompts(recipe: Recipe, tokenizer, calibration: list[list[torch.Ten
                 ids.append(torch.tensor(tokenizer(bos + text, add_special_tokens=False)["input_ids"], dtype=torch.long))
                 experts.append(index)
                 kinds.append(kind)
-        for chunk in (calibration[index] if calibration and index < len(calibration) else []):
+        for chunk in calibration[index] if calibration and index < len(calibration) else []:
             ids.append(chunk)
             experts.append(index)
             kinds.append(CALIBRATION)
@@ -170,7 +170,9 @@ class _RecordInputs(torch.nn.Module):
         return hidden_states
 
 
-def stream_layers(base: SourceModel, prompts: PromptSet, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = DEFAULT_GATE_BATCH_SIZE) -> Iterator[LayerPass]:
+def stream_layers(
+    base: SourceModel, prompts: PromptSet, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = DEFAULT_GATE_BATCH_SIZE
+) -> Iterator[LayerPass]:
     """Run the prompts through the base model one decoder layer at a time; yield a LayerPass per layer.
 
     Each layer's weights are loaded once, before it is yielded, and dropped after it; a layer whose
@@ -297,7 +299,17 @@ def threads(count: int | None):
         torch.set_num_threads(saved)
 
 
-def calibrated_gate(pos_x: torch.Tensor, pos_y: torch.Tensor, neg_x: torch.Tensor, neg_y: torch.Tensor, num_experts: int, steps: int, learning_rate: float, weight_decay: float, seed: int) -> torch.Tensor:
+def calibrated_gate(
+    pos_x: torch.Tensor,
+    pos_y: torch.Tensor,
+    neg_x: torch.Tensor,
+    neg_y: torch.Tensor,
+    num_experts: int,
+    steps: int,
+    learning_rate: float,
+    weight_decay: float,
+    seed: int,
+) -> torch.Tensor:
     """Fit one layer's router (experts, hidden), float32, on router inputs.
 
     `pos_x` (tokens, hidden) should route to their expert `pos_y` (tokens,) (positive prompts,
@@ -441,8 +453,12 @@ def _calibrated_layer(step: LayerPass, prompts: PromptSet, num_experts: int, rec
         mask &= keep
         if buffers is None:
             hidden, device = batch.router_input.shape[-1], batch.router_input.device
-            buffers = [torch.empty(sizes[0], hidden, device=device), torch.empty(sizes[0], dtype=torch.long, device=device),
-                       torch.empty(sizes[1], hidden, device=device), torch.empty(sizes[1], dtype=torch.long, device=device)]
+            buffers = [
+                torch.empty(sizes[0], hidden, device=device),
+                torch.empty(sizes[0], dtype=torch.long, device=device),
+                torch.empty(sizes[1], hidden, device=device),
+                torch.empty(sizes[1], dtype=torch.long, device=device),
+            ]
         for side, x, y in ((0, buffers[0], buffers[1]), (1, buffers[2], buffers[3])):
             chosen = mask & ((kind == NEGATIVE) == bool(side))
             count = int(chosen.sum())
@@ -451,7 +467,9 @@ def _calibrated_layer(step: LayerPass, prompts: PromptSet, num_experts: int, rec
             filled[side] += count
     pos_x, pos_y, neg_x, neg_y = buffers
     settings = recipe.moekit.calibration
-    router = calibrated_gate(pos_x, pos_y, neg_x, neg_y, num_experts, settings.steps, settings.learning_rate, settings.weight_decay, recipe.moekit.seed + step.index)
+    router = calibrated_gate(
+        pos_x, pos_y, neg_x, neg_y, num_experts, settings.steps, settings.learning_rate, settings.weight_decay, recipe.moekit.seed + step.index
+    )
     # pos_x is now scaled by a positive factor, which changes no top-k choice
     return router, _shares(pos_x @ router.to(pos_x.device).T, pos_y, recipe.experts_per_token, num_experts)
 
@@ -479,7 +497,8 @@ def _shares(logits: torch.Tensor, token_expert: torch.Tensor, top_k: int, num_ex
 
 def _mergekit_gates(recipe: Recipe, base: SourceModel, tokenizer, num_layers: int, num_experts: int, hidden: int) -> torch.Tensor:
     """cheap_embed, random and uniform_random exactly as mergekit-moe computes them."""
-    from mergekit.moe.router import get_cheap_embedding, tokenize_prompts as mergekit_tokenize
+    from mergekit.moe.router import get_cheap_embedding
+    from mergekit.moe.router import tokenize_prompts as mergekit_tokenize
 
     generator = torch.Generator().manual_seed(recipe.moekit.seed)
     if recipe.gate_mode == "random":

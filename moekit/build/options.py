@@ -16,12 +16,14 @@ class BuildOptions(BaseModel):
 
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Device for the gate forward passes (auto: cuda when available).")
     gate_batch_size: int = Field(
-        default=DEFAULT_GATE_BATCH_SIZE, ge=1,
+        default=DEFAULT_GATE_BATCH_SIZE,
+        ge=1,
         description="Prompts (or calibration chunks) run through the base model together in the gate pass; lower it if memory is short.",
     )
     gate_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
-        description="Dtype of the gate pass's forward through the base model. Router maths is float32 either way; float32 gives the same routers on CPU and GPU.",
+        description="Dtype of the gate pass's forward through the base model. Router maths "
+        "is float32 either way; float32 gives the same routers on CPU and GPU.",
     )
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="Output dtype [default: the recipe's, else the base model's].")
     shard_size: int = Field(default=2 * 10**9, description="Largest safetensors shard, e.g. 2GB or 500MB [default: 2GB].")

@@ -104,7 +104,9 @@ def _config_dtype(config) -> str:
 
 def _check_compatible(base: SourceModel, expert: SourceModel, where: str) -> None:
     if expert.architecture != base.architecture:
-        raise IncompatibleModelsError(f"{where} is a {expert.architecture} but the base model ({base.ref}) is a {base.architecture}; all models of one MoE must share an architecture")
+        raise IncompatibleModelsError(
+            f"{where} is a {expert.architecture} but the base model ({base.ref}) is a {base.architecture}; all models of one MoE must share an architecture"
+        )
     for key in MATCHING_SETTINGS:
         ours, theirs = getattr(base.config, key, None), getattr(expert.config, key, None)
         if ours != theirs:
@@ -162,7 +164,6 @@ def _build_into(staging: Path, recipe: Recipe, options: BuildOptions, recipe_tex
     _write_metadata(staging, inputs, build_plan, options, _gate_pass_record(gate_pass, options, device, calibration))
     from moekit.publish.card import write_model_card
 
-
     write_model_card(staging, license=recipe.moekit.license)
     return build_plan, routing
 
@@ -209,8 +210,9 @@ def _recipe_yaml(recipe: Recipe) -> str:
 
 
 def _write_metadata(staging: Path, inputs: BuildInputs, build_plan: BuildPlan, options: BuildOptions, gate_pass: dict) -> None:
-    import mergekit.common  # noqa: F401  (version lookup below needs the package importable)
     from importlib.metadata import version
+
+    import mergekit.common  # noqa: F401  (version lookup below needs the package importable)
 
     recipe = inputs.recipe
     sources = {}
@@ -241,7 +243,6 @@ def _expert_record(expert) -> dict:
     if expert.calibration:
         record["calibration"] = expert.calibration.model_dump()
     return record
-
 
 
 __all__ = ["BuildPlan", "BuildResult", "build", "plan", "prepare"]

@@ -59,10 +59,15 @@ def routing_figure(shares: torch.Tensor, gate_mode: str, top_k: int):
     plt = _pyplot()
     num_layers, num_sets, num_experts = shares.shape
     panel_width = min(2.3, 12 / num_sets)  # at most about 1400 px in all
-    fig, axes = plt.subplots(1, num_sets, figsize=(num_sets * panel_width + 1.8, min(0.25 * num_layers, 6) + 2.4), sharey=True, squeeze=False,
-                             layout="constrained")
-    image = routing_heatmaps(axes[0], [f"prompts of expert {index}" for index in range(num_sets)],
-                             [shares[:, index, :].numpy() for index in range(num_sets)], [str(e) for e in range(num_experts)])
+    fig, axes = plt.subplots(
+        1, num_sets, figsize=(num_sets * panel_width + 1.8, min(0.25 * num_layers, 6) + 2.4), sharey=True, squeeze=False, layout="constrained"
+    )
+    image = routing_heatmaps(
+        axes[0],
+        [f"prompts of expert {index}" for index in range(num_sets)],
+        [shares[:, index, :].numpy() for index in range(num_sets)],
+        [str(e) for e in range(num_experts)],
+    )
     for ax in axes[0]:
         ax.set_xlabel("routed to expert", fontsize=9)
     axes[0][0].set_ylabel("layer")

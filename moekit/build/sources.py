@@ -62,9 +62,10 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> Path:
     if local.is_dir():
         return local
     if scheme is not None:
-        raise SourceError(f"source model '{ref}': nothing resolves '{scheme}:' references in this process",
-                          hint="`moekit.zoo.register()` registers zoo: (the moekit command does); other schemes need "
-                               "`moekit.build.sources.register_resolver`")
+        raise SourceError(
+            f"source model '{ref}': nothing resolves '{scheme}:' references in this process",
+            hint="`moekit.zoo.register()` registers zoo: (the moekit command does); other schemes need `moekit.build.sources.register_resolver`",
+        )
     name, revision = split_revision(ref)
     if local.exists() or not HUB_ID.match(name) or name.startswith((".", "/", "~")):
         raise SourceError(f"source model '{ref}' is not a directory and not a Hub id (org/name[@revision])")
@@ -81,13 +82,17 @@ def _fetch_from_hub(ref: str, repo_id: str, revision: str | None, allow_pickle: 
             path = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.bin"]))
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        why = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else "the Hub cannot be reached and it is not in the Hugging Face cache"
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else "the Hub cannot be reached and it is not in the Hugging Face cache"
+        )
         raise SourceError(
             f"source model '{ref}' does not exist locally, and {why}",
             hint="check the path, or download it once with `hf download " + repo_id + "` on a machine with network",
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise SourceError(f"source model '{ref}' was not found on the Hub: {type(err).__name__}", hint="check the name and revision; private repos need HF_TOKEN") from None
+        raise SourceError(
+            f"source model '{ref}' was not found on the Hub: {type(err).__name__}", hint="check the name and revision; private repos need HF_TOKEN"
+        ) from None
     except (HfHubHTTPError, OSError) as err:
         raise SourceError(f"cannot fetch source model '{ref}' from the Hub: {err}") from None
     return path
@@ -180,8 +185,10 @@ def weight_files(ref: str, path: Path) -> list[Path]:
             return files
         if file.exists():
             return [file]
-    raise SourceError(f"source model '{ref}' ({path}) has no weights (model.safetensors or model.safetensors.index.json)",
-                      hint="weights must be named as transformers saves them; pickle-only models (pytorch_model.bin) need --allow-pickle")
+    raise SourceError(
+        f"source model '{ref}' ({path}) has no weights (model.safetensors or model.safetensors.index.json)",
+        hint="weights must be named as transformers saves them; pickle-only models (pytorch_model.bin) need --allow-pickle",
+    )
 
 
 def check_safetensors(ref: str, file: Path) -> None:
@@ -192,8 +199,10 @@ def check_safetensors(ref: str, file: Path) -> None:
         with safe_open(str(file), framework="pt"):
             pass
     except (SafetensorError, OSError, ValueError) as err:
-        raise SourceError(f"source model '{ref}': {file} is not a readable safetensors file ({str(err).splitlines()[0][:200]})",
-                          hint="the file is truncated or corrupted: download or copy it again") from None
+        raise SourceError(
+            f"source model '{ref}': {file} is not a readable safetensors file ({str(err).splitlines()[0][:200]})",
+            hint="the file is truncated or corrupted: download or copy it again",
+        ) from None
 
 
 def load_tokenizer(source: SourceModel, trust_remote_code: bool):
@@ -206,7 +215,9 @@ def load_tokenizer(source: SourceModel, trust_remote_code: bool):
         custom = "auto_map" in (_tokenizer_config(source.path) or {})
         raise SourceError(
             f"cannot load the tokenizer of '{source.ref}': {str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__}",
-            hint="its tokenizer_config.json asks for custom code (auto_map): pass --trust-remote-code if you trust it" if custom and not trust_remote_code else None,
+            hint="its tokenizer_config.json asks for custom code (auto_map): pass --trust-remote-code if you trust it"
+            if custom and not trust_remote_code
+            else None,
         ) from None
 
 

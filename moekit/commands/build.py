@@ -45,11 +45,16 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
         _print_plan(result, format_size)
         return
     result = build(parsed, out, build_options, recipe_text=recipe.read_text(encoding="utf-8"))
-    click.echo(f"built {result.plan.architecture} MoE: {len(parsed.experts)} experts, top-{parsed.experts_per_token}, "
-               f"{format_count(result.plan.parameters_total)} parameters ({format_count(result.plan.parameters_active)} active per token) -> {out}")
+    click.echo(
+        f"built {result.plan.architecture} MoE: {len(parsed.experts)} experts, top-{parsed.experts_per_token}, "
+        f"{format_count(result.plan.parameters_total)} parameters ({format_count(result.plan.parameters_active)} active per token) -> {out}"
+    )
     if result.routing:
         shares = result.routing["own_expert_share"]["mean_per_expert"]
-        click.echo("share of each expert's prompts routed to it (mean over layers): " + ", ".join(f"{i}: {'n/a' if s is None else f'{s:.0%}'}" for i, s in enumerate(shares)))
+        click.echo(
+            "share of each expert's prompts routed to it (mean over layers): "
+            + ", ".join(f"{i}: {'n/a' if s is None else f'{s:.0%}'}" for i, s in enumerate(shares))
+        )
     if push_to_hub:
         from moekit.publish import publish
 
@@ -59,8 +64,10 @@ def command(recipe: Path, out: Path | None, dry_run: bool, push_to_hub: str | No
 
 def _print_plan(result, format_size) -> None:
     experts = getattr(result.config, "num_local_experts", None) or result.config.num_experts  # Mixtral/Phixtral, Qwen2-MoE
-    click.echo(f"architecture:  {result.architecture} ({experts} experts, top-{result.config.num_experts_per_tok}, "
-               f"{result.config.num_hidden_layers} layers, hidden {result.config.hidden_size})")
+    click.echo(
+        f"architecture:  {result.architecture} ({experts} experts, top-{result.config.num_experts_per_tok}, "
+        f"{result.config.num_hidden_layers} layers, hidden {result.config.hidden_size})"
+    )
     click.echo(f"parameters:    {result.parameters_total:,} total, {result.parameters_active:,} active per token")
     click.echo(f"output size:   {format_size(result.output_bytes)} ({str(result.config.dtype).removeprefix('torch.')}, {len(result.tensors)} tensors)")
     click.echo("tensor sources:")

@@ -13,8 +13,9 @@ from moekit.eval.options import EvalOptions
 @click.command("eval")
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Report directory (report.json, report.md, PNG charts).")
-@model_options(EvalOptions, flags={"tasks": "--task"},
-               metavars={"against": "SRC", "data": "NAME=PATH", "tasks": "TASK", "include_path": "DIR", "adapter": "FINETUNE_DIR"})
+@model_options(
+    EvalOptions, flags={"tasks": "--task"}, metavars={"against": "SRC", "data": "NAME=PATH", "tasks": "TASK", "include_path": "DIR", "adapter": "FINETUNE_DIR"}
+)
 @config_option
 def command(model: str, out: Path, **options) -> None:
     """Evaluate the MoE at MODEL against each of its source models, side by side.

@@ -14,8 +14,14 @@ from moekit.commands.options import config_option
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory for the merged checkpoint.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype [default: the base MoE's].")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 2GB or 500MB.")
-@click.option("--merge-into", type=click.Choice(["dequantized", "original"]), default="dequantized", show_default=True,
-              help="Weights the adapter is added to: the base's weights quantized as in training (--bits) and dequantized, which the adapter was trained against, or the base's original unquantized weights.")
+@click.option(
+    "--merge-into",
+    type=click.Choice(["dequantized", "original"]),
+    default="dequantized",
+    show_default=True,
+    help="Weights the adapter is added to: the base's weights quantized as in training (--bits) and "
+    "dequantized, which the adapter was trained against, or the base's original unquantized weights.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty (the old OUT stays until the new one is complete).")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
 @config_option

@@ -12,10 +12,23 @@ from moekit.finetune.options import FinetuneOptions
 
 @click.command("finetune")
 @click.argument("model")
-@click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory (adapter, routers, log, loss plot, checkpoints).")
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output directory (adapter, routers, log, loss plot, checkpoints)."
+)
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None, help="Upload the result to this Hub repository afterwards.")
-@click.option("--fsdp", "launch_kind", flag_value="fsdp", default=None, help="Shard the (4-bit) model across the GPUs with FSDP: re-runs this command under `accelerate launch` with moekit's fsdp_qlora.yaml.")
-@click.option("--ddp", "launch_kind", flag_value="ddp", help="Data parallel, one model copy per GPU: re-runs this command under `accelerate launch` with moekit's ddp.yaml.")
+@click.option(
+    "--fsdp",
+    "launch_kind",
+    flag_value="fsdp",
+    default=None,
+    help="Shard the (4-bit) model across the GPUs with FSDP: re-runs this command under `accelerate launch` with moekit's fsdp_qlora.yaml.",
+)
+@click.option(
+    "--ddp",
+    "launch_kind",
+    flag_value="ddp",
+    help="Data parallel, one model copy per GPU: re-runs this command under `accelerate launch` with moekit's ddp.yaml.",
+)
 @click.option("--num-processes", "num_processes", type=click.IntRange(min=2), default=None, help="Processes for --fsdp/--ddp [default: one per visible GPU].")
 @model_options(FinetuneOptions)
 @config_option
@@ -74,14 +87,19 @@ def _check_push(model: str, repo_id: str) -> None:
     if not REPO_ID.match(repo_id):
         raise PublishError(f"--push-to-hub '{repo_id}' is not a Hub repository id", hint="write it as USER/NAME or ORG/NAME")
     if not is_hub_ref(model, {}):
-        raise PublishError(f"--push-to-hub: the fine-tune would start from {model}, which is not a Hub repository, so its card could not name its base model; nothing was trained",
-                           hint="fine-tune the MoE by its Hub id, or leave out --push-to-hub and afterwards run "
-                           "`moekit publish OUT --repo-id REPO --base-model USER/MOE` once the MoE is on the Hub")
+        raise PublishError(
+            f"--push-to-hub: the fine-tune would start from {model}, which is not a Hub "
+            "repository, so its card could not name its base model; nothing was trained",
+            hint="fine-tune the MoE by its Hub id, or leave out --push-to-hub and afterwards run "
+            "`moekit publish OUT --repo-id REPO --base-model USER/MOE` once the MoE is on the Hub",
+        )
 
 
 def _report(result, out: Path) -> None:
-    click.echo(f"trained {result.steps} steps: loss {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}"
-               + (f" (LM loss {_fmt(result.losses.get('lm_first'))} -> {_fmt(result.losses.get('lm_last'))})" if "lm_first" in result.losses else ""))
+    click.echo(
+        f"trained {result.steps} steps: loss {_fmt(result.first_loss)} -> {_fmt(result.last_loss)}"
+        + (f" (LM loss {_fmt(result.losses.get('lm_first'))} -> {_fmt(result.losses.get('lm_last'))})" if "lm_first" in result.losses else "")
+    )
     if result.peak_memory_bytes is not None:
         click.echo(f"measured peak GPU memory: {result.peak_memory_bytes / 2**30:.2f} GiB (torch.cuda.max_memory_allocated)")
     click.echo(f"wrote {out}" + (f" (adapter: {result.adapter_dir})" if result.adapter_dir else " (routers only)"))

@@ -58,7 +58,9 @@ def _option(name: str, field, flag: str, metavar: str | None, parsed_by_model: b
     if default not in (None, [], {}) and "[default:" not in help_text:
         help_text += f" [default: {','.join(map(str, default)) if isinstance(default, list) else default}]"
     if origin is Literal and all(isinstance(a, int) for a in args):  # `--bits 4`: a choice of numbers, given to the model as an int
-        return click.option(flag, name, type=click.Choice([str(a) for a in args]), default=None, help=help_text, callback=lambda _c, _p, v: None if v is None else int(v))
+        return click.option(
+            flag, name, type=click.Choice([str(a) for a in args]), default=None, help=help_text, callback=lambda _c, _p, v: None if v is None else int(v)
+        )
     if origin is Literal:
         return click.option(flag, name, type=click.Choice([str(a) for a in args]), default=None, help=help_text)
     if origin is dict:
@@ -124,7 +126,13 @@ def config_option(func):
     """Decorator adding `--config FILE.yaml` to a command: a YAML mapping from option names (as the fields or as the
     flags: `lora_r`, `lora-r`, `task`) to values; lists and mappings are written as YAML lists and mappings."""
     return click.option(
-        "--config", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.yaml", default=None, is_eager=True, expose_value=False, callback=_read_config,
+        "--config",
+        type=click.Path(path_type=Path, dir_okay=False),
+        metavar="FILE.yaml",
+        default=None,
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config,
         help="YAML file mapping option names (as above; dashes or underscores) to values; options given on the command line override it.",
     )(func)
 

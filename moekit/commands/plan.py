@@ -27,8 +27,14 @@ def _gpu_memory(_ctx, _param, value: str | None) -> int | None:
 @click.command("plan")
 @click.argument("model")
 @model_options(TrainingOptions)
-@click.option("--gpu-memory", callback=_gpu_memory, metavar="SIZE", default=None,
-              help="Memory of the GPU to check against, e.g. 24GB, 16GiB or 80e9: adds a verdict, the largest batch size and sequence length that fit, and the setting to change first.")
+@click.option(
+    "--gpu-memory",
+    callback=_gpu_memory,
+    metavar="SIZE",
+    default=None,
+    help="Memory of the GPU to check against, e.g. 24GB, 16GiB or 80e9: adds a verdict, the "
+    "largest batch size and sequence length that fit, and the setting to change first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
 @config_option
 def command(model: str, gpu_memory: int | None, as_json: bool, **options) -> None:

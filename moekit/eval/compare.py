@@ -94,9 +94,16 @@ def model_entry(
     with tqdm(total=sum(len(documents) for documents in sets.values()), desc=f"evaluating {name}", unit="doc") as bar:
         for set_name, documents in sets.items():
             texts = [render(document, tokenizer) for document in documents]
-            result = perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, progress=bar,
-                                observer=collector.observer(set_name) if collector else None,
-                                forward_kwargs=ROUTER_FORWARD_KWARGS if collector else None)
+            result = perplexity(
+                model,
+                tokenizer,
+                texts,
+                batch_size=batch_size,
+                max_length=max_length,
+                progress=bar,
+                observer=collector.observer(set_name) if collector else None,
+                forward_kwargs=ROUTER_FORWARD_KWARGS if collector else None,
+            )
             entry["metrics"][set_name] = result.to_dict()
     if collector is not None and sets:
         names = expert_names if expert_names and len(expert_names) == layout[0] else None
@@ -141,8 +148,19 @@ def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
     for spec in specs:
         model_obj, tokenizer = load_model(spec, options, device, options.trust_remote_code)
         moe_tokenizer = moe_tokenizer or tokenizer
-        entry = model_entry(model_obj, tokenizer, documents, name=spec.name, path=str(spec.path), role=spec.role, batch_size=options.batch_size,
-                            max_length=options.max_length, reference_tokenizer=moe_tokenizer, expert_names=expert_names, expert_of_set=expert_of_set)
+        entry = model_entry(
+            model_obj,
+            tokenizer,
+            documents,
+            name=spec.name,
+            path=str(spec.path),
+            role=spec.role,
+            batch_size=options.batch_size,
+            max_length=options.max_length,
+            reference_tokenizer=moe_tokenizer,
+            expert_names=expert_names,
+            expert_of_set=expert_of_set,
+        )
         entry["ref"] = spec.ref
         if spec.role == "source":
             entry.update({"base": spec.base, "experts": spec.experts})
@@ -151,7 +169,9 @@ def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
         if manager is not None:
             from moekit.eval.lm_eval_tasks import run_tasks
 
-            entry["tasks"] = run_tasks(model_obj, tokenizer, options.tasks, manager, batch_size=options.batch_size, max_length=options.max_length, limit=options.limit)
+            entry["tasks"] = run_tasks(
+                model_obj, tokenizer, options.tasks, manager, batch_size=options.batch_size, max_length=options.max_length, limit=options.limit
+            )
         entries.append(entry)
         del model_obj  # the next model is loaded only after this one is gone
         release_memory()
@@ -177,13 +197,17 @@ def _evaluate(model: str | Path, out: Path, options: EvalOptions) -> EvalReport:
     if not data:
         notes.append("No perplexity sets (lm-eval tasks only).")
     elif not options.data:
-        notes.append(f"Default data: each expert's positive prompts from moekit.json ({sum(d['tokens'] for d in data.values())} tokens in all) - a sanity check, not a benchmark.")
+        notes.append(
+            "Default data: each expert's positive prompts from moekit.json "
+            f"({sum(d['tokens'] for d in data.values())} tokens in all) - a sanity check, not a benchmark."
+        )
     report = {
         "moekit_version": __version__,
         "kind": "eval",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": {"name": specs[0].name, "path": str(specs[0].path), "ref": specs[0].ref, "architecture": metadata.get("architecture")},
-        "settings": {k: v for k, v in options.model_dump().items() if k in ("device", "dtype", "load_in_4bit", "batch_size", "max_length", "limit", "tasks")} | {"device": device},
+        "settings": {k: v for k, v in options.model_dump().items() if k in ("device", "dtype", "load_in_4bit", "batch_size", "max_length", "limit", "tasks")}
+        | {"device": device},
         "data": data,
         "models": entries,
         "routing": routing,
@@ -204,8 +228,12 @@ def _mark_training_overlap(data: dict, sets: list, specs: list[ModelSpec]) -> No
             for eval_set in sets:
                 shared = training_overlap(eval_set, str(training_data))
                 if shared and "overlaps_training" not in data[eval_set.name]:
-                    data[eval_set.name]["overlaps_training"] = {"model": spec.name, "training_data": str(training_data),
-                                                                "documents": shared, "of": len(eval_set.documents)}
+                    data[eval_set.name]["overlaps_training"] = {
+                        "model": spec.name,
+                        "training_data": str(training_data),
+                        "documents": shared,
+                        "of": len(eval_set.documents),
+                    }
 
 
 __all__ = ["EvalReport", "evaluate", "load_sets", "model_entry"]

@@ -40,7 +40,9 @@ def load_set(name: str, spec: str, limit: int | None = None) -> EvalSet:
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise DataError(f"evaluation set '{name}': file {spec} does not exist", hint="pass --data NAME=PATH with a text, .jsonl or hf:dataset[:split] source")
+            raise DataError(
+                f"evaluation set '{name}': file {spec} does not exist", hint="pass --data NAME=PATH with a text, .jsonl or hf:dataset[:split] source"
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -94,8 +96,10 @@ def _load_hub(spec: str) -> list[Document]:
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # noqa: BLE001 - datasets raises many types (network, missing split or repo)
-        raise DataError(f"cannot load Hub dataset '{name}' split '{split}': {type(err).__name__}: {err}".splitlines()[0],
-                        hint="check the name, config and split (hf:name[:split], hf:name:config:split); offline, it must be in the datasets cache") from None
+        raise DataError(
+            f"cannot load Hub dataset '{name}' split '{split}': {type(err).__name__}: {err}".splitlines()[0],
+            hint="check the name, config and split (hf:name[:split], hf:name:config:split); offline, it must be in the datasets cache",
+        ) from None
     columns = dataset.column_names
     if "text" not in columns and "messages" not in columns:
         raise DataError(f"Hub dataset '{name}' has neither a `text` nor a `messages` column (it has {columns})")
@@ -131,8 +135,11 @@ def training_overlap(eval_set: EvalSet, training_data: str) -> int:
         return 0
     try:
         text = path.read_text(encoding="utf-8")
-        records = json.loads(text) if path.suffix.lower() == ".json" and text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = (
+            json.loads(text)
+            if path.suffix.lower() == ".json" and text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return 0
     seen = {key for key in map(_record_key, records) if key is not None}

@@ -38,7 +38,9 @@ def task_manager(tasks: list[str], include_path: list[str] | None = None):
         if task not in manager.all_tasks:
             close = difflib.get_close_matches(task, manager.all_tasks, n=5, cutoff=0.6)
             matches = f"; close matches: {', '.join(close)}" if close else ""
-            raise DataError(f"unknown lm-eval task '{task}'{matches}", hint="list the tasks with `lm-eval ls tasks`; local task YAML files need --include-path DIR")
+            raise DataError(
+                f"unknown lm-eval task '{task}'{matches}", hint="list the tasks with `lm-eval ls tasks`; local task YAML files need --include-path DIR"
+            )
     return manager
 
 
@@ -54,9 +56,11 @@ def prepare_tasks(tasks: list[str], manager) -> None:
             if offline:
                 raise DataError(
                     f"lm-eval task '{task}' cannot load its dataset: {reason}",
-                    hint=("its data comes from the Hugging Face Hub: run once with network access to cache it, then set "
-                          "HF_HUB_OFFLINE=1 to use that cache without network (and without retries); or define a local task "
-                          "over local files and pass --include-path DIR"),
+                    hint=(
+                        "its data comes from the Hugging Face Hub: run once with network access to cache it, then set "
+                        "HF_HUB_OFFLINE=1 to use that cache without network (and without retries); or define a local task "
+                        "over local files and pass --include-path DIR"
+                    ),
                 ) from None
             raise DataError(f"lm-eval task '{task}' cannot be prepared: {type(err).__name__}: {reason}") from None
 

@@ -108,8 +108,10 @@ def _model_role(path: Path, ref) -> str:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     missing = missing_fields(config, model_type) if model_type else []
     if missing:
-        raise SourceError(f"cannot evaluate {ref}: its config.json lacks required fields: {', '.join(missing)}",
-                          hint="transformers would fill them in with its defaults, which are not this model's; add them to config.json")
+        raise SourceError(
+            f"cannot evaluate {ref}: its config.json lacks required fields: {', '.join(missing)}",
+            hint="transformers would fill them in with its defaults, which are not this model's; add them to config.json",
+        )
     return "moe" if model_type in MOE_TYPES or config.get("num_local_experts") or config.get("num_experts") else "dense"
 
 

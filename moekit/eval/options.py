@@ -20,7 +20,9 @@ class EvalOptions(BaseModel):
     include_path: list[str] = Field(default_factory=list, description="Directory with local lm-eval task YAML files (repeatable).")
     adapter: str | None = Field(default=None, description="Also evaluate MODEL fine-tuned by `moekit finetune` (adapter + routers).")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Device to evaluate on (auto: cuda when available).")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(default="auto", description="Weights dtype (auto: the checkpoint's on cuda, float32 on cpu).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Weights dtype (auto: the checkpoint's on cuda, float32 on cpu)."
+    )
     load_in_4bit: bool = Field(default=False, description="Load every model with bitsandbytes NF4 weights.")
     batch_size: int = Field(default=8, ge=1, description="Documents per forward pass (and lm-eval batch size).")
     max_length: int = Field(default=1024, ge=2, description="Longest scored document in tokens (longer ones are truncated, and counted in the report).")

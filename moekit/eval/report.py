@@ -122,8 +122,7 @@ def overlap_note(report: dict) -> str | None:
     if not marked:
         return None
     parts = [f"`{name}` shares {o['documents']} of its {o['of']} documents with the training data of {o['model']}" for name, o in marked]
-    return (f"{TRAINING_OVERLAP_MARK} not held out: " + "; ".join(parts)
-            + ". Those figures measure memorisation of the training set, not generalisation.")
+    return f"{TRAINING_OVERLAP_MARK} not held out: " + "; ".join(parts) + ". Those figures measure memorisation of the training set, not generalisation."
 
 
 def markdown_table(report: dict) -> str:
@@ -165,12 +164,19 @@ def markdown(report: dict) -> str:
     """The whole report.md: results table, data, routing, notes."""
     parts = [f"# Evaluation of {report['model']['name']}", "", markdown_table(report), ""]
     parts += [
-        ("Perplexity = exp(token-weighted mean loss over every scored token of the set); lower is better, "
-        "best per column in **bold**; the Δ rows give the MoE minus the best source model (relative change in brackets).")
+        (
+            "Perplexity = exp(token-weighted mean loss over every scored token of the set); lower is better, "
+            "best per column in **bold**; the Δ rows give the MoE minus the best source model (relative change in brackets)."
+        )
     ]
     if any(not m.get("same_tokenizer", True) for m in report["models"]):
-        parts += ["", (f"{DIFFERENT_TOKENIZER_MARK} evaluated with its own tokenizer, which differs from the MoE's: its perplexities are "
-                  "per token of a different tokenizer and not comparable; compare bits/byte instead.")]
+        parts += [
+            "",
+            (
+                f"{DIFFERENT_TOKENIZER_MARK} evaluated with its own tokenizer, which differs from the MoE's: its perplexities are "
+                "per token of a different tokenizer and not comparable; compare bits/byte instead."
+            ),
+        ]
     if overlap_note(report):
         parts += ["", overlap_note(report)]
     if report.get("data"):
@@ -191,15 +197,23 @@ def markdown(report: dict) -> str:
 
 def _routing_markdown(routing: dict, default_name: str) -> list[str]:
     experts = routing["experts"]
-    parts = ["", f"## Routing of {routing.get('model', default_name)}", "", routing["note"], "",
-              (f"Mean router entropy {routing['mean_entropy']:.3f} nats (max {routing['max_entropy']:.3f}); "
-              f"mean load-balance CV {routing['mean_load_cv']:.3f}; {routing['tokens']} tokens."), ""]
+    parts = [
+        "",
+        f"## Routing of {routing.get('model', default_name)}",
+        "",
+        routing["note"],
+        "",
+        (
+            f"Mean router entropy {routing['mean_entropy']:.3f} nats (max {routing['max_entropy']:.3f}); "
+            f"mean load-balance CV {routing['mean_load_cv']:.3f}; {routing['tokens']} tokens."
+        ),
+        "",
+    ]
     parts += ["| layer | " + " | ".join(experts) + " | entropy | load CV |", "|---:|" + "---:|" * (len(experts) + 2)]
     for layer in routing["layers"]:
         parts.append(f"| {layer['layer']} | " + " | ".join(f"{s:.1%}" for s in layer["share"]) + f" | {layer['entropy']:.3f} | {layer['load_cv']:.3f} |")
     if routing.get("own_expert_share"):
-        parts += ["", ("Share of each expert-tied set routed to its own expert (mean over layers; "
-                  f"an even router gives {1 / len(experts):.0%}):"), ""]
+        parts += ["", (f"Share of each expert-tied set routed to its own expert (mean over layers; an even router gives {1 / len(experts):.0%}):"), ""]
         for name, own in routing["own_expert_share"].items():
             parts.append(f"- {name} → {own['expert_name']}: {own['mean']:.1%}")
     return parts
@@ -233,8 +247,7 @@ def perplexity_figure(report: dict):
     columns = min(len(sets), 3)
     rows = -(-len(sets) // columns)
     panel_height = 0.32 * len(models) + 0.9
-    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns + 1.6, panel_height * rows + 0.6), squeeze=False,
-                             sharey=True, layout="constrained")
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns + 1.6, panel_height * rows + 0.6), squeeze=False, sharey=True, layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = [m["name"] + ("" if m.get("same_tokenizer", True) else f" {DIFFERENT_TOKENIZER_MARK}") for m in models]
     positions = range(len(models))
@@ -254,7 +267,7 @@ def perplexity_figure(report: dict):
         ax.tick_params(axis="y", labelsize=9)
     axes[0][0].set_yticks(list(positions), labels)
     axes[0][0].invert_yaxis()  # first model on top (shared by every panel)
-    for ax in list(axes.flat)[len(sets):]:
+    for ax in list(axes.flat)[len(sets) :]:
         ax.set_visible(False)
     fig.suptitle("Perplexity per evaluation set (lower is better; MoEs hatched)", fontsize=12)
     overlaps = sorted({info["overlaps_training"]["model"] for info in (report.get("data") or {}).values() if info.get("overlaps_training")})
@@ -280,18 +293,25 @@ def routing_figure(routing: dict):
     columns = min(len(panels), 4)  # wrapped, so that a model card's width keeps the labels legible
     rows = -(-len(panels) // columns)
     panel_width = min(0.4 * len(experts) + 0.6, 12 / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * panel_width + 1.8, rows * (min(0.3 * num_layers, 6 / rows + 2) + 1.6) + 0.8),
-                             sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(columns * panel_width + 1.8, rows * (min(0.3 * num_layers, 6 / rows + 2) + 1.6) + 0.8),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     image = routing_heatmaps(list(axes.flat), [title for title, _ in panels], [shares for _, shares in panels], experts)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     for ax in list(axes.flat)[: len(panels)]:
         ax.set_xlabel("expert", fontsize=9)
     for row in axes:
         row[0].set_ylabel("layer")
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of top-k slots")
-    fig.suptitle(f"Expert utilisation per layer (top-{routing['experts_per_token']}) of {routing.get('model', 'the MoE')}; "
-                 f"even = {1 / len(experts):.0%}", fontsize=11)
+    fig.suptitle(
+        f"Expert utilisation per layer (top-{routing['experts_per_token']}) of {routing.get('model', 'the MoE')}; even = {1 / len(experts):.0%}", fontsize=11
+    )
     return fig
 
 
@@ -309,7 +329,9 @@ def routing_heatmaps(axes, titles: list[str], panels: list, experts: list[str]):
     for ax, title, shares in zip(axes, titles, panels):
         image = ax.imshow(shares, aspect="auto", vmin=0, vmax=top, cmap="viridis", interpolation="nearest")
         ax.set_title(title, fontsize=9)
-        ax.set_xticks(range(len(experts)), experts, rotation=45 if max(map(len, experts)) > 3 else 0, ha="right" if max(map(len, experts)) > 3 else "center", fontsize=8)
+        ax.set_xticks(
+            range(len(experts)), experts, rotation=45 if max(map(len, experts)) > 3 else 0, ha="right" if max(map(len, experts)) > 3 else "center", fontsize=8
+        )
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         if annotate:
             for (layer, expert), value in np.ndenumerate(shares):

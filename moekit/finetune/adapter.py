@@ -299,7 +299,8 @@ def _check_keys(entries: dict, tensors: dict, directory) -> None:
         raise TargetError(
             f"{directory} does not match this model: {len(unmatched)} adapter tensor(s) match no module"
             + (f" (e.g. {unmatched[0]})" if unmatched else "")
-            + f", {len(absent)} adapted tensor(s) are missing" + (f" (e.g. {absent[0]})" if absent else ""),
+            + f", {len(absent)} adapted tensor(s) are missing"
+            + (f" (e.g. {absent[0]})" if absent else ""),
             hint="was the adapter trained on this base model?",
         )
 

@@ -101,7 +101,9 @@ def check_trainable_tokens(data: TrainingData, tokenizer, max_seq_len: int) -> N
         chat_template = get_training_chat_template(tokenizer)  # what TRL trains with (load_training_data checked it exists)
     for row in data.dataset:
         if data.format == "messages":
-            encoded = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=chat_template)
+            encoded = tokenizer.apply_chat_template(
+                row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, chat_template=chat_template
+            )
             if 1 in encoded["assistant_masks"][:max_seq_len]:
                 return
         else:
@@ -147,7 +149,9 @@ def load_rows(ref: str):
     try:
         return datasets.load_dataset(name, split=split or "train")
     except Exception as err:  # noqa: BLE001 (offline, missing repository, unknown split, ...)
-        raise DataError(f"cannot load dataset {ref} from the Hub: {_first_line(err)}", hint="give a local JSON/JSONL/Parquet file, or `name:split` for a Hub dataset") from None
+        raise DataError(
+            f"cannot load dataset {ref} from the Hub: {_first_line(err)}", hint="give a local JSON/JSONL/Parquet file, or `name:split` for a Hub dataset"
+        ) from None
 
 
 def ensure_chat_template(tokenizer) -> str:
@@ -208,8 +212,10 @@ def _check_contents(dataset, ref: str) -> None:
         for message in messages or []:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 content = message.get("content") if isinstance(message, dict) else message
-                raise DataError(f"dataset {ref}, row {index + 1}: every message needs a `role` and a string `content`, found {json_repr(content)}",
-                                hint="fix or remove that row")
+                raise DataError(
+                    f"dataset {ref}, row {index + 1}: every message needs a `role` and a string `content`, found {json_repr(content)}",
+                    hint="fix or remove that row",
+                )
 
 
 def json_repr(value) -> str:
@@ -243,7 +249,10 @@ def _check_template_applies(tokenizer, messages, ref: str) -> None:
     try:
         tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as err:  # noqa: BLE001 (jinja raises TemplateError and others for templates that reject the roles)
-        raise DataError(f"the chat template cannot be applied to the first row of {ref}: {_first_line(err)}", hint="check the roles in `messages`, or use a tokenizer whose chat template accepts them") from None
+        raise DataError(
+            f"the chat template cannot be applied to the first row of {ref}: {_first_line(err)}",
+            hint="check the roles in `messages`, or use a tokenizer whose chat template accepts them",
+        ) from None
 
 
 def _first_line(err: Exception) -> str:

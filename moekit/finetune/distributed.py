@@ -59,9 +59,13 @@ def process_count(kind: str, requested: int | None) -> int:
         )
     count = requested or gpus
     if count < 2:
-        raise TrainingError(f"--{kind} needs at least 2 processes, but {gpus} GPU(s) are visible", hint=f"pass --num-processes N, or leave out --{kind} for one process")
+        raise TrainingError(
+            f"--{kind} needs at least 2 processes, but {gpus} GPU(s) are visible", hint=f"pass --num-processes N, or leave out --{kind} for one process"
+        )
     if gpus and count > gpus:
-        raise TrainingError(f"--num-processes {count} is more than the {gpus} visible GPUs", hint="one process per GPU: lower --num-processes or set CUDA_VISIBLE_DEVICES")
+        raise TrainingError(
+            f"--num-processes {count} is more than the {gpus} visible GPUs", hint="one process per GPU: lower --num-processes or set CUDA_VISIBLE_DEVICES"
+        )
     return count
 
 
@@ -87,7 +91,9 @@ def launch(kind: str, num_processes: int, moekit_args: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if is_launched():
-        raise TrainingError(f"--{kind} inside a process that accelerate or torchrun already started", hint=f"leave out --{kind} when you launch moekit yourself")
+        raise TrainingError(
+            f"--{kind} inside a process that accelerate or torchrun already started", hint=f"leave out --{kind} when you launch moekit yourself"
+        )
     args = launch_command_parser().parse_args(launch_arguments(kind, num_processes, moekit_args))
     try:
         launch_command(args)
@@ -137,7 +143,9 @@ def gathered_trainable(fsdp_root) -> dict:
     holds more than one LoRA/router tensor unsharded. A collective: every process must call it.
     """
     if not is_fsdp2(fsdp_root):
-        raise TrainingError("moekit supports FSDP version 2 (the shipped fsdp_qlora.yaml), not fsdp_version 1", hint="set fsdp_version: 2 in the accelerate config")
+        raise TrainingError(
+            "moekit supports FSDP version 2 (the shipped fsdp_qlora.yaml), not fsdp_version 1", hint="set fsdp_version: 2 in the accelerate config"
+        )
     return {name: _full(param).to("cpu", copy=True) for name, param in fsdp_root.named_parameters() if param.requires_grad}
 
 

@@ -30,8 +30,9 @@ def grouped_gemm_fits(dims, element_size: int) -> bool:
     return all(size % align == 0 for size in dims)
 
 
-def runs_grouped(dims, element_size: int, device_type: str, *, bf16: bool, cuda_capability: tuple[int, int] | None = None,
-                 torch_version: tuple[int, int] = (0, 0)) -> bool:
+def runs_grouped(
+    dims, element_size: int, device_type: str, *, bf16: bool, cuda_capability: tuple[int, int] | None = None, torch_version: tuple[int, int] = (0, 0)
+) -> bool:
     """Whether an expert block whose projections have these (out, in) sizes runs torch's grouped GEMMs (a torch
     that has `grouped_mm`) for inputs of `element_size` bytes (`bf16` or not) on `device_type`; else it runs
     expert by expert. Any --bits: 4-, 8- and 16-bit storage all dequantize a whole projection at once."""

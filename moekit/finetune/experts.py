@@ -148,8 +148,9 @@ class ExpertBlock(nn.Module):
         # LoRA ranks are padded in `_project`; the weights must fit as they are
         dims = [size for name in self.projections for size in self.storage(name).shape[1:]]
         capability = torch.cuda.get_device_capability(inputs.device) if inputs.device.type == "cuda" else None
-        return runs_grouped(dims, inputs.element_size(), inputs.device.type, bf16=inputs.dtype == torch.bfloat16,
-                            cuda_capability=capability, torch_version=_torch_version())
+        return runs_grouped(
+            dims, inputs.element_size(), inputs.device.type, bf16=inputs.dtype == torch.bfloat16, cuda_capability=capability, torch_version=_torch_version()
+        )
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states (tokens, hidden); top_k_index / top_k_weights (tokens, top_k)
@@ -173,7 +174,9 @@ class ExpertBlock(nn.Module):
             inputs = inputs.to(torch.get_autocast_dtype(device_type))
         available = self._grouped_kernel_available(inputs)
         if self.grouped and not available:
-            raise TrainingError(f"the grouped expert path was forced, but torch has no grouped GEMM for {hidden_states.dtype} on {hidden_states.device.type} here")
+            raise TrainingError(
+                f"the grouped expert path was forced, but torch has no grouped GEMM for {hidden_states.dtype} on {hidden_states.device.type} here"
+            )
         grouped = available if self.grouped is None else self.grouped
         self.path_counts[PATHS[0] if grouped else PATHS[1]] += 1
 
@@ -249,7 +252,9 @@ def _check_shapes(family: str, tensors: dict[str, torch.Tensor]) -> None:
     if family == "mixtral":
         experts, double_inter, hidden = tensors["gate_up_proj"].shape
         if tuple(tensors["down_proj"].shape) != (experts, hidden, double_inter // 2) or double_inter % 2:
-            raise ValueError(f"gate_up_proj {tuple(tensors['gate_up_proj'].shape)} and down_proj {tuple(tensors['down_proj'].shape)} are not (E, 2I, H) and (E, H, I)")
+            raise ValueError(
+                f"gate_up_proj {tuple(tensors['gate_up_proj'].shape)} and down_proj {tuple(tensors['down_proj'].shape)} are not (E, 2I, H) and (E, H, I)"
+            )
     else:
         experts, inter, hidden = tensors["fc1.weight"].shape
         shapes = {"fc1.bias": (experts, inter), "fc2.weight": (experts, hidden, inter), "fc2.bias": (experts, hidden)}

@@ -194,8 +194,9 @@ def _load_base(finetune_dir: Path, metadata: dict, dtype: torch.dtype, device, m
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as err:
-            raise DependencyError(f"merging into the dequantized {bits}-bit weights needs bitsandbytes ({err})",
-                                  hint="pip install bitsandbytes, or pass --merge-into original") from None
+            raise DependencyError(
+                f"merging into the dequantized {bits}-bit weights needs bitsandbytes ({err})", hint="pip install bitsandbytes, or pass --merge-into original"
+            ) from None
     # quantizing the base again gives the weights the adapter was trained against: quantization is deterministic
     model = load_for_training(base, bits=bits, compute_dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
     dequantized = dequantize_moe(model, dtype) if bits != 16 else []
@@ -331,7 +332,9 @@ def _digest(tensor: torch.Tensor) -> bytes:
     return hashlib.blake2b(canonical.numpy(), digest_size=16).digest()
 
 
-def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[str], before: dict[str, bytes] | None = None, quantized: set[str] = frozenset()) -> None:
+def _verify_changes(
+    tensors: dict[str, torch.Tensor], base: Path, expected: set[str], before: dict[str, bytes] | None = None, quantized: set[str] = frozenset()
+) -> None:
     """Exactly the tensors in `expected` differ from the weights the merge started from: the base checkpoint
     (compared in the export dtype), or with `before` (digests of the dequantized weights) those, and then the
     base checkpoint differs only in the `quantized` and `expected` tensors."""
@@ -350,7 +353,9 @@ def _verify_changes(tensors: dict[str, torch.Tensor], base: Path, expected: set[
         unexpected += sorted(changed_from_base - expected - quantized)  # neither trained nor quantized, yet not the base's
     if unchanged or unexpected:
         raise TrainingError(
-            "the merged weights do not differ from the " + ("base" if before is None else "dequantized base") + " exactly where the fine-tune trained"
+            "the merged weights do not differ from the "
+            + ("base" if before is None else "dequantized base")
+            + " exactly where the fine-tune trained"
             + (f"; unchanged although trained: {', '.join(unchanged[:5])}" if unchanged else "")
             + (f"; changed although not trained: {', '.join(unexpected[:5])}" if unexpected else ""),
             hint="nothing was written",
@@ -362,7 +367,9 @@ def _write_tensors(tensors: dict[str, torch.Tensor], staging: Path, dtype: torch
     from moekit.build.arch.base import PlannedTensor
     from moekit.build.writer import write_sharded
 
-    planned = [PlannedTensor(name, tuple(tensor.shape), "merged fine-tune", lambda tensor=tensor: tensor.detach().cpu().to(dtype)) for name, tensor in tensors.items()]
+    planned = [
+        PlannedTensor(name, tuple(tensor.shape), "merged fine-tune", lambda tensor=tensor: tensor.detach().cpu().to(dtype)) for name, tensor in tensors.items()
+    ]
     write_sharded(planned, staging, dtype=dtype, shard_size=shard_size)
 
 
@@ -375,8 +382,13 @@ def _write_metadata(staging: Path, base: Path, finetune: dict, finetune_dir: Pat
             "kind": "export",
             "dtype": str(dtype).removeprefix("torch."),
             "finetune": {
-                "source": str(finetune_dir.resolve()), "base_moe": finetune.get("base_model"), "datasets": finetune.get("datasets"), "steps": finetune.get("steps"),
-                "changed_tensors": len(changed), "bits": finetune.get("options", {}).get("bits"), "merge_into": merge_into,
+                "source": str(finetune_dir.resolve()),
+                "base_moe": finetune.get("base_model"),
+                "datasets": finetune.get("datasets"),
+                "steps": finetune.get("steps"),
+                "changed_tensors": len(changed),
+                "bits": finetune.get("options", {}).get("bits"),
+                "merge_into": merge_into,
             },
         }
     )

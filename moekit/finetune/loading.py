@@ -99,7 +99,9 @@ class CheckpointReader:
         with safe_open(self.shards[key], framework="pt") as shard:
             mapped = shard.get_tensor(key) if index is None else shard.get_slice(key)[index]
             if tuple(mapped.shape) != tuple(out.shape):
-                raise SourceError(f"{self.path}: tensor {key}{'' if index is None else f'[{index}]'} has shape {tuple(mapped.shape)}, the model expects {tuple(out.shape)}")
+                raise SourceError(
+                    f"{self.path}: tensor {key}{'' if index is None else f'[{index}]'} has shape {tuple(mapped.shape)}, the model expects {tuple(out.shape)}"
+                )
             out.copy_(mapped)
 
 
@@ -320,8 +322,19 @@ def _experts_step(block: _ExpertBlock, parent: nn.Module, attribute: str) -> _St
             tensors[canonical] = torch.empty(shape, dtype=quantization.compute_dtype, device=quantization.device)
             for key, expert, destination in block.sources[canonical]:
                 reader.read_into(key, tensors[canonical][destination], index=expert)
-        setattr(parent, attribute, build_expert_block(block.family, tensors, bits=quantization.bits, compute_dtype=quantization.compute_dtype,
-                                                      quant_storage=quantization.quant_storage, device=quantization.device, act_fn=block.act_fn))
+        setattr(
+            parent,
+            attribute,
+            build_expert_block(
+                block.family,
+                tensors,
+                bits=quantization.bits,
+                compute_dtype=quantization.compute_dtype,
+                quant_storage=quantization.quant_storage,
+                device=quantization.device,
+                act_fn=block.act_fn,
+            ),
+        )
         del tensors
         _return_freed_memory()
 

@@ -37,17 +37,29 @@ class TrainingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: Literal[4, 8, 16] = Field(default=4, description="Weight precision while training: 4 (NF4 QLoRA, experts included), 8 (LLM.int8) or 16 (plain LoRA on bf16 weights).")
-    target: list[TargetKind] = Field(default=["attn", "experts", "gate"], description="Comma list of what to adapt: attn, experts, gate (routers, trained in full), or all.")
+    bits: Literal[4, 8, 16] = Field(
+        default=4, description="Weight precision while training: 4 (NF4 QLoRA, experts included), 8 (LLM.int8) or 16 (plain LoRA on bf16 weights)."
+    )
+    target: list[TargetKind] = Field(
+        default=["attn", "experts", "gate"], description="Comma list of what to adapt: attn, experts, gate (routers, trained in full), or all."
+    )
     experts: list[int] | None = Field(default=None, description="Comma list or range of expert indices whose adapters are trained (default: all experts).")
     layers: list[int] | None = Field(default=None, description="Comma list or range of layer indices to adapt (default: all layers).")
     lora_r: int = Field(default=16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input (0, as Unsloth: on the experts it costs a copy of every expert input per step, and the adapter format stores 0).")
+    lora_dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA input (0, as Unsloth: on the experts it costs a "
+        "copy of every expert input per step, and the adapter format stores 0).",
+    )
     batch_size: int = Field(default=2, ge=1, description="Sequences per device per step.")
     max_seq_len: int = Field(default=1024, ge=8, description="Longest training sequence in tokens; longer examples are truncated.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in the backward pass to save memory.")
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(default="adamw_torch", description="Optimizer; the 8-bit ones keep their states in 8 bits (bitsandbytes).")
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
+        default="adamw_torch", description="Optimizer; the 8-bit ones keep their states in 8 bits (bitsandbytes)."
+    )
     packing: bool = Field(default=False, description="Pack several short examples into each max-seq-len sequence.")
 
     @field_validator("target", mode="before")
@@ -79,13 +91,18 @@ class TrainingOptions(BaseModel):
 class FinetuneOptions(TrainingOptions):
     """Everything `moekit finetune` takes besides MODEL and OUT."""
 
-    data: str = Field(description="Training data: a local JSON/JSONL/Parquet file or directory, or a Hub dataset id (`name[:split]`), with `messages` or `prompt`/`completion` columns.")
+    data: str = Field(
+        description="Training data: a local JSON/JSONL/Parquet file or directory, or a Hub dataset "
+        "id (`name[:split]`), with `messages` or `prompt`/`completion` columns."
+    )
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (overrides --epochs).")
     epochs: float = Field(default=1.0, gt=0, description="Passes over the data.")
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate (LoRA and routers).")
     grad_accum: int = Field(default=1, ge=1, description="Gradient accumulation steps.")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
-    router_aux_loss_coef: float = Field(default=0.02, ge=0, description="Coefficient of the router load-balancing loss (0 turns it off); logged apart from the LM loss.")
+    router_aux_loss_coef: float = Field(
+        default=0.02, ge=0, description="Coefficient of the router load-balancing loss (0 turns it off); logged apart from the LM loss."
+    )
     teacher: str | None = Field(default=None, description="Teacher model for logit distillation (KL to its next-token distribution), loaded in 4-bit.")
     kd_alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the distillation term: loss = (1-a)*CE + a*KL.")
     kd_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the distillation term.")

@@ -12,7 +12,6 @@ model's own. Attention and dense MLP linear layers become bitsandbytes `Linear4b
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -28,15 +27,11 @@ def _require_bitsandbytes(device: torch.device, compute_dtype: torch.dtype):
     try:
         import bitsandbytes as bnb
     except ImportError as err:
-        raise DependencyError(
-            f"bitsandbytes is not installed ({err})", hint="pip install bitsandbytes, or use --bits 16"
-        ) from None
+        raise DependencyError(f"bitsandbytes is not installed ({err})", hint="pip install bitsandbytes, or use --bits 16") from None
     try:
         bnb.functional.quantize_4bit(torch.zeros(64, dtype=compute_dtype, device=device), quant_type="nf4")
     except Exception as err:  # noqa: BLE001  (any backend failure means the quantized path cannot run here)
-        raise DependencyError(
-            f"bitsandbytes cannot quantize on {device.type} here: {err}", hint="use --bits 16, or a supported GPU"
-        ) from None
+        raise DependencyError(f"bitsandbytes cannot quantize on {device.type} here: {err}", hint="use --bits 16, or a supported GPU") from None
     return bnb
 
 
@@ -72,9 +67,7 @@ def _new_linear(
     elif bits == 8:
         import bitsandbytes as bnb
 
-        layer = bnb.nn.Linear8bitLt(
-            in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta"
-        )
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
     else:
         raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
@@ -95,7 +88,9 @@ def expert_tensors(module: nn.Module) -> tuple[str, dict[str, torch.Tensor], nn.
             raise TrainingError(f"unsupported fused experts layout in {type(module).__name__} (transposed, interleaved or biased)")
         return "mixtral", {"gate_up_proj": module.gate_up_proj.data, "down_proj": module.down_proj.data}, module.act_fn
     if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(e, "fc1") and hasattr(e, "fc2") for e in module):
-        tensors = {f"{proj}.{kind}": torch.stack([getattr(getattr(e, proj), kind).data for e in module]) for proj in ("fc1", "fc2") for kind in ("weight", "bias")}
+        tensors = {
+            f"{proj}.{kind}": torch.stack([getattr(getattr(e, proj), kind).data for e in module]) for proj in ("fc1", "fc2") for kind in ("weight", "bias")
+        }
         return "phixtral", tensors, module[0].activation_fn
     return None
 
@@ -209,8 +204,10 @@ def dequantize_moe(model: nn.Module, dtype: torch.dtype) -> list[str]:
             if kind not in ("Linear4bit", "Linear8bitLt"):
                 continue
             if getattr(child.weight.quant_state if kind == "Linear4bit" else None, "packing_format_for_cpu", False):
-                raise TrainingError(f"{full_name}: bitsandbytes repacked this 4-bit weight for its CPU inference kernel; it cannot be dequantized exactly any more",
-                                    hint="dequantize a freshly loaded model, before any forward in eval mode")
+                raise TrainingError(
+                    f"{full_name}: bitsandbytes repacked this 4-bit weight for its CPU inference kernel; it cannot be dequantized exactly any more",
+                    hint="dequantize a freshly loaded model, before any forward in eval mode",
+                )
             weight = dequantize_bnb_weight(child.weight, state=getattr(child, "state", None)).to(dtype)  # (out, in)
             linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta", dtype=dtype)
             linear.weight = nn.Parameter(weight, requires_grad=False)

@@ -243,7 +243,9 @@ def apply_targets(model: nn.Module, options: TrainingOptions):
         if _BLOCK_LORA.search(name):  # stacked over the experts: one row per adapted expert
             block = _owner(wrapped, name)
             for position, expert_idx in enumerate(block.adapted_experts):
-                table.rows.append({"name": _slice_name(name, position, expert_idx), "kind": kind, "layer": layer_idx, "expert": expert_idx, "params": param[position].numel()})
+                table.rows.append(
+                    {"name": _slice_name(name, position, expert_idx), "kind": kind, "layer": layer_idx, "expert": expert_idx, "params": param[position].numel()}
+                )
             continue
         table.rows.append({"name": name, "kind": kind, "layer": layer_idx, "expert": expert_idx, "params": param.numel()})
     _check_table(table, chosen_layers, chosen_experts, targets)
@@ -348,11 +350,7 @@ def _routers(model: nn.Module) -> dict[str, nn.Parameter]:
     base = _base_model(model)
     architecture = getattr(base.config, "model_type", "")
     modules = dict(base.named_modules())
-    return {
-        _router_key(layer.router, architecture): modules[layer.router].weight
-        for layer in describe_layers(base)
-        if layer.router is not None
-    }
+    return {_router_key(layer.router, architecture): modules[layer.router].weight for layer in describe_layers(base) if layer.router is not None}
 
 
 def save_routers(model: nn.Module, path: str | Path) -> Path:

@@ -116,7 +116,14 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     # FSDP flattens quantized and plain parameters together, so they must share one storage dtype.
     quant_storage = compute_dtype if _under_fsdp() else torch.uint8
     device_map = {"": device} if device.type == "cuda" else None
-    base = load_for_training(model_path, bits=options.bits, compute_dtype=compute_dtype, device_map=device_map, quant_storage=quant_storage, trust_remote_code=options.trust_remote_code)
+    base = load_for_training(
+        model_path,
+        bits=options.bits,
+        compute_dtype=compute_dtype,
+        device_map=device_map,
+        quant_storage=quant_storage,
+        trust_remote_code=options.trust_remote_code,
+    )
     from transformers import set_seed
 
     set_seed(options.seed)  # LoRA initialisation draws from the global generator
@@ -137,7 +144,10 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     try:
         trainer = _make_trainer(peft_model, tokenizer, data, staging, options, compute_dtype, teacher, echo)
         if len(trainer.train_dataset) == 0:
-            raise DataError(f"no example of {options.data} has a trainable token within --max-seq-len {options.max_seq_len}", hint="raise --max-seq-len or shorten the prompts")
+            raise DataError(
+                f"no example of {options.data} has a trainable token within --max-seq-len {options.max_seq_len}",
+                hint="raise --max-seq-len or shorten the prompts",
+            )
         if checkpoint is not None:
             _trim_log(staging / LOG_FILE, _checkpoint_step(checkpoint))
             echo(f"resuming from {checkpoint}")
@@ -155,11 +165,15 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             complete = _checkpoints(staging)
             raise OutputError(
-                f"the disk is full while writing {staging}" + (f"; the newest complete checkpoint is {complete[-1].name}" if complete else "; no checkpoint was complete, nothing was kept"),
+                f"the disk is full while writing {staging}"
+                + (f"; the newest complete checkpoint is {complete[-1].name}" if complete else "; no checkpoint was complete, nothing was kept"),
                 hint="free space, then run the same command" + (" with --resume" if complete else ""),
             ) from None
         if isinstance(err, torch.cuda.OutOfMemoryError):
-            raise TrainingError("the GPU ran out of memory while training", hint="lower --batch-size or --max-seq-len, keep --gradient-checkpointing on, or check `moekit plan` first") from None
+            raise TrainingError(
+                "the GPU ran out of memory while training",
+                hint="lower --batch-size or --max-seq-len, keep --gradient-checkpointing on, or check `moekit plan` first",
+            ) from None
         raise
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
@@ -171,7 +185,9 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     verify_changed(snapshot, trained)
     log = _read_log(staging / LOG_FILE)
     losses = _loss_summary(log)
-    _write_outputs(staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak)
+    _write_outputs(
+        staging, peft_model, trainer, trained, tokenizer, options, model, model_path, data, table, losses, trainer.state.global_step, peak, plan_peak
+    )
     (staging / SETTINGS_FILE).unlink(missing_ok=True)
     from moekit.output import move_into_place
 
@@ -217,12 +233,16 @@ def _check_output(out: Path, staging: Path, resume: bool) -> Path | None:
     checkpoints = _checkpoints(staging)
     if resume:
         if not checkpoints:
-            raise TrainingError(f"--resume: no complete checkpoint of an earlier run in {staging / 'checkpoints'}",
-                                hint="run without --resume to start a new fine-tune" + (f" (it clears {staging})" if staging.exists() else ""))
+            raise TrainingError(
+                f"--resume: no complete checkpoint of an earlier run in {staging / 'checkpoints'}",
+                hint="run without --resume to start a new fine-tune" + (f" (it clears {staging})" if staging.exists() else ""),
+            )
         return checkpoints[-1]
     if checkpoints:
-        raise OutputError(f"{staging} holds an unfinished run of {out} (complete checkpoints up to {checkpoints[-1].name})",
-                          hint="pass --resume to continue it, or delete it to start over")
+        raise OutputError(
+            f"{staging} holds an unfinished run of {out} (complete checkpoints up to {checkpoints[-1].name})",
+            hint="pass --resume to continue it, or delete it to start over",
+        )
     return None  # an OUT.partial without a complete checkpoint holds nothing to resume: the run clears it
 
 
@@ -231,14 +251,20 @@ def _check_report_to(report_to: str) -> None:
 
     available = {"none": True, "tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     if not available[report_to]:
-        raise DependencyError(f"--report-to {report_to} needs the {report_to} package, which is not installed", hint=f"pip install {report_to}, or leave out --report-to")
+        raise DependencyError(
+            f"--report-to {report_to} needs the {report_to} package, which is not installed", hint=f"pip install {report_to}, or leave out --report-to"
+        )
 
 
 def _checkpoints(staging: Path) -> list[Path]:
     """The complete checkpoints, oldest first. A checkpoint is renamed to `checkpoint-N` only when whole
     (`MoeSFTTrainer._save_checkpoint`); the trainer state, saved last, is checked as well for runs of older versions."""
     folder = staging / "checkpoints"
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()] if folder.is_dir() else []
+    found = (
+        [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+        if folder.is_dir()
+        else []
+    )
     return sorted(found, key=_checkpoint_step)
 
 
@@ -261,11 +287,16 @@ def _check_same_settings(staging: Path, model_path: Path, options: FinetuneOptio
     except (OSError, ValueError):
         return  # a run of an older version recorded nothing
     now = _run_settings(model_path, options)
-    differences = [f"{'MODEL' if key == 'model' else '--' + key.replace('_', '-')} {_shown(recorded.get(key))} -> {_shown(value)}"
-                   for key, value in now.items() if key in recorded and recorded[key] != value]
+    differences = [
+        f"{'MODEL' if key == 'model' else '--' + key.replace('_', '-')} {_shown(recorded.get(key))} -> {_shown(value)}"
+        for key, value in now.items()
+        if key in recorded and recorded[key] != value
+    ]
     if differences:
-        raise TrainingError(f"--resume with settings that differ from the run in {staging}: {'; '.join(differences)}",
-                            hint="resume with the run's own settings, or start over without --resume after deleting " + str(staging))
+        raise TrainingError(
+            f"--resume with settings that differ from the run in {staging}: {'; '.join(differences)}",
+            hint="resume with the run's own settings, or start over without --resume after deleting " + str(staging),
+        )
 
 
 def _shown(value) -> str:
@@ -296,7 +327,8 @@ def _check_targets(config, options: FinetuneOptions) -> None:
     moe_targets = [t for t in options.target if t in ("experts", "gate")]
     if moe_targets and not num_experts:
         raise TargetError(
-            f"--target {','.join(moe_targets)} needs an MoE, but this model is a {config.architectures[0] if config.architectures else config.model_type} without experts",
+            f"--target {','.join(moe_targets)} needs an MoE, but this model is a "
+            f"{config.architectures[0] if config.architectures else config.model_type} without experts",
             hint="use --target attn for a dense model, or build an MoE first with `moekit build`",
         )
     if options.experts and num_experts and max(options.experts) >= num_experts:
@@ -310,7 +342,9 @@ def _check_targets(config, options: FinetuneOptions) -> None:
 
 def _check_teacher(config, teacher_config, ref: str) -> None:
     if teacher_config.vocab_size != config.vocab_size:
-        raise IncompatibleModelsError(f"teacher {ref} has a vocabulary of {teacher_config.vocab_size} tokens, the model {config.vocab_size}; distillation needs the same tokenizer")
+        raise IncompatibleModelsError(
+            f"teacher {ref} has a vocabulary of {teacher_config.vocab_size} tokens, the model {config.vocab_size}; distillation needs the same tokenizer"
+        )
 
 
 def _print_plan(model_path: Path, options: FinetuneOptions, echo, on_gpu: bool) -> int | None:
@@ -456,7 +490,9 @@ class MoeSFTTrainer(SFTTrainer):
 
             plugin = self.accelerator.state.fsdp_plugin
             if plugin.fsdp_version != 2:
-                raise TrainingError("moekit supports FSDP version 2 (the shipped fsdp_qlora.yaml), not fsdp_version 1", hint="set fsdp_version: 2 in the accelerate config")
+                raise TrainingError(
+                    "moekit supports FSDP version 2 (the shipped fsdp_qlora.yaml), not fsdp_version 1", hint="set fsdp_version: 2 in the accelerate config"
+                )
             # accelerate would all-gather every parameter cast to bf16 and reduce gradients in bf16; keep each
             # parameter's own dtype (4-bit codes, float32 LoRA) and reduce the float32 gradients in float32.
             # Autocast does the compute casts (autocast_smart_context_manager), as on one GPU.

@@ -29,6 +29,16 @@ from moekit.plan.shape import ModelShape, parameter_counts, shape_from_config
 from moekit.plan.storage import nf4_bytes
 
 __all__ = [
-    "DENSE_TYPES", "KNOWN_TYPES", "MOE_TYPES", "MemoryPlan", "ModelShape", "Row", "estimate", "load_config", "missing_fields",
-    "nf4_bytes", "parameter_counts", "shape_from_config",
+    "DENSE_TYPES",
+    "KNOWN_TYPES",
+    "MOE_TYPES",
+    "MemoryPlan",
+    "ModelShape",
+    "Row",
+    "estimate",
+    "load_config",
+    "missing_fields",
+    "nf4_bytes",
+    "parameter_counts",
+    "shape_from_config",
 ]

@@ -57,8 +57,10 @@ def load_config(config_or_path):
         raise PlanError(f"moekit plan does not know the architecture '{model_type}'", hint=f"known: {', '.join(KNOWN_TYPES)}")
     missing = missing_fields(config_dict, model_type)
     if missing:
-        raise PlanError(f"{name} lacks required config fields: {', '.join(missing)}",
-                        hint="transformers would fill them in with its defaults, which are not this model's; add them to config.json")
+        raise PlanError(
+            f"{name} lacks required config fields: {', '.join(missing)}",
+            hint="transformers would fill them in with its defaults, which are not this model's; add them to config.json",
+        )
     try:
         return AutoConfig.for_model(model_type, **config_dict)
     except (ValueError, TypeError) as err:
@@ -102,8 +104,10 @@ def _hub_config(ref: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, "config.json", revision=revision))
     except LocalEntryNotFoundError:
-        raise PlanError(f"model '{ref}' is not a local directory and its config.json is not in the Hugging Face cache (offline or unreachable Hub)",
-                        hint=f"check the name, or fetch it once with `hf download {repo_id} config.json`") from None
+        raise PlanError(
+            f"model '{ref}' is not a local directory and its config.json is not in the Hugging Face cache (offline or unreachable Hub)",
+            hint=f"check the name, or fetch it once with `hf download {repo_id} config.json`",
+        ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
         raise PlanError(f"model '{ref}' was not found on the Hub ({type(err).__name__})") from None
     except (HfHubHTTPError, OSError) as err:

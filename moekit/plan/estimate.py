@@ -29,8 +29,11 @@ def estimate(config_or_path, options: TrainingOptions | None = None, *, gpu_memo
         options = options.model_copy(update={"max_seq_len": shape.max_positions})
     plan = plan_memory(shape, options, str(name))
     if capped:
-        plan.notes.insert(0, f"sequence length capped at the model's max_position_embeddings ({shape.max_positions}; the default "
-                             f"--max-seq-len is {default}): pass --max-seq-len {shape.max_positions} to moekit finetune as well")
+        plan.notes.insert(
+            0,
+            f"sequence length capped at the model's max_position_embeddings ({shape.max_positions}; the default "
+            f"--max-seq-len is {default}): pass --max-seq-len {shape.max_positions} to moekit finetune as well",
+        )
     if gpu_memory is not None:
         if gpu_memory <= 0:
             raise PlanError(f"GPU memory must be positive, got {gpu_memory} bytes")

@@ -67,12 +67,23 @@ class MemoryPlan:
         return {
             "model": self.model,
             "architecture": shape.model_type,
-            "shape": {"layers": shape.layers, "hidden": shape.hidden, "intermediate": shape.intermediate,
-                      "heads": shape.heads, "kv_heads": shape.kv_heads, "vocab": shape.vocab,
-                      "experts": shape.experts, "experts_per_token": shape.top_k},
+            "shape": {
+                "layers": shape.layers,
+                "hidden": shape.hidden,
+                "intermediate": shape.intermediate,
+                "heads": shape.heads,
+                "kv_heads": shape.kv_heads,
+                "vocab": shape.vocab,
+                "experts": shape.experts,
+                "experts_per_token": shape.top_k,
+            },
             "options": self.options.model_dump(),
-            "parameters": {"total": self.parameters_total, "active": self.parameters_active,
-                           "trainable": sum(self.trainable.values()), "trainable_by_kind": self.trainable},
+            "parameters": {
+                "total": self.parameters_total,
+                "active": self.parameters_active,
+                "trainable": sum(self.trainable.values()),
+                "trainable_by_kind": self.trainable,
+            },
             "checkpoint_bytes": self.checkpoint_bytes,
             "breakdown": [{"group": r.group, "name": r.name, "bytes": r.bytes, "note": r.note} for r in self.rows],
             "phases": self.phases,
@@ -92,10 +103,15 @@ class MemoryPlan:
         moe = f"{shape.experts} experts, top-{shape.top_k}, " if shape.is_moe else "dense, "
         lines = [
             f"memory plan: {self.model} ({shape.model_type}: {moe}{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab})",
-            (f"settings:    {opts.bits}-bit weights, target {','.join(opts.target)}, LoRA r={opts.lora_r}, batch {opts.batch_size} x {opts.max_seq_len} tokens, "
-            f"gradient checkpointing {'on' if opts.gradient_checkpointing else 'off'}, {opts.optimizer}"),
-            (f"parameters:  {format_count(self.parameters_total)} total, {format_count(self.parameters_active)} active per token, "
-            f"{format_count(sum(self.trainable.values()))} trainable; checkpoint on disk (bf16 safetensors): {format_size(self.checkpoint_bytes)}"),
+            (
+                f"settings:    {opts.bits}-bit weights, target {','.join(opts.target)}, LoRA "
+                f"r={opts.lora_r}, batch {opts.batch_size} x {opts.max_seq_len} tokens, "
+                f"gradient checkpointing {'on' if opts.gradient_checkpointing else 'off'}, {opts.optimizer}"
+            ),
+            (
+                f"parameters:  {format_count(self.parameters_total)} total, {format_count(self.parameters_active)} active per token, "
+                f"{format_count(sum(self.trainable.values()))} trainable; checkpoint on disk (bf16 safetensors): {format_size(self.checkpoint_bytes)}"
+            ),
             "",
         ]
         width = max(len(r.name) for r in self.rows) + 2
@@ -110,12 +126,16 @@ class MemoryPlan:
             note = f"  {row.note}" if row.note else ""
             lines.append(f"  {row.name:<{width}}{format_size(row.bytes):>10}{note}")
         lines.append("")
-        lines.append(f"predicted peak: {format_size(self.peak_bytes)} allocated (at the {self.peak_phase}); "
-                     f"the GPU needs about {format_size(self.gpu_bytes_needed)} with the CUDA context and allocator slack")
+        lines.append(
+            f"predicted peak: {format_size(self.peak_bytes)} allocated (at the {self.peak_phase}); "
+            f"the GPU needs about {format_size(self.gpu_bytes_needed)} with the CUDA context and allocator slack"
+        )
         if self.gpu_memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"on a {format_size(self.gpu_memory)} GPU: {verdict}; largest batch size at {opts.max_seq_len} tokens: "
-                         f"{self.largest_batch_size or 'none'}; longest sequence at batch {opts.batch_size}: {self.largest_seq_len or 'none'}")
+            lines.append(
+                f"on a {format_size(self.gpu_memory)} GPU: {verdict}; largest batch size at {opts.max_seq_len} tokens: "
+                f"{self.largest_batch_size or 'none'}; longest sequence at batch {opts.batch_size}: {self.largest_seq_len or 'none'}"
+            )
             if self.advice:
                 lines.append(f"turn first: {self.advice}")
         lines.extend(f"note: {note}" for note in self.notes)
@@ -127,9 +147,11 @@ def _check_options(shape: ModelShape, options: TrainingOptions) -> None:
         raise PlanError("batch size must be at least 1")
     if shape.max_positions and options.max_seq_len > shape.max_positions:
         scaling = f" (it already uses {shape.rope_scaling.get('rope_type', shape.rope_scaling.get('type'))} rope scaling)" if shape.rope_scaling else ""
-        raise PlanError(f"--max-seq-len {options.max_seq_len} is beyond the model's max_position_embeddings ({shape.max_positions}){scaling}",
-                        hint=f"pass --max-seq-len {shape.max_positions} or less; longer contexts need rope scaling (e.g. rope_scaling "
-                             "{'rope_type': 'linear' or 'yarn', 'factor': N}) set in the model's config.json first")
+        raise PlanError(
+            f"--max-seq-len {options.max_seq_len} is beyond the model's max_position_embeddings ({shape.max_positions}){scaling}",
+            hint=f"pass --max-seq-len {shape.max_positions} or less; longer contexts need rope scaling (e.g. rope_scaling "
+            "{'rope_type': 'linear' or 'yarn', 'factor': N}) set in the model's config.json first",
+        )
 
 
 def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) -> MemoryPlan:
@@ -150,19 +172,33 @@ def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) ->
     lm_head_numel = 0 if shape.tied_embeddings else vocab * h
     rows = [
         Row("weights", "attention", layers * attn_values, f"{bits}-bit" if bits < 16 else "bf16"),
-        Row("weights", "experts" if shape.is_moe else "mlp", layers * expert_values,
-            f"{bits}-bit, {layers} layers x {experts} experts" if shape.is_moe else f"{bits}-bit" if bits < 16 else "bf16"),
+        Row(
+            "weights",
+            "experts" if shape.is_moe else "mlp",
+            layers * expert_values,
+            f"{bits}-bit, {layers} layers x {experts} experts" if shape.is_moe else f"{bits}-bit" if bits < 16 else "bf16",
+        ),
     ]
     if shape.is_moe:
         rows.append(Row("weights", "routers", layers * router_numel * ROUTER_BYTES, "bf16, not quantized"))
     rows += [
-        Row("weights", "embeddings + lm_head", (embed_numel + lm_head_numel + (vocab if shape.lm_head_bias else 0)) * COMPUTE_BYTES,
-            "bf16, not quantized" + (", tied" if shape.tied_embeddings else "")),
+        Row(
+            "weights",
+            "embeddings + lm_head",
+            (embed_numel + lm_head_numel + (vocab if shape.lm_head_bias else 0)) * COMPUTE_BYTES,
+            "bf16, not quantized" + (", tied" if shape.tied_embeddings else ""),
+        ),
         Row("weights", "norms", (layers * shape.norm_numel_per_layer + shape.final_norm_numel) * COMPUTE_BYTES, "bf16"),
     ]
     if bits < 16:
-        rows.append(Row("weights", "quantization constants", layers * (attn_consts + expert_consts),
-                        "NF4 absmax, double-quantized (8-bit per 64 values + fp32 per 256 blocks)" if bits == 4 else "int8 row scales (fp32)"))
+        rows.append(
+            Row(
+                "weights",
+                "quantization constants",
+                layers * (attn_consts + expert_consts),
+                "NF4 absmax, double-quantized (8-bit per 64 values + fp32 per 256 blocks)" if bits == 4 else "int8 row scales (fp32)",
+            )
+        )
     weights = sum(r.bytes for r in rows)
 
     # trainable parameters, gradients, optimizer states
@@ -195,7 +231,9 @@ def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) ->
     rows += [
         Row("activations", "final norm + loss", act["loss_backward"], "chunked LM head: one bf16 logits tile, fp32 hidden-state gradient"),
         Row("activations", "routing buffers", act["routing"], "router logits for the load-balancing loss") if shape.is_moe else None,
-        Row("activations", "int8 layer inputs", act["int8_inputs"], "kept by bitsandbytes outside checkpointing (not validated on a GPU)") if options.bits == 8 else None,
+        Row("activations", "int8 layer inputs", act["int8_inputs"], "kept by bitsandbytes outside checkpointing (not validated on a GPU)")
+        if options.bits == 8
+        else None,
     ]
     rows = [r for r in rows if r is not None]
 
@@ -205,14 +243,15 @@ def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) ->
     phases = {
         "loss forward": resident + autocast_cache + kept + act["routing"] + act["loss_forward"],
         "loss backward": resident + kept + act["routing"] + act["loss_backward"],
-        "backward of the last layer": resident + act["routing"] + act["backward_transient"] + (
-            kept + per_layer_grads + act["layer"] if options.gradient_checkpointing else kept + per_layer_grads),
+        "backward of the last layer": resident
+        + act["routing"]
+        + act["backward_transient"]
+        + (kept + per_layer_grads + act["layer"] if options.gradient_checkpointing else kept + per_layer_grads),
         "optimizer step": resident + gradients + step_temporary,
     }
     if options.gradient_checkpointing:
         # at the first layers, the checkpoints are gone but every gradient exists
-        phases["backward of the first layer"] = (resident + act["checkpoint_input"] + gradients + act["layer"]
-                                                 + act["backward_transient"] + act["routing"])
+        phases["backward of the first layer"] = resident + act["checkpoint_input"] + gradients + act["layer"] + act["backward_transient"] + act["routing"]
     phases = {name: value + ALLOCATOR_OVERHEAD_BYTES for name, value in phases.items()}
     peak = max(phases.values())
     rows.append(Row("peak", "allocator overhead", ALLOCATOR_OVERHEAD_BYTES, "cuBLAS workspaces, small buffers (measured on an H100)"))
@@ -225,7 +264,16 @@ def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) ->
     if paged:
         notes.append("paged optimizer states live in CUDA managed memory, outside the predicted peak")
     return MemoryPlan(
-        model=model_name, shape=shape, options=options, parameters_total=total, parameters_active=active,
-        checkpoint_bytes=total * 2, trainable=dict(targets.by_kind), rows=rows, phases=phases, peak_bytes=peak,
-        gpu_bytes_needed=int(peak * RESERVED_FACTOR) + CUDA_CONTEXT_BYTES, notes=notes,
+        model=model_name,
+        shape=shape,
+        options=options,
+        parameters_total=total,
+        parameters_active=active,
+        checkpoint_bytes=total * 2,
+        trainable=dict(targets.by_kind),
+        rows=rows,
+        phases=phases,
+        peak_bytes=peak,
+        gpu_bytes_needed=int(peak * RESERVED_FACTOR) + CUDA_CONTEXT_BYTES,
+        notes=notes,
     )

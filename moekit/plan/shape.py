@@ -70,19 +70,24 @@ def shape_from_config(config) -> ModelShape:
     model_type = getattr(config, "model_type", None)
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
-        raise PlanError(f"the model is not a causal language model (architectures: {', '.join(architectures)})",
-                        hint="moekit fine-tunes *ForCausalLM checkpoints such as the Mixtral or Phixtral models `moekit build` writes")
+        raise PlanError(
+            f"the model is not a causal language model (architectures: {', '.join(architectures)})",
+            hint="moekit fine-tunes *ForCausalLM checkpoints such as the Mixtral or Phixtral models `moekit build` writes",
+        )
     if model_type not in KNOWN_TYPES:
-        raise PlanError(f"moekit plan does not know the architecture '{model_type}'",
-                        hint=f"known: {', '.join(KNOWN_TYPES)}")
+        raise PlanError(f"moekit plan does not know the architecture '{model_type}'", hint=f"known: {', '.join(KNOWN_TYPES)}")
     hidden, heads = config.hidden_size, config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     inter = config.intermediate_size
     if model_type in ("phi", "phixtral"):
-        attention = (Linear("q_proj", "attn", hidden, q_dim, True), Linear("k_proj", "attn", hidden, kv_dim, True),
-                     Linear("v_proj", "attn", hidden, kv_dim, True), Linear("dense", "attn", q_dim, hidden, True))
+        attention = (
+            Linear("q_proj", "attn", hidden, q_dim, True),
+            Linear("k_proj", "attn", hidden, kv_dim, True),
+            Linear("v_proj", "attn", hidden, kv_dim, True),
+            Linear("dense", "attn", q_dim, hidden, True),
+        )
         if getattr(config, "qk_layernorm", False):
             raise PlanError("Phi models with qk_layernorm are not supported by moekit plan")
         expert_mlp = (Linear("fc1", "mlp", hidden, inter, True), Linear("fc2", "mlp", inter, hidden, True))
@@ -93,24 +98,45 @@ def shape_from_config(config) -> ModelShape:
             attention = (Linear("qkv_proj", "attn", hidden, q_dim + 2 * kv_dim, bias), Linear("o_proj", "attn", q_dim, hidden, bias))
             expert_mlp = (Linear("gate_up_proj", "mlp", hidden, 2 * inter, False), Linear("down_proj", "mlp", inter, hidden, False))
         else:
-            attention = (Linear("q_proj", "attn", hidden, q_dim, bias), Linear("k_proj", "attn", hidden, kv_dim, bias),
-                         Linear("v_proj", "attn", hidden, kv_dim, bias), Linear("o_proj", "attn", q_dim, hidden, bias))
+            attention = (
+                Linear("q_proj", "attn", hidden, q_dim, bias),
+                Linear("k_proj", "attn", hidden, kv_dim, bias),
+                Linear("v_proj", "attn", hidden, kv_dim, bias),
+                Linear("o_proj", "attn", q_dim, hidden, bias),
+            )
             mlp_bias = bool(getattr(config, "mlp_bias", False))
-            expert_mlp = (Linear("gate_proj", "mlp", hidden, inter, mlp_bias), Linear("up_proj", "mlp", hidden, inter, mlp_bias),
-                          Linear("down_proj", "mlp", inter, hidden, mlp_bias))
+            expert_mlp = (
+                Linear("gate_proj", "mlp", hidden, inter, mlp_bias),
+                Linear("up_proj", "mlp", hidden, inter, mlp_bias),
+                Linear("down_proj", "mlp", inter, hidden, mlp_bias),
+            )
         gated, norms, final_norm, lm_head_bias = True, 2 * hidden, hidden, False
     is_moe = model_type in MOE_TYPES
     if is_moe:  # one expert's projections as moekit's expert block stores them (Mixtral's gate and up as one)
-        expert_mlp = tuple(Linear(name, "experts", in_features, out_features, BIASED[model_type])
-                           for name, (out_features, in_features) in projection_shapes(model_type, hidden, inter).items())
+        expert_mlp = tuple(
+            Linear(name, "experts", in_features, out_features, BIASED[model_type])
+            for name, (out_features, in_features) in projection_shapes(model_type, hidden, inter).items()
+        )
     return ModelShape(
-        model_type=model_type, hidden=hidden, intermediate=inter, layers=config.num_hidden_layers, heads=heads,
-        kv_heads=kv_heads, head_dim=head_dim, vocab=config.vocab_size,
-        experts=config.num_local_experts if is_moe else 0, top_k=config.num_experts_per_tok if is_moe else 1,
+        model_type=model_type,
+        hidden=hidden,
+        intermediate=inter,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        experts=config.num_local_experts if is_moe else 0,
+        top_k=config.num_experts_per_tok if is_moe else 1,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         max_positions=getattr(config, "max_position_embeddings", None) or 0,
-        attention=attention, expert_mlp=expert_mlp, gated_mlp=gated, norm_numel_per_layer=norms,
-        final_norm_numel=final_norm, lm_head_bias=lm_head_bias, rope_scaling=_rope_scaling(config),
+        attention=attention,
+        expert_mlp=expert_mlp,
+        gated_mlp=gated,
+        norm_numel_per_layer=norms,
+        final_norm_numel=final_norm,
+        lm_head_bias=lm_head_bias,
+        rope_scaling=_rope_scaling(config),
     )
 
 

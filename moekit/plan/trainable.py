@@ -22,8 +22,10 @@ def trainable_parameters(shape: ModelShape, options: TrainingOptions) -> Trainab
     if layers and max(layers) >= shape.layers:
         raise PlanError(f"layer index {max(layers)} is out of range: the model has {shape.layers} layers (0-{shape.layers - 1})")
     if not shape.is_moe and {"experts", "gate"} & set(options.target):
-        raise PlanError(f"--target {','.join(t for t in options.target if t != 'attn')} needs an MoE, but this {shape.model_type} model is dense",
-                        hint="use --target attn, or plan the MoE that `moekit build` makes from it")
+        raise PlanError(
+            f"--target {','.join(t for t in options.target if t != 'attn')} needs an MoE, but this {shape.model_type} model is dense",
+            hint="use --target attn, or plan the MoE that `moekit build` makes from it",
+        )
     experts = options.experts if options.experts is not None else list(range(shape.experts))
     if shape.is_moe and experts and max(experts) >= shape.experts:
         raise PlanError(f"expert index {max(experts)} is out of range: the model has {shape.experts} experts (0-{shape.experts - 1})")

@@ -1,7 +1,7 @@
 """Publishing to the Hugging Face Hub, with a generated model card.
 
-    write_model_card(model_dir, license=None, report=None) -> huggingface_hub.ModelCard
-    publish(model_dir, repo_id, private=False, revision=None, create_pr=False, license=None, dry_run=False) -> PublishResult
+write_model_card(model_dir, license=None, report=None) -> huggingface_hub.ModelCard
+publish(model_dir, repo_id, private=False, revision=None, create_pr=False, license=None, dry_run=False) -> PublishResult
 """
 
 from __future__ import annotations

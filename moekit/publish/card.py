@@ -46,8 +46,10 @@ class LicenseDecision:
     def note(self) -> str | None:
         if self.conflict:
             listed = ", ".join(f"`{ref}`: {lic or 'not stated'}" for ref, lic in self.source_licenses.items())
-            return (f"**License not decided.** The source models' licenses disagree ({listed}). "
-                    "Choose a license compatible with all of them and publish with `moekit publish --license LICENSE`.")
+            return (
+                f"**License not decided.** The source models' licenses disagree ({listed}). "
+                "Choose a license compatible with all of them and publish with `moekit publish --license LICENSE`."
+            )
         if self.license is None:
             return "The source models state no license; check their terms before using or redistributing this model."
         return None
@@ -118,8 +120,9 @@ def decide_license(directory: ModelDirectory, license: str | None = None) -> Lic
     return LicenseDecision(stated.pop() if stated else None, sources)
 
 
-def model_card(model_dir: Path, *, license: str | None = None, report: dict | Path | None = None, repo_id: str | None = None,
-               base_model: str | None = None) -> ModelCard:
+def model_card(
+    model_dir: Path, *, license: str | None = None, report: dict | Path | None = None, repo_id: str | None = None, base_model: str | None = None
+) -> ModelCard:
     """The card for `model_dir`, without writing anything.
 
     `report` is an eval report dict or a path to report.json (or its directory); by default
@@ -135,8 +138,9 @@ def model_card(model_dir: Path, *, license: str | None = None, report: dict | Pa
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def write_model_card(model_dir: Path, *, license: str | None = None, report: dict | Path | None = None, repo_id: str | None = None,
-                     base_model: str | None = None) -> ModelCard:
+def write_model_card(
+    model_dir: Path, *, license: str | None = None, report: dict | Path | None = None, repo_id: str | None = None, base_model: str | None = None
+) -> ModelCard:
     """Write README.md into `model_dir` (and copy a given eval report's JSON and charts to `model_dir/eval/`)."""
     model_dir = Path(model_dir)
     if isinstance(report, (str, Path)):
@@ -250,8 +254,7 @@ def _card_report(directory: ModelDirectory, report: dict | None) -> dict | None:
     shown = [described, *baselines, *sources]
     names = {m.get("name") for m in shown}
     # a set is marked as training data only for a model on this card
-    data = {name: {k: v for k, v in info.items() if k != "overlaps_training" or v.get("model") in names}
-            for name, info in (report.get("data") or {}).items()}
+    data = {name: {k: v for k, v in info.items() if k != "overlaps_training" or v.get("model") in names} for name, info in (report.get("data") or {}).items()}
     return report | {"models": shown, "data": data}
 
 
@@ -283,10 +286,19 @@ def _eval_results(report: dict | None) -> list[EvalResult]:
             for metric in ("perplexity", "loss"):
                 value = (metrics or {}).get(metric)
                 if isinstance(value, (int, float)):
-                    results.append(EvalResult(task_type="text-generation", task_name="Language modelling", dataset_type=set_name,
-                                              dataset_name=set_name, metric_type=metric, metric_name=metric.capitalize(),
-                                              metric_value=round(float(value), 4), source_name="moekit eval",
-                                              source_url="https://github.com/moekit/moekit"))
+                    results.append(
+                        EvalResult(
+                            task_type="text-generation",
+                            task_name="Language modelling",
+                            dataset_type=set_name,
+                            dataset_name=set_name,
+                            metric_type=metric,
+                            metric_name=metric.capitalize(),
+                            metric_value=round(float(value), 4),
+                            source_name="moekit eval",
+                            source_url="https://github.com/moekit/moekit",
+                        )
+                    )
         break
     return results
 
@@ -298,18 +310,23 @@ def _body(directory: ModelDirectory, decision: LicenseDecision, report: dict | N
     meta = directory.metadata
     parts = [f"# {name}\n"]
     if directory.kind == "build":
-        parts.append(f"A {_arch_name(meta)} mixture of experts built with [moekit](https://github.com/moekit/moekit) "
-                     f"{meta.get('moekit_version', '')} from {meta.get('num_experts', '?')} dense checkpoints"
-                     + (f" (mergekit {meta['mergekit_version']})." if meta.get("mergekit_version") else ".") + "\n")
+        parts.append(
+            f"A {_arch_name(meta)} mixture of experts built with [moekit](https://github.com/moekit/moekit) "
+            f"{meta.get('moekit_version', '')} from {meta.get('num_experts', '?')} dense checkpoints"
+            + (f" (mergekit {meta['mergekit_version']})." if meta.get("mergekit_version") else ".")
+            + "\n"
+        )
     elif directory.kind == "adapter":
         base = base_model or finetune_base(directory.finetune, directory.adapter_dir) or "its base model"
-        parts.append(f"A PEFT (LoRA) adapter fine-tuned with moekit on the mixture of experts `{base}`. "
-                     f"Load it on top of that model (see Usage).\n")
+        parts.append(f"A PEFT (LoRA) adapter fine-tuned with moekit on the mixture of experts `{base}`. Load it on top of that model (see Usage).\n")
     elif directory.kind == "finetune":
         base = base_model or finetune_base(directory.finetune, None) or "a moekit MoE"
         merged = meta.get("finetune") if isinstance(meta.get("finetune"), dict) else {}
-        into = (f" as trained: into the base's {merged.get('bits')}-bit quantized weights, dequantized (`moekit export --merge-into dequantized`)"
-                if merged.get("merge_into") == "dequantized" else "")
+        into = (
+            f" as trained: into the base's {merged.get('bits')}-bit quantized weights, dequantized (`moekit export --merge-into dequantized`)"
+            if merged.get("merge_into") == "dequantized"
+            else ""
+        )
         parts.append(f"A fine-tune of the mixture of experts `{base}` made with moekit, with the adapter merged into the weights{into}.\n")
     if decision.note:
         parts.append(f"> {decision.note}\n")
@@ -387,7 +404,11 @@ def _training_section(directory: ModelDirectory) -> list[str]:
     if not finetune:
         return []
     settings = finetune.get("options") if isinstance(finetune.get("options"), dict) else finetune
-    rows = [(key, value) for key, value in settings.items() if isinstance(value, (str, int, float, bool)) or (isinstance(value, list) and len(value) <= 12 and all(isinstance(v, (str, int, float)) for v in value))]
+    rows = [
+        (key, value)
+        for key, value in settings.items()
+        if isinstance(value, (str, int, float, bool)) or (isinstance(value, list) and len(value) <= 12 and all(isinstance(v, (str, int, float)) for v in value))
+    ]
     lines = ["## Training\n"]
     if rows:
         lines.append("| Setting | Value |\n|---|---|\n" + "\n".join(f"| {key} | {_cell(value)} |" for key, value in rows) + "\n")
@@ -432,8 +453,11 @@ def _eval_section(report: dict | None, charts: list[str]) -> list[str]:
             value = (metrics.get(s) or {}).get("perplexity")
             cells.append(f"{value:.3f}" if isinstance(value, (int, float)) else "-")
         lines.append(f"| {_cell(model.get('name', '?'))} | {model.get('role', '')} | " + " | ".join(cells) + " |")
-    section = ["## Evaluation\n", "Perplexity (lower is better) measured with `moekit eval`, on the same texts for the MoE and each source model.\n",
-               "\n".join(lines) + "\n"]
+    section = [
+        "## Evaluation\n",
+        "Perplexity (lower is better) measured with `moekit eval`, on the same texts for the MoE and each source model.\n",
+        "\n".join(lines) + "\n",
+    ]
     if overlap_note(report):
         section.append(overlap_note(report) + "\n")
     section += [f"![{Path(chart).stem}]({chart})\n" for chart in charts]
@@ -462,28 +486,40 @@ def _usage_section(directory: ModelDirectory, name: str, base_model: str | None)
     if directory.kind == "adapter":
         base = base_model or finetune_base(directory.finetune, directory.adapter_dir) or "BASE_MOE"
         subfolder = "" if directory.adapter_dir == directory.path else f', subfolder="{directory.adapter_dir.name}"'
-        code = (f'from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
-                f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto"{remote})\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
-                f'model = PeftModel.from_pretrained(base, "{name}"{subfolder})\n')
+        code = (
+            f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto"{remote})\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+            f'model = PeftModel.from_pretrained(base, "{name}"{subfolder})\n'
+        )
         note = ""
         adapter_config = directory.adapter_dir / "adapter_config.json" if directory.adapter_dir else None
-        routers_in_adapter = adapter_config is not None and adapter_config.is_file() and bool(json.loads(adapter_config.read_text(encoding="utf-8")).get("modules_to_save"))
+        routers_in_adapter = (
+            adapter_config is not None and adapter_config.is_file() and bool(json.loads(adapter_config.read_text(encoding="utf-8")).get("modules_to_save"))
+        )
         if routers_in_adapter:
-            note = ("\nThe adapter also holds the trained routers (`modules_to_save`), so PEFT loads them too. "
-                    "`moekit export` on the fine-tune directory writes one checkpoint with everything merged in.\n")
+            note = (
+                "\nThe adapter also holds the trained routers (`modules_to_save`), so PEFT loads them too. "
+                "`moekit export` on the fine-tune directory writes one checkpoint with everything merged in.\n"
+            )
         elif (directory.path / "routers.safetensors").is_file():
-            note = ("\nThe fine-tune also trained the routers: `routers.safetensors` holds them, and the adapter alone leaves "
-                    "the base's routers in place. `moekit export` on the fine-tune directory writes one checkpoint with the "
-                    "adapter and the routers merged in.\n")
+            note = (
+                "\nThe fine-tune also trained the routers: `routers.safetensors` holds them, and the adapter alone leaves "
+                "the base's routers in place. `moekit export` on the fine-tune directory writes one checkpoint with the "
+                "adapter and the routers merged in.\n"
+            )
     else:
-        code = (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto"{remote})\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n')
-        note = "\nThe Phixtral model code ships with the checkpoint, hence `trust_remote_code=True`.\n" if remote else \
-            "\nIt loads with plain transformers; no custom code is needed.\n"
-    code += ('\ninputs = tokenizer("def fibonacci(n):", return_tensors="pt")\n'
-             'print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n')
+        code = (
+            f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{name}", dtype="auto"{remote})\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n'
+        )
+        note = (
+            "\nThe Phixtral model code ships with the checkpoint, hence `trust_remote_code=True`.\n"
+            if remote
+            else "\nIt loads with plain transformers; no custom code is needed.\n"
+        )
+    code += '\ninputs = tokenizer("def fibonacci(n):", return_tensors="pt")\nprint(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))\n'
     return ["## Usage\n", "```python\n" + code + "```\n" + note]
 
 

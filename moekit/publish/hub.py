@@ -31,8 +31,19 @@ from moekit.publish.card import (
 
 # Never uploaded: trainer checkpoints (optimizer states, often larger than the model), caches, hidden files.
 IGNORE_PATTERNS = [
-    "checkpoints/*", "*/checkpoints/*", "checkpoint-*/*", "*/checkpoint-*/*",
-    "__pycache__/*", "*/__pycache__/*", "*.pyc", ".cache/*", "*/.cache/*", ".*", "*/.*", "wandb/*", "runs/*",
+    "checkpoints/*",
+    "*/checkpoints/*",
+    "checkpoint-*/*",
+    "*/checkpoint-*/*",
+    "__pycache__/*",
+    "*/__pycache__/*",
+    "*.pyc",
+    ".cache/*",
+    "*/.cache/*",
+    ".*",
+    "*/.*",
+    "wandb/*",
+    "runs/*",
 ]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -55,9 +66,19 @@ class PublishResult:
         return sum(size for _, size in self.files)
 
 
-def publish(model_dir: Path | str, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False,
-            license: str | None = None, dry_run: bool = False, report: Path | None = None, base_model: str | None = None,
-            commit_message: str | None = None) -> PublishResult:
+def publish(
+    model_dir: Path | str,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    license: str | None = None,
+    dry_run: bool = False,
+    report: Path | None = None,
+    base_model: str | None = None,
+    commit_message: str | None = None,
+) -> PublishResult:
     """Write the model card and upload `model_dir` to `repo_id` in one commit (nothing remote with `dry_run`).
 
     Refuses, before any network call, a directory that is not a complete model or adapter, sources whose
@@ -71,16 +92,22 @@ def publish(model_dir: Path | str, repo_id: str, *, private: bool = False, revis
     directory = inspect_directory(model_dir)
     missing = missing_files(directory)
     if missing and directory.kind == "finetune" and not (model_dir / "config.json").is_file():
-        raise PublishError(f"{model_dir} is a fine-tune without an adapter (router-only training): it holds no model to upload",
-                           hint=f"merge it first with `moekit export {model_dir} -o OUT` and publish OUT")
+        raise PublishError(
+            f"{model_dir} is a fine-tune without an adapter (router-only training): it holds no model to upload",
+            hint=f"merge it first with `moekit export {model_dir} -o OUT` and publish OUT",
+        )
     if missing:
-        raise PublishError(f"{model_dir} is not a complete {_kind_name(directory)}: missing " + "; ".join(missing),
-                           hint="publish the output directory of `moekit build`, `moekit finetune` or `moekit export`")
+        raise PublishError(
+            f"{model_dir} is not a complete {_kind_name(directory)}: missing " + "; ".join(missing),
+            hint="publish the output directory of `moekit build`, `moekit finetune` or `moekit export`",
+        )
     decision = decide_license(directory, license)
     if decision.conflict:
         listed = ", ".join(f"{ref}: {lic or 'not stated'}" for ref, lic in decision.source_licenses.items())
-        raise PublishError(f"the source models' licenses disagree ({listed}); moekit will not pick one for you",
-                           hint="pass --license with a license compatible with all of them (e.g. --license apache-2.0)")
+        raise PublishError(
+            f"the source models' licenses disagree ({listed}); moekit will not pick one for you",
+            hint="pass --license with a license compatible with all of them (e.g. --license apache-2.0)",
+        )
     if directory.kind in ("adapter", "finetune"):
         _check_base_model(directory, base_model, repo_id)
     card = model_card(model_dir, license=decision.license, report=report, repo_id=repo_id, base_model=base_model)
@@ -100,9 +127,10 @@ def publish(model_dir: Path | str, repo_id: str, *, private: bool = False, revis
     except Exception as err:  # network and Hub errors: one message, token scrubbed
         if not _is_remote_error(err):
             raise
-        raise PublishError(_scrub(f"uploading to {repo_id} failed: {_describe(err)}", token),
-                           hint="check the network, HF_TOKEN's write access and the repo id; running the command again "
-                           "skips files the Hub already has") from None
+        raise PublishError(
+            _scrub(f"uploading to {repo_id} failed: {_describe(err)}", token),
+            hint="check the network, HF_TOKEN's write access and the repo id; running the command again skips files the Hub already has",
+        ) from None
     return result
 
 
@@ -194,10 +222,12 @@ def _check_base_model(directory: ModelDirectory, base_model: str | None, repo_id
         raise PublishError(f"--base-model '{base_model}' is not a Hub repository id", hint="write it as USER/NAME")
     if base and (base_model or is_hub_ref(base, {})):
         return
-    raise PublishError(f"the {_kind_name(directory)} was trained on {base or 'an unknown model'}, which is not a Hub repository, "
-                       "so the Hub could not link the card to its base model",
-                       hint=f"publish that MoE first (moekit publish {base or 'MOE_DIR'} --repo-id USER/MOE), then "
-                       f"`moekit publish {directory.path} --repo-id {repo_id} --base-model USER/MOE`")
+    raise PublishError(
+        f"the {_kind_name(directory)} was trained on {base or 'an unknown model'}, which is not a Hub repository, "
+        "so the Hub could not link the card to its base model",
+        hint=f"publish that MoE first (moekit publish {base or 'MOE_DIR'} --repo-id USER/MOE), then "
+        f"`moekit publish {directory.path} --repo-id {repo_id} --base-model USER/MOE`",
+    )
 
 
 def _kind_name(directory: ModelDirectory) -> str:

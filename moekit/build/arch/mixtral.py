@@ -91,7 +91,10 @@ class MixtralArchitecture(OutputArchitecture):
             for name, shape in attention_shapes.items():
                 yield PlannedTensor(prefix + name, shape, "base", lambda name=name, take=take_attention: cast(take(name)))
             yield PlannedTensor(
-                prefix + "block_sparse_moe.gate.weight", (len(inputs.experts), hidden), f"router ({inputs.recipe.gate_mode})", lambda layer=layer: cast(routers(layer))
+                prefix + "block_sparse_moe.gate.weight",
+                (len(inputs.experts), hidden),
+                f"router ({inputs.recipe.gate_mode})",
+                lambda layer=layer: cast(routers(layer)),
             )
             for index, (expert, spec) in enumerate(zip(inputs.experts, inputs.recipe.experts)):
                 take_mlp = _hand_out_once(lambda expert=expert, layer=layer, spec=spec: _expert_mlp(family, expert, layer, spec))

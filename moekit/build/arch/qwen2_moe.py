@@ -89,7 +89,9 @@ class Qwen2MoeArchitecture(OutputArchitecture):
             "input_layernorm.weight": (hidden,),
             "post_attention_layernorm.weight": (hidden,),
         }
-        expert_sources = [(f"mlp.experts.{i}.", expert, spec, f"expert {i} ({expert.ref})") for i, (expert, spec) in enumerate(zip(inputs.experts, recipe.experts))]
+        expert_sources = [
+            (f"mlp.experts.{i}.", expert, spec, f"expert {i} ({expert.ref})") for i, (expert, spec) in enumerate(zip(inputs.experts, recipe.experts))
+        ]
         shared, shared_spec = inputs.shared_experts[0], recipe.shared_experts[0]
         for layer in range(config.num_hidden_layers):
             prefix = f"model.layers.{layer}."
@@ -107,7 +109,9 @@ class Qwen2MoeArchitecture(OutputArchitecture):
                     )
             mode = recipe.gate_mode
             yield PlannedTensor(f"{prefix}mlp.gate.weight", (num_experts, hidden), f"router ({mode})", lambda layer=layer: cast(routers(layer)[:num_experts]))
-            yield PlannedTensor(f"{prefix}mlp.shared_expert_gate.weight", (1, hidden), f"shared expert gate ({mode})", lambda layer=layer: cast(routers(layer)[num_experts:]))
+            yield PlannedTensor(
+                f"{prefix}mlp.shared_expert_gate.weight", (1, hidden), f"shared expert gate ({mode})", lambda layer=layer: cast(routers(layer)[num_experts:])
+            )
 
     def active_parameters(self, config) -> tuple[int, int]:
         hidden, inter = config.hidden_size, config.intermediate_size

@@ -18,7 +18,6 @@ This file is copied next to every Phixtral checkpoint moekit writes and is loade
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
@@ -59,9 +58,7 @@ class PhixtralSparseMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         if self.training and self.jitter_noise > 0:
-            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
-                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
-            )
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         hidden_states = hidden_states.reshape(-1, hidden_dim)  # (tokens, hidden)
         router_logits = self.gate(hidden_states)  # (tokens, experts)
         routing_weights = F.softmax(router_logits, dim=-1, dtype=torch.float)
@@ -141,9 +138,7 @@ class PhixtralModel(PhixtralPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.embed_dropout = nn.Dropout(config.embd_pdrop)
-        self.layers = nn.ModuleList(
-            [PhixtralDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([PhixtralDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary_emb = PhiRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -165,12 +160,8 @@ class PhixtralModel(PhixtralPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = _cache_argument(past_key_values, kwargs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_router_logits = output_router_logits if output_router_logits is not None else self.config.output_router_logits
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputed layers must not append to the cache twice
         # keys that callers (generate, Trainer) may pass but the layers must not receive twice
@@ -251,9 +242,7 @@ class PhixtralForCausalLM(PhixtralPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
+        output_router_logits = output_router_logits if output_router_logits is not None else self.config.output_router_logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -276,9 +265,7 @@ class PhixtralForCausalLM(PhixtralPreTrainedModel, GenerationMixin):
 
         aux_loss = None
         if output_router_logits:
-            aux_loss = load_balancing_loss_func(
-                outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask
-            )
+            aux_loss = load_balancing_loss_func(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
             if labels is not None:
                 loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
 
