@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick", choices=["quick", "standard"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=1, help="QLoRA steps (the tolerance concerns the MoE before fine-tuning)")
+    parser.add_argument("--steps", type=int, default=None, help="QLoRA steps [default: the preset's] (the tolerance concerns the MoE before fine-tuning)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/moekit-demo-seeds"))
     args = parser.parse_args()
     if not 2 <= len(args.seeds) <= 10:
