@@ -64,16 +64,17 @@ class DemoSettings(BaseModel):
     calibration_tokens: int = Field(ge=1, description="Tokens of each expert's training split given as calibration data to the `calibrated-data` routers.")
     learning_rate: float = Field(gt=0, description="Peak learning rate of the QLoRA run.")
     lora_r: int = Field(ge=1, description="LoRA rank of the QLoRA run.")
-    close_to_expert: float = Field(gt=0, description="'Close to the best expert': the MoE's perplexity on a domain is at most this fraction above the best source's.")
+    close_to_expert: float = Field(gt=0, description="'Close to the best expert': the MoE's perplexity on a domain is at most this fraction above the best source's (derived from the spread over zoo seeds).")
 
 
 PRESETS: dict[str, DemoSettings] = {
+    # close_to_expert: the 95% prediction bound, over zoo seeds 0-4, of the worst domain's excess over its best source
+    # (`benchmarks/demo_seeds.py`; figures in docs/demo.md). Not tuned to one run: a neutral change moves it as a seed does.
     "standard": DemoSettings(zoo=ZOO_PRESETS["standard"], finetune_steps=60, finetune_examples=64, chat_heldout=16, calibration_tokens=20_000, learning_rate=1e-3, lora_r=8,
-                             close_to_expert=0.10),
-    # For tests and CI: the quick zoo and a shorter fine-tune. Its smaller experts route less cleanly
-    # (math and json share digits), so the MoE stays further from them: measured up to +15% on math.
+                             close_to_expert=0.26),
+    # For tests and CI: the quick zoo and a shorter fine-tune.
     "quick": DemoSettings(zoo=ZOO_PRESETS["quick"], finetune_steps=20, finetune_examples=32, chat_heldout=8, calibration_tokens=20_000, learning_rate=1e-3, lora_r=8,
-                          close_to_expert=0.20),
+                          close_to_expert=0.33),
 }
 PresetName = Literal["standard", "quick"]
 
