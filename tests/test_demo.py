@@ -1,7 +1,8 @@
 """`moekit demo` end to end on the quick preset: the headline facts are checked from report.json.
 
 The demo makes its own zoo in a per-session cache (MOEKIT_CACHE), so this file exercises zoo
-training, `build` (hidden and calibrated gates), `eval` and `finetune` exactly as a user's run does.
+training, `build` (hidden and calibrated routers, with and without calibration data), `eval` and
+`finetune` exactly as a user's run does.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def test_report_has_the_eval_schema_with_mixed_and_domain_sets(demo_run):
     sets = {"mixed", "chat", *DOMAINS}
     roles = {model["name"]: model["role"] for model in report["models"]}
     assert {"base", *DOMAINS} <= {name for name, role in roles.items() if role == "source"}
-    assert sum(role == "moe" for role in roles.values()) == 3  # two gate modes and the fine-tuned MoE
+    assert sum(role == "moe" for role in roles.values()) == 4  # three router variants and the fine-tuned MoE
     for model in report["models"]:
         assert set(model["metrics"]) == sets, model["name"]
         for values in model["metrics"].values():
@@ -50,7 +51,7 @@ def test_report_has_the_eval_schema_with_mixed_and_domain_sets(demo_run):
 def test_moe_beats_every_source_on_mixed_held_out_data(demo_run):
     report = demo_run["report"]
     moe = report["models"][0]
-    assert moe["role"] == "moe" and moe["name"] == f"moe-{report['demo']['gate_mode']}"
+    assert moe["role"] == "moe" and moe["name"] == f"moe-{report['demo']['chosen']}"
     sources = [m for m in report["models"] if m["role"] == "source"]
     for source in sources:
         assert moe["metrics"]["mixed"]["perplexity"] < source["metrics"]["mixed"]["perplexity"], source["name"]
@@ -86,14 +87,60 @@ def test_routing_sends_each_domain_mostly_to_its_expert(demo_run):
         assert routing["experts"][mean.index(max(mean))] == domain, (domain, mean)
 
 
-def test_gate_modes_are_compared_and_the_better_one_is_used(demo_run):
-    demo = demo_run["report"]["demo"]
-    modes = demo["gate_modes"]
-    assert set(modes) == {"hidden", "calibrated"}
-    assert demo["gate_mode"] == min(modes, key=lambda mode: modes[mode]["perplexity"]["mixed"])
+def test_router_variants_are_chosen_on_the_validation_split_only(demo_run):
+    """The choice reads the validation split's figures, from evaluations that saw no test set."""
+    from moekit.demo import VARIANTS
+
+    out, demo = demo_run["out"], demo_run["report"]["demo"]
+    assert set(demo["variants"]) == set(VARIANTS) and demo["selection"]["set"] == "validation"
+    validation = {}
+    for name in VARIANTS:
+        selection_report = json.loads((out / "eval" / "validation" / name / "report.json").read_text())
+        assert list(selection_report["data"]) == ["validation"]  # the only set these evaluations read
+        (moe,) = selection_report["models"]  # the MoE alone: no source is compared there
+        assert moe["role"] == "moe" and set(moe["metrics"]) == {"validation"}
+        validation[name] = moe["metrics"]["validation"]["perplexity"]
+    assert demo["chosen"] == min(validation, key=validation.get)
+    assert demo["selection"]["perplexity"] == pytest.approx(validation, rel=1e-3)
+    # The validation text is none of the test sets' text.
+    validation_texts = {json.loads(line)["text"] for line in (out / "data" / "validation" / "validation.jsonl").read_text().splitlines()}
+    for name, info in demo_run["report"]["data"].items():
+        texts = [json.loads(line).get("text", "") for line in Path(info["source"]).read_text().splitlines()]
+        assert not validation_texts & set(texts), name
     models = _models(demo_run["report"])
-    for mode, summary in modes.items():
-        assert models[f"moe-{mode}"]["metrics"]["mixed"]["perplexity"] == pytest.approx(summary["perplexity"]["mixed"], rel=1e-3)
+    for name, summary in demo["variants"].items():
+        assert models[f"moe-{name}"]["metrics"]["mixed"]["perplexity"] == pytest.approx(summary["perplexity"]["mixed"], rel=1e-3)
+
+
+def test_choice_follows_validation_where_the_test_sets_disagree():
+    from moekit.demo import choose_variant
+
+    def report(validation: float, mixed: float) -> dict:
+        return {"models": [{"role": "moe", "name": "moe", "metrics": {"validation": {"perplexity": validation}, "mixed": {"perplexity": mixed}}}]}
+
+    assert choose_variant({"hidden": report(10.0, 5.0), "calibrated": report(9.0, 6.0)}) == "calibrated"
+    with pytest.raises(KeyError):  # a report without the validation set cannot be chosen on
+        choose_variant({"hidden": {"models": [{"role": "moe", "name": "moe", "metrics": {"mixed": {"perplexity": 1.0}}}]}})
+
+
+def test_calibration_data_variant_is_reported_with_routing_accuracy(demo_run):
+    """Prompts alone vs prompts + calibration data: routing accuracy on held-out domain text and mixed perplexity,
+    taken from each variant's own evaluation and printed by the command."""
+    out, demo, stdout = demo_run["out"], demo_run["report"]["demo"], demo_run["stdout"]
+    assert demo["variants"]["calibrated-data"]["calibration_data"]["max_tokens"] > 0
+    assert demo["variants"]["calibrated"]["calibration_data"] is None
+    built = json.loads((out / "moe-calibrated-data" / "moekit.json").read_text())
+    assert "train.jsonl" in json.dumps(built) and "heldout.jsonl" not in json.dumps(built) and "validation.jsonl" not in json.dumps(built)
+    for name, variant in demo["variants"].items():
+        own = json.loads((out / "eval" / name / "report.json").read_text())["routing"]["own_expert_share"]
+        accuracy = {domain: own[domain]["top1_mean"] for domain in DOMAINS}
+        assert {d: variant["routing_accuracy"][d] for d in DOMAINS} == accuracy
+        assert variant["routing_accuracy"]["mean"] == pytest.approx(sum(accuracy.values()) / len(accuracy), abs=1e-4)
+        line = next(line for line in stdout.splitlines() if line.startswith(f"routers {name}:"))
+        assert f"held-out mixed ppl {variant['perplexity']['mixed']:.2f}" in line and f"routing accuracy {variant['routing_accuracy']['mean']:.1%}" in line
+    # Fitting on router inputs routes held-out text far better than mergekit's hidden-state average (chance: 25%).
+    for name in ("calibrated", "calibrated-data"):
+        assert demo["variants"][name]["routing_accuracy"]["mean"] > max(0.5, demo["variants"]["hidden"]["routing_accuracy"]["mean"] + 0.2), name
 
 
 def test_qlora_fine_tune_ran_and_was_evaluated_with_its_adapter(demo_run):
@@ -102,7 +149,7 @@ def test_qlora_fine_tune_ran_and_was_evaluated_with_its_adapter(demo_run):
     assert finetune["steps"] == 20  # the quick preset
     assert (Path(finetune["directory"]) / "adapter" / "adapter_config.json").is_file()
     tuned = [m for m in report["models"] if m.get("adapter")]
-    assert len(tuned) == 1 and tuned[0]["name"] == f"moe-{report['demo']['gate_mode']}+finetune"
+    assert len(tuned) == 1 and tuned[0]["name"] == f"moe-{report['demo']['chosen']}+finetune"
     before, after = report["models"][0]["metrics"]["chat"]["perplexity"], tuned[0]["metrics"]["chat"]["perplexity"]
     assert after < before  # it learnt the chat format of its training set, on held-out conversations
 
@@ -120,7 +167,7 @@ def test_fine_tuned_moe_has_one_name_and_its_own_routing(demo_run):
 
     out, report = demo_run["out"], demo_run["report"]
     tuned = next(m for m in report["models"] if m.get("adapter"))
-    directory = out / "eval" / f"{report['demo']['gate_mode']}+finetune"
+    directory = out / "eval" / f"{report['demo']['chosen']}+finetune"
     eval_report = json.loads((directory / "report.json").read_text())
     assert tuned["name"] in [m["name"] for m in eval_report["models"]]  # the same name in `moekit eval` and the demo
     assert f"| {tuned['name']} |" in demo_run["stdout"]

@@ -159,8 +159,8 @@ def test_source_with_other_tokenizer_gets_its_own_tokenizer_and_a_mark(report, o
 
 
 @torch.no_grad()
-def hooked_routing(model, tokenizer, texts: list[str], top_k: int) -> list[tuple[list[float], float]]:
-    """(top-k shares, mean softmax entropy) per layer from forward hooks on each router's input, BOS excluded."""
+def hooked_routing(model, tokenizer, texts: list[str], top_k: int) -> list[tuple[list[float], float, list[float]]]:
+    """(top-k shares, mean softmax entropy, top-1 shares) per layer from forward hooks on each router's input, BOS excluded."""
     router_inputs: dict[int, list[torch.Tensor]] = {}
     hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: router_inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
              for i, layer in enumerate(model.model.layers)]
@@ -176,7 +176,8 @@ def hooked_routing(model, tokenizer, texts: list[str], top_k: int) -> list[tuple
         logits = torch.cat([x[1:] for x in router_inputs[layer_index]]) @ gate.T  # (tokens, experts)
         counts = torch.bincount(logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=gate.shape[0]).float()
         entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1).mean().item()
-        result.append(((counts / counts.sum()).tolist(), entropy))
+        first = torch.bincount(logits.argmax(dim=-1), minlength=gate.shape[0]).float()
+        result.append(((counts / counts.sum()).tolist(), entropy, (first / first.sum()).tolist()))
     return result
 
 
@@ -186,12 +187,16 @@ def test_routing_shares_sum_to_one_and_match_router_hooks(report, moe, data_file
     for layer in routing["layers"]:
         assert sum(layer["share"]) == pytest.approx(1, abs=1e-3)
     model, tokenizer = load(moe)
+    first_choice = {}
     for name, spec in data_files.items():
-        for layer_index, (shares, entropy) in enumerate(hooked_routing(model, tokenizer, documents(spec, tokenizer), top_k=2)):
+        for layer_index, (shares, entropy, first) in enumerate(hooked_routing(model, tokenizer, documents(spec, tokenizer), top_k=2)):
             assert routing["per_set"][name]["share"][layer_index] == pytest.approx(shares, abs=1e-4)
             assert routing["per_set"][name]["entropy"][layer_index] == pytest.approx(entropy, abs=1e-4)
+            first_choice.setdefault(name, []).append(first)
     own = routing["own_expert_share"]["e0"]  # the --data set named like expert e0 is tied to it
     assert own["expert"] == 0 and own["per_layer"] == [row[0] for row in routing["per_set"]["e0"]["share"]]
+    # Routing accuracy: the share of the set's tokens whose first choice is its expert.
+    assert own["top1_per_layer"] == pytest.approx([layer[0] for layer in first_choice["e0"]], abs=1e-4)
 
 
 def test_phixtral_routing_matches_router_hooks(tiny_tokenizer, tmp_path):
@@ -204,7 +209,7 @@ def test_phixtral_routing_matches_router_hooks(tiny_tokenizer, tmp_path):
     model, tokenizer = load(tmp_path / "phixtral")
     texts = [CODE_TEXT, "The quick brown fox jumps over the lazy dog."]
     stats = routing_stats(model, tokenizer, {"all": texts}, batch_size=2)
-    for layer, (shares, entropy) in zip(stats["layers"], hooked_routing(model, tokenizer, texts, top_k=1)):
+    for layer, (shares, entropy, _first) in zip(stats["layers"], hooked_routing(model, tokenizer, texts, top_k=1)):
         assert layer["share"] == pytest.approx(shares, abs=1e-4) and sum(layer["share"]) == pytest.approx(1, abs=1e-3)
         assert layer["entropy"] == pytest.approx(entropy, abs=1e-4)
 

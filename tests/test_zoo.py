@@ -32,13 +32,14 @@ def micro_zoo(tmp_path_factory):
     return ensure_zoo(MICRO, tmp_path_factory.mktemp("zoo-cache"))
 
 
-def test_corpora_are_deterministic_and_held_out_documents_are_not_trained_on():
+def test_corpora_are_deterministic_and_held_out_and_validation_documents_are_not_trained_on():
     first, second = load_domains(seed=3), load_domains(seed=3)
     assert set(first) == set(DOMAINS)
     for name in DOMAINS:
-        assert first[name].train == second[name].train and first[name].heldout == second[name].heldout
-        assert first[name].heldout and first[name].train
-        assert not set(first[name].heldout) & set(first[name].train)
+        assert first[name] == second[name]
+        train, validation, heldout = set(first[name].train), set(first[name].validation), set(first[name].heldout)
+        assert train and validation and heldout
+        assert not heldout & train and not validation & train and not validation & heldout, name
     assert load_domains(seed=4)["math"].train != first["math"].train
 
 
@@ -47,8 +48,10 @@ def test_zoo_has_every_model_data_split_and_summary(micro_zoo):
         assert (micro_zoo.model(name) / "config.json").is_file()
         assert (micro_zoo.model(name) / "tokenizer.json").is_file()
     for domain in DOMAINS:
-        rows = [json.loads(line) for line in micro_zoo.heldout(domain).read_text().splitlines()]
-        assert len(rows) == MICRO.heldout_blocks and all(row["text"] for row in rows)
+        for split in (micro_zoo.heldout(domain), micro_zoo.validation(domain)):
+            rows = [json.loads(line) for line in split.read_text().splitlines()]
+            assert len(rows) == MICRO.heldout_blocks and all(row["text"] for row in rows)
+        assert not set(micro_zoo.heldout(domain).read_text().splitlines()) & set(micro_zoo.validation(domain).read_text().splitlines())
     summary = micro_zoo.summary
     assert set(summary["perplexity"]) == set(MODEL_NAMES)
 

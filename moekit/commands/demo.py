@@ -21,21 +21,19 @@ def command(out: Path, preset: str, finetune_steps: int | None, recipe: Path | N
 
     Makes (or reuses, from the cache: $MOEKIT_CACHE, else ~/.cache/moekit) a tiny Llama base and four
     experts trained on Python code, Python documentation prose, arithmetic and JSON records; builds the
-    MoE of recipes/tiny-4x.yaml with the `hidden` and `calibrated` gate modes; evaluates the MoEs against
-    every source on each domain's held-out split and on all of them (`mixed`); QLoRA fine-tunes the
-    better MoE on a small chat set and evaluates it again. Writes OUT/report.md, OUT/report.json and
+    MoE of recipes/tiny-4x.yaml with `hidden` and `calibrated` routers (the latter from the prompts, and
+    from the prompts plus each expert's training text); chooses one on a validation split; evaluates the
+    MoEs against every source on each domain's held-out split and on all of them (`mixed`); QLoRA
+    fine-tunes the chosen MoE on a small chat set and evaluates it again. Writes OUT/report.md, OUT/report.json and
     charts, and prints the headline table.
     """
-    from moekit.demo import run_demo
+    from moekit.demo import run_demo, summary_lines
     from moekit.eval.report import markdown_table
 
     report = run_demo(out, preset=preset, finetune_steps=finetune_steps, recipe=recipe, overwrite=overwrite, echo=click.echo)
     click.echo("")
     click.echo(markdown_table(report))
-    facts = report["demo"]["facts"]
-    mixed = facts["mixed"]
     click.echo("")
-    click.echo(f"MoE ({report['demo']['gate_mode']} gates) on mixed held-out data: perplexity {mixed['moe']:.2f} vs best source "
-               f"{mixed['best_source']} {mixed['best']:.2f} ({'lower than every source' if facts['moe_beats_every_source_on_mixed'] else 'NOT lower than every source'})")
-    click.echo("routing (top expert per domain): " + ", ".join(f"{d} -> {r['top_expert']}" for d, r in facts["routing"].items()))
+    for line in summary_lines(report):
+        click.echo(line)
     click.echo(f"report: {out / 'report.md'}  timings (s): " + ", ".join(f"{k} {v}" for k, v in report["demo"]["timings_s"].items()))

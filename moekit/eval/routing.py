@@ -4,7 +4,8 @@ Counted tokens are the non-padding input positions after the prefix token (the s
 loss is measured). For each layer: the share of top-k routing slots that go to each expert (shares sum
 to 1 per layer), the mean entropy (nats) of the router's softmax, and the load-balance coefficient of
 variation (std / mean of the expert shares; 0 = perfectly even, sqrt(E-1) = one expert takes all).
-For a set tied to an expert (its prompts or its domain), the share routed to that expert.
+For a set tied to an expert (its prompts or its domain), the share of top-k slots routed to that expert, and
+the share of tokens whose first choice (top-1) is that expert: its routing accuracy.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class RoutingCollector:
         self.num_experts = num_experts
         self.top_k = top_k
         self.counts: dict[str, torch.Tensor] = {}  # set -> (layers, experts) top-k slot counts
+        self.first_counts: dict[str, torch.Tensor] = {}  # set -> (layers, experts) top-1 (first choice) counts
         self.entropy: dict[str, torch.Tensor] = {}  # set -> (layers,) summed entropy
         self.tokens: dict[str, int] = {}
 
@@ -53,13 +55,16 @@ class RoutingCollector:
             counted[:, 0] = False  # the prefix token is the same for every document
             counted = counted.reshape(-1)  # (batch*seq,)
             counts = torch.zeros(len(router_logits), self.num_experts)
+            first_counts = torch.zeros(len(router_logits), self.num_experts)
             entropy = torch.zeros(len(router_logits))
             for layer, logits in enumerate(router_logits):
                 probs = F.softmax(logits.reshape(-1, self.num_experts)[counted].float(), dim=-1)  # (tokens, experts)
                 chosen = probs.topk(self.top_k, dim=-1).indices.reshape(-1)  # (tokens*top_k,)
                 counts[layer] = torch.bincount(chosen, minlength=self.num_experts).float().cpu()
+                first_counts[layer] = torch.bincount(probs.argmax(dim=-1), minlength=self.num_experts).float().cpu()
                 entropy[layer] = -(probs * probs.clamp_min(1e-30).log()).sum().cpu()
             self.counts[set_name] = self.counts.get(set_name, 0) + counts
+            self.first_counts[set_name] = self.first_counts.get(set_name, 0) + first_counts
             self.entropy[set_name] = self.entropy.get(set_name, 0) + entropy
             self.tokens[set_name] = self.tokens.get(set_name, 0) + int(counted.sum())
 
@@ -92,7 +97,9 @@ class RoutingCollector:
         for name, expert in (expert_of_set or {}).items():
             if name in per_set:
                 per_layer = [row[expert] for row in per_set[name]["share"]]
-                own[name] = {"expert": expert, "expert_name": names[expert], "per_layer": per_layer, "mean": round(sum(per_layer) / len(per_layer), 4)}
+                first = _round(self.first_counts[name][:, expert] / self.tokens[name])  # (layers,)
+                own[name] = {"expert": expert, "expert_name": names[expert], "per_layer": per_layer, "mean": round(sum(per_layer) / len(per_layer), 4),
+                             "top1_per_layer": first, "top1_mean": round(sum(first) / len(first), 4)}
         return {
             "note": NOTE,
             "experts": names,

@@ -45,6 +45,10 @@ class Zoo:
         """JSONL file of the domain's held-out text, one {"text": ...} per sequence."""
         return self.directory / "data" / domain / "heldout.jsonl"
 
+    def validation(self, domain: str) -> Path:
+        """JSONL file of the domain's validation text (documents neither trained on nor held out), like `heldout`."""
+        return self.directory / "data" / domain / "validation.jsonl"
+
     def train_data(self, domain: str) -> Path:
         return self.directory / "data" / domain / "train.jsonl"
 

@@ -6,9 +6,11 @@
 - `math`: generated arithmetic, one worked equation per line.
 - `json`: generated structured records, one JSON object per line.
 
-Each domain is a list of documents split into `train` and `heldout` by document (every
-`HELDOUT_EVERY`-th document of the sorted list is held out), so no model of the zoo ever trains on a
-held-out document. Everything is deterministic: sorted file lists and `random.Random(seed)`.
+Each domain is a list of documents split three ways by document: of every `HELDOUT_EVERY`
+documents of the sorted list, the last is held out (`heldout`: the demo's test text), the fifth is
+kept for validation (`validation`: what the demo chooses its routers on) and the rest is `train`.
+No model of the zoo ever trains on a held-out or validation document, and the demo's choices never
+see the held-out ones. Everything is deterministic: sorted file lists and `random.Random(seed)`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 DOMAINS = ("code", "prose", "math", "json")
 HELDOUT_EVERY = 10
+VALIDATION_AT = 4  # position, within each run of HELDOUT_EVERY documents, of the validation document
 # The standard library's larger modules would dominate the code domain; bytes kept per file.
 MAX_FILE_CHARS = 12_000
 
@@ -38,6 +41,7 @@ class Domain:
 
     name: str
     train: list[str]
+    validation: list[str]
     heldout: list[str]
 
 
@@ -102,13 +106,15 @@ def json_documents(count: int, seed: int) -> list[str]:
 
 
 def _split(name: str, documents: list[str]) -> Domain:
-    train = [doc for i, doc in enumerate(documents) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
-    heldout = [doc for i, doc in enumerate(documents) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
-    return Domain(name, train, heldout)
+    position = [i % HELDOUT_EVERY for i in range(len(documents))]
+    heldout = [doc for doc, at in zip(documents, position) if at == HELDOUT_EVERY - 1]
+    validation = [doc for doc, at in zip(documents, position) if at == VALIDATION_AT]
+    train = [doc for doc, at in zip(documents, position) if at not in (HELDOUT_EVERY - 1, VALIDATION_AT)]
+    return Domain(name, train, validation, heldout)
 
 
 def load_domains(seed: int = 0, generated_documents: int = 2000) -> dict[str, Domain]:
-    """All four domains, each split into train and held-out documents."""
+    """All four domains, each split into train, validation and held-out documents."""
     return {
         "code": _split("code", code_documents()),
         "prose": _split("prose", prose_documents()),

@@ -135,7 +135,8 @@ def make_zoo(directory: Path, settings: ZooSettings, domains: dict[str, Domain])
     enough = settings.expert_steps * settings.batch_size
     train_blocks = {name: token_blocks(d.train, tokenizer, settings.seq_len, enough) for name, d in domains.items()}
     heldout_blocks = {name: token_blocks(d.heldout, tokenizer, settings.seq_len, settings.heldout_blocks) for name, d in domains.items()}
-    write_data(directory / "data", domains, heldout_blocks, tokenizer)
+    validation_blocks = {name: token_blocks(d.validation, tokenizer, settings.seq_len, settings.heldout_blocks) for name, d in domains.items()}
+    write_data(directory / "data", domains, {"heldout": heldout_blocks, "validation": validation_blocks}, tokenizer)
 
     base = new_base_model(settings, tokenizer)
     share = settings.batch_size // len(DOMAINS)
@@ -163,12 +164,14 @@ def make_zoo(directory: Path, settings: ZooSettings, domains: dict[str, Domain])
     return summary
 
 
-def write_data(directory: Path, domains: dict[str, Domain], heldout_blocks: dict[str, torch.Tensor], tokenizer) -> None:
-    """`data/<domain>/heldout.jsonl`: held-out blocks as text; `data/<domain>/train.jsonl`: training documents."""
+def write_data(directory: Path, domains: dict[str, Domain], blocks: dict[str, dict[str, torch.Tensor]], tokenizer) -> None:
+    """`data/<domain>/heldout.jsonl` and `validation.jsonl`: those splits' blocks as text (`blocks`: split -> domain ->
+    (blocks, seq_len)); `data/<domain>/train.jsonl`: training documents."""
     for name, domain in domains.items():
         folder = directory / name
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "heldout.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": tokenizer.decode(block.tolist(), skip_special_tokens=True)}) + "\n" for block in heldout_blocks[name])
+        for split, split_blocks in blocks.items():
+            with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": tokenizer.decode(block.tolist(), skip_special_tokens=True)}) + "\n" for block in split_blocks[name])
         with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": document}) + "\n" for document in domain.train)
