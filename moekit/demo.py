@@ -64,17 +64,37 @@ class DemoSettings(BaseModel):
     calibration_tokens: int = Field(ge=1, description="Tokens of each expert's training split given as calibration data to the `calibrated-data` routers.")
     learning_rate: float = Field(gt=0, description="Peak learning rate of the QLoRA run.")
     lora_r: int = Field(ge=1, description="LoRA rank of the QLoRA run.")
-    close_to_expert: float = Field(gt=0, description="'Close to the best expert': the MoE's perplexity on a domain is at most this fraction above the best source's (derived from the spread over zoo seeds).")
+    close_to_expert: float = Field(
+        gt=0,
+        description="'Close to the best expert': the MoE's perplexity on a domain is at most this "
+        "fraction above the best source's (derived from the spread over zoo seeds).",
+    )
 
 
 PRESETS: dict[str, DemoSettings] = {
     # close_to_expert: the 95% prediction bound, over zoo seeds 0-4, of the worst domain's excess over its best source
     # (`benchmarks/demo_seeds.py`; figures in docs/demo.md). Not tuned to one run: a neutral change moves it as a seed does.
-    "standard": DemoSettings(zoo=ZOO_PRESETS["standard"], finetune_steps=60, finetune_examples=64, chat_heldout=16, calibration_tokens=20_000, learning_rate=1e-3, lora_r=8,
-                             close_to_expert=0.26),
+    "standard": DemoSettings(
+        zoo=ZOO_PRESETS["standard"],
+        finetune_steps=60,
+        finetune_examples=64,
+        chat_heldout=16,
+        calibration_tokens=20_000,
+        learning_rate=1e-3,
+        lora_r=8,
+        close_to_expert=0.26,
+    ),
     # For tests and CI: the quick zoo and a shorter fine-tune.
-    "quick": DemoSettings(zoo=ZOO_PRESETS["quick"], finetune_steps=20, finetune_examples=32, chat_heldout=8, calibration_tokens=20_000, learning_rate=1e-3, lora_r=8,
-                          close_to_expert=0.33),
+    "quick": DemoSettings(
+        zoo=ZOO_PRESETS["quick"],
+        finetune_steps=20,
+        finetune_examples=32,
+        chat_heldout=8,
+        calibration_tokens=20_000,
+        learning_rate=1e-3,
+        lora_r=8,
+        close_to_expert=0.33,
+    ),
 }
 PresetName = Literal["standard", "quick"]
 
@@ -150,8 +170,11 @@ def _run(out: Path, settings: DemoSettings, preset: str, recipe_path: Path, cach
                 validation_reports[name] = _evaluate(out / f"moe-{name}", out / "eval" / VALIDATION / name, validation, settings, against=[])
                 timings[f"validate {name}"] = time.perf_counter() - started
             chosen = choose_variant(validation_reports)
-            echo("router variants on the validation split: " + ", ".join(
-                f"{name} ppl {_moe_entry(validation_reports[name])['metrics'][VALIDATION]['perplexity']:.2f}" for name in VARIANTS) + f" -> using {chosen}")
+            echo(
+                "router variants on the validation split: "
+                + ", ".join(f"{name} ppl {_moe_entry(validation_reports[name])['metrics'][VALIDATION]['perplexity']:.2f}" for name in VARIANTS)
+                + f" -> using {chosen}"
+            )
 
             for name in VARIANTS:  # the test sets, which the choice above never saw
                 started = time.perf_counter()
@@ -177,11 +200,24 @@ def _run(out: Path, settings: DemoSettings, preset: str, recipe_path: Path, cach
             "set": VALIDATION,
             "data": validation,
             "perplexity": {name: round(_moe_entry(validation_reports[name])["metrics"][VALIDATION]["perplexity"], 4) for name in VARIANTS},
-            "note": "the router variant with the lowest perplexity on the validation split (documents neither trained on nor held out) is used; the test sets play no part in the choice",
+            "note": "the router variant with the lowest perplexity on the validation split (documents "
+            "neither trained on nor held out) is used; the test sets play no part in the choice",
         },
         "variants": {name: variant_summary(name, reports[name], settings) for name in VARIANTS},
-        "zoo": {"key": zoo.directory.name, "directory": str(zoo.directory), "cached": cached, "settings": settings.zoo.model_dump(), "training": zoo.summary.get("perplexity")},
-        "finetune": {"directory": str(tuned.out), "steps": tuned.steps, "first_loss": tuned.first_loss, "last_loss": tuned.last_loss, "examples": len(chat_train.read_text(encoding="utf-8").splitlines())},
+        "zoo": {
+            "key": zoo.directory.name,
+            "directory": str(zoo.directory),
+            "cached": cached,
+            "settings": settings.zoo.model_dump(),
+            "training": zoo.summary.get("perplexity"),
+        },
+        "finetune": {
+            "directory": str(tuned.out),
+            "steps": tuned.steps,
+            "first_loss": tuned.first_loss,
+            "last_loss": tuned.last_loss,
+            "examples": len(chat_train.read_text(encoding="utf-8").splitlines()),
+        },
         "facts": headline_facts(report, settings.close_to_expert),
         "timings_s": {name: round(seconds, 1) for name, seconds in timings.items()},
     }
@@ -277,8 +313,12 @@ def build_moe(recipe_path: Path, variant: str, out: Path, zoo, calibration_token
     recipe = load_recipe(recipe_path)
     experts = recipe.experts
     if with_data:
-        experts = [expert.model_copy(update={"moekit": ExpertSettings(calibration=CalibrationData(data=str(zoo.train_data(domain)), max_tokens=calibration_tokens))})
-                   if (domain := expert.source_model.removeprefix("zoo:")) in DOMAINS else expert for expert in experts]
+        experts = [
+            expert.model_copy(update={"moekit": ExpertSettings(calibration=CalibrationData(data=str(zoo.train_data(domain)), max_tokens=calibration_tokens))})
+            if (domain := expert.source_model.removeprefix("zoo:")) in DOMAINS
+            else expert
+            for expert in experts
+        ]
     build(recipe.model_copy(update={"gate_mode": gate_mode, "experts": experts}), out, BuildOptions(device="cpu"))
     return out
 
@@ -288,8 +328,9 @@ def _evaluate(model: Path, out: Path, data: dict[str, str], settings: DemoSettin
     from moekit.eval.options import EvalOptions
 
     # Scored up to the length the zoo was trained on (positions beyond it were never seen).
-    options = EvalOptions(against=against, data=data, adapter=str(adapter) if adapter else None, device="cpu", dtype="float32",
-                          batch_size=8, max_length=settings.zoo.seq_len)
+    options = EvalOptions(
+        against=against, data=data, adapter=str(adapter) if adapter else None, device="cpu", dtype="float32", batch_size=8, max_length=settings.zoo.seq_len
+    )
     return evaluate(model, out, options).to_dict()
 
 
@@ -359,7 +400,13 @@ def headline_facts(report: dict, close_to_expert: float) -> dict:
     for domain in DOMAINS:
         best = min(sources, key=lambda m: m["metrics"][domain]["perplexity"])
         ratio = moe["metrics"][domain]["perplexity"] / best["metrics"][domain]["perplexity"]
-        domains[domain] = {"moe": moe["metrics"][domain]["perplexity"], "best_source": best["name"], "best": best["metrics"][domain]["perplexity"], "ratio": round(ratio, 4), "close": ratio <= 1 + close_to_expert}
+        domains[domain] = {
+            "moe": moe["metrics"][domain]["perplexity"],
+            "best_source": best["name"],
+            "best": best["metrics"][domain]["perplexity"],
+            "ratio": round(ratio, 4),
+            "close": ratio <= 1 + close_to_expert,
+        }
     routing = report["routing"]
     routed = {}
     for domain in DOMAINS:
@@ -386,13 +433,18 @@ def summary_lines(report: dict) -> list[str]:
     """What `moekit demo` prints under its table: the headline, the routing, and each router variant's figures."""
     demo, facts = report["demo"], report["demo"]["facts"]
     mixed = facts["mixed"]
-    lines = [f"MoE ({demo['chosen']} routers, chosen on the validation split) on mixed held-out data: perplexity {mixed['moe']:.2f} vs best source "
-             f"{mixed['best_source']} {mixed['best']:.2f} ({'lower than every source' if facts['moe_beats_every_source_on_mixed'] else 'NOT lower than every source'})",
-             "routing (top expert per domain): " + ", ".join(f"{d} -> {r['top_expert']}" for d, r in facts["routing"].items())]
+    lines = [
+        f"MoE ({demo['chosen']} routers, chosen on the validation split) on mixed held-out data: perplexity {mixed['moe']:.2f} vs best source "
+        f"{mixed['best_source']} {mixed['best']:.2f} "
+        f"({'lower than every source' if facts['moe_beats_every_source_on_mixed'] else 'NOT lower than every source'})",
+        "routing (top expert per domain): " + ", ".join(f"{d} -> {r['top_expert']}" for d, r in facts["routing"].items()),
+    ]
     for name, variant in demo["variants"].items():
         accuracy = variant["routing_accuracy"]
-        lines.append(f"routers {name}: validation ppl {demo['selection']['perplexity'][name]:.2f}; held-out mixed ppl {variant['perplexity'][MIXED]:.2f}, "
-                     f"routing accuracy {accuracy['mean']:.1%} (" + ", ".join(f"{d} {accuracy[d]:.0%}" for d in DOMAINS if d in accuracy) + ")")
+        lines.append(
+            f"routers {name}: validation ppl {demo['selection']['perplexity'][name]:.2f}; held-out mixed ppl {variant['perplexity'][MIXED]:.2f}, "
+            f"routing accuracy {accuracy['mean']:.1%} (" + ", ".join(f"{d} {accuracy[d]:.0%}" for d in DOMAINS if d in accuracy) + ")"
+        )
     return lines
 
 
@@ -401,34 +453,54 @@ def demo_markdown(report: dict) -> str:
 
     demo = report["demo"]
     facts = demo["facts"]
-    summary = (f"Preset `{demo['preset']}`; MoE built from `{Path(demo['recipe']).name}` with the `{demo['chosen']}` routers "
-               f"(the lowest `{VALIDATION}` perplexity of {', '.join(VARIANTS)}; the test sets below played no part in that choice); zoo `{demo['zoo']['key']}`.")
+    summary = (
+        f"Preset `{demo['preset']}`; MoE built from `{Path(demo['recipe']).name}` with the `{demo['chosen']}` routers "
+        f"(the lowest `{VALIDATION}` perplexity of {', '.join(VARIANTS)}; the test sets below played no part in that choice); zoo `{demo['zoo']['key']}`."
+    )
     lines = ["# moekit demo", "", summary, "", "## Headline", ""]
     mixed = facts["mixed"]
     top_k = report["routing"]["experts_per_token"]
-    lines.append(f"- MoE perplexity on `{MIXED}` (all held-out domains): {mixed['moe']:.2f} vs best source {mixed['best_source']} {mixed['best']:.2f}: "
-                 + ("**lower than every source**" if facts["moe_beats_every_source_on_mixed"] else "**not lower than every source**"))
-    lines.append(f"- MoE within {facts['close_tolerance']:.0%} of the best source on every domain: " + ("yes" if facts["close_to_best_expert"] else "**no**")
-                 + "; routing sends each domain mostly to its own expert: " + ("yes" if facts["routes_each_domain_to_its_expert"] else "**no**"))
+    lines.append(
+        f"- MoE perplexity on `{MIXED}` (all held-out domains): {mixed['moe']:.2f} vs best source {mixed['best_source']} {mixed['best']:.2f}: "
+        + ("**lower than every source**" if facts["moe_beats_every_source_on_mixed"] else "**not lower than every source**")
+    )
+    lines.append(
+        f"- MoE within {facts['close_tolerance']:.0%} of the best source on every domain: "
+        + ("yes" if facts["close_to_best_expert"] else "**no**")
+        + "; routing sends each domain mostly to its own expert: "
+        + ("yes" if facts["routes_each_domain_to_its_expert"] else "**no**")
+    )
     for domain, d in facts["domains"].items():
-        lines.append(f"- {domain}: MoE {d['moe']:.2f} vs best source {d['best_source']} {d['best']:.2f} ({d['ratio'] - 1:+.1%}); routed mostly to "
-                     f"{facts['routing'][domain]['top_expert']} ({max(facts['routing'][domain]['share']):.0%} of routing slots; {1 / top_k:.0%} = on every token)")
+        lines.append(
+            f"- {domain}: MoE {d['moe']:.2f} vs best source {d['best_source']} {d['best']:.2f} ({d['ratio'] - 1:+.1%}); routed mostly to "
+            f"{facts['routing'][domain]['top_expert']} ({max(facts['routing'][domain]['share']):.0%} of routing slots; {1 / top_k:.0%} = on every token)"
+        )
     if "finetune" in facts:
         ft = demo["finetune"]
-        lines.append(f"- QLoRA ({ft['steps']} steps on {ft['examples']} chat examples, loss {ft['first_loss']:.3f} -> {ft['last_loss']:.3f}): "
-                     + ", ".join(f"{name} {v['before']:.2f} -> {v['after']:.2f}" for name, v in facts["finetune"].items()))
+        lines.append(
+            f"- QLoRA ({ft['steps']} steps on {ft['examples']} chat examples, loss {ft['first_loss']:.3f} -> {ft['last_loss']:.3f}): "
+            + ", ".join(f"{name} {v['before']:.2f} -> {v['after']:.2f}" for name, v in facts["finetune"].items())
+        )
     test_sets = list(demo["variants"][demo["chosen"]]["perplexity"])
     experts = len(report["routing"]["experts"])
-    lines += ["", "## Router variants", "",
-              f"Chosen on `{VALIDATION}`; measured on the held-out test sets. Routing accuracy: share of a domain's held-out tokens whose "
-              f"first choice is the domain's expert, mean over layers and domains (chance {1 / experts:.0%}).", "",
-              "| routers | calibration data | ppl validation | " + " | ".join(f"ppl {n}" for n in test_sets) + " | routing accuracy |",
-              "|---|---|" + "---:|" * (len(test_sets) + 2)]
+    lines += [
+        "",
+        "## Router variants",
+        "",
+        f"Chosen on `{VALIDATION}`; measured on the held-out test sets. Routing accuracy: share of a domain's held-out tokens whose "
+        f"first choice is the domain's expert, mean over layers and domains (chance {1 / experts:.0%}).",
+        "",
+        "| routers | calibration data | ppl validation | " + " | ".join(f"ppl {n}" for n in test_sets) + " | routing accuracy |",
+        "|---|---|" + "---:|" * (len(test_sets) + 2),
+    ]
     for name, variant in demo["variants"].items():
         data = f"{variant['calibration_data']['max_tokens']} tokens per expert" if variant["calibration_data"] else "–"
         chosen = " (chosen)" if name == demo["chosen"] else ""
-        lines.append(f"| {name}{chosen} | {data} | {demo['selection']['perplexity'][name]:.2f} | " + " | ".join(f"{variant['perplexity'][n]:.2f}" for n in test_sets)
-                     + f" | {variant['routing_accuracy']['mean']:.1%} |")
+        lines.append(
+            f"| {name}{chosen} | {data} | {demo['selection']['perplexity'][name]:.2f} | "
+            + " | ".join(f"{variant['perplexity'][n]:.2f}" for n in test_sets)
+            + f" | {variant['routing_accuracy']['mean']:.1%} |"
+        )
     lines += ["", "## Timings (seconds)", "", "| step | seconds |", "|---|---:|"] + [f"| {name} | {s} |" for name, s in demo["timings_s"].items()]
     evaluation = markdown(report).split("\n", 2)[2]  # the eval report without its title
     return "\n".join(lines) + "\n\n## Evaluation\n" + evaluation
@@ -458,8 +530,7 @@ def headline_figure(report: dict):
         color = colors[index % len(colors)]
         x = [i + (index - (len(models) - 1) / 2) * width for i in range(len(sets))]
         relative = [100 * (model["metrics"][name]["perplexity"] / best[name] - 1) for name in sets]
-        ax.bar(x, relative, width, label=model["name"], color=color, hatch="//" if model["role"] == "moe" else None,
-               edgecolor="black", linewidth=0.4)
+        ax.bar(x, relative, width, label=model["name"], color=color, hatch="//" if model["role"] == "moe" else None, edgecolor="black", linewidth=0.4)
         best_here = [i for i, name in enumerate(sets) if model["role"] == "source" and model["metrics"][name]["perplexity"] == best[name]]
         ax.scatter([x[i] for i in best_here], [0] * len(best_here), marker="D", s=40, color=color, edgecolors="black", linewidths=0.6, zorder=3)
     ax.axhline(0, color="black", linewidth=0.8)

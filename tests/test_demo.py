@@ -23,7 +23,9 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     env = dict(os.environ, MOEKIT_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1")
     out = root / "out"
-    result = subprocess.run([sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out)], env=env, capture_output=True, text=True, timeout=900, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "moekit", "demo", "--preset", "quick", "-o", str(out)], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     return {"out": out, "report": report, "stdout": result.stdout, "cache": root / "cache"}
@@ -162,6 +164,8 @@ def test_recorded_paths_point_into_out_not_into_its_staging_directory(demo_run):
     finetune = json.loads((out / "finetune" / "moekit-finetune.json").read_text())
     assert Path(finetune["base_model_path"]).is_dir() and Path(finetune["base_model_path"]).parent == out.resolve()
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no staging or lock left
+
+
 def test_fine_tuned_moe_has_one_name_and_its_own_routing(demo_run):
     from moekit.eval.report import ROUTING_CHART, routing_chart
 

@@ -16,9 +16,9 @@ from moekit.build.pipeline import build
 from moekit.cli import main
 from moekit.errors import DataError, SourceError
 from moekit.eval.compare import evaluate, model_entry
-from moekit.eval.options import EvalOptions
 from moekit.eval.data import EvalSet, load_set, render, training_overlap
 from moekit.eval.metrics import perplexity
+from moekit.eval.options import EvalOptions
 from moekit.eval.report import markdown_table, routing_chart, write_report
 from moekit.eval.routing import routing_stats
 from moekit.recipe import parse_recipe
@@ -162,8 +162,10 @@ def test_source_with_other_tokenizer_gets_its_own_tokenizer_and_a_mark(report, o
 def hooked_routing(model, tokenizer, texts: list[str], top_k: int) -> list[tuple[list[float], float, list[float]]]:
     """(top-k shares, mean softmax entropy, top-1 shares) per layer from forward hooks on each router's input, BOS excluded."""
     router_inputs: dict[int, list[torch.Tensor]] = {}
-    hooks = [layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: router_inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
-             for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda mod, args, out, i=i: router_inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for i, layer in enumerate(model.model.layers)
+    ]
     try:
         for text in texts:  # one unpadded document at a time
             model(tokenizer(text, return_tensors="pt")["input_ids"])
@@ -270,7 +272,9 @@ def test_cli_bad_inputs_give_one_message_and_write_nothing(moe, tmp_path, capsys
     assert "cannot evaluate against " + str(tmp_path / "missing-model") in run_failing(base + ["--against", str(tmp_path / "missing-model")], capsys)
     assert "nope.txt does not exist" in run_failing(base + ["--data", f"x={tmp_path / 'nope.txt'}"], capsys)
     assert "bad.jsonl:2 is not valid JSON" in run_failing(base + ["--data", f"x={tmp_path / 'bad.jsonl'}"], capsys)
-    assert "wrong.jsonl:1: expected a `text` string or a `messages` list, found ['prompt']" in run_failing(base + ["--data", f"x={tmp_path / 'wrong.jsonl'}"], capsys)
+    assert "wrong.jsonl:1: expected a `text` string or a `messages` list, found ['prompt']" in run_failing(
+        base + ["--data", f"x={tmp_path / 'wrong.jsonl'}"], capsys
+    )
     assert "cannot evaluate" in run_failing(["eval", str(tmp_path / "no-moe"), "-o", str(out)], capsys)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "moekit" in p.name]
     out.mkdir()
@@ -334,7 +338,13 @@ def test_local_lm_eval_task_accuracy_equals_hand_computation(moe, llama_family, 
         answers.append(best if index % 2 == 0 else (best + 1) % len(row))
     lines = [json.dumps({"question": q, "choices": c, "answer": a}) for (q, c), a in zip(QUESTIONS, answers)]
     (choice_task / "tiny_choice.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    options = EvalOptions(against=[str(llama_family["e0"])], tasks=["tiny_choice"], include_path=[str(choice_task)], device="cpu", data={"x": str(choice_task / "tiny_choice.yaml")})
+    options = EvalOptions(
+        against=[str(llama_family["e0"])],
+        tasks=["tiny_choice"],
+        include_path=[str(choice_task)],
+        device="cpu",
+        data={"x": str(choice_task / "tiny_choice.yaml")},
+    )
     result = evaluate(moe, tmp_path / "r", options).to_dict()
     for evaluated, scores in zip(result["models"], [moe_scores, choice_scores(llama_family["e0"])]):
         expected = sum(max(range(3), key=row.__getitem__) == answer for row, answer in zip(scores, answers)) / len(answers)
@@ -375,10 +385,16 @@ def test_adapter_model_is_evaluated_as_a_second_moe_entry(moe, data_files, tmp_p
     from moekit.finetune.options import FinetuneOptions
     from moekit.finetune.trainer import finetune
 
-    chats = "".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + 1 ="}, {"role": "assistant", "content": f"{i + 1}."}]}) + "\n" for i in range(8))
+    chats = "".join(
+        json.dumps({"messages": [{"role": "user", "content": f"{i} + 1 ="}, {"role": "assistant", "content": f"{i + 1}."}]}) + "\n" for i in range(8)
+    )
     (tmp_path / "chat.jsonl").write_text(chats, encoding="utf-8")
     tuned = tmp_path / "tuned"
-    finetune(moe, tuned, FinetuneOptions(data=str(tmp_path / "chat.jsonl"), max_steps=2, target="gate", batch_size=4, max_seq_len=64, learning_rate=5e-2, save_steps=1000))
+    finetune(
+        moe,
+        tuned,
+        FinetuneOptions(data=str(tmp_path / "chat.jsonl"), max_steps=2, target="gate", batch_size=4, max_seq_len=64, learning_rate=5e-2, save_steps=1000),
+    )
     data = {"e0": data_files["e0"], "train": str(tmp_path / "chat.jsonl")}  # the fine-tune's own training file as a set
     result = evaluate(moe, tmp_path / "r", EvalOptions(against=[], adapter=str(tuned), data=data, device="cpu")).to_dict()
     _, tuned_entry = result["models"]
@@ -420,8 +436,15 @@ def test_load_in_4bit_quantizes_the_moe_experts_too(report, moe, data_files):
 def test_training_overlap_counts_documents_shared_with_training_data(tmp_path):
     chats = [[{"role": "user", "content": f"{i} + 1 ="}, {"role": "assistant", "content": f"{i + 1}."}] for i in range(6)]
     training = tmp_path / "train.jsonl"
-    training.write_text(json.dumps({"messages": chats[0]}) + "\n" + json.dumps({"prompt": "1 + 1 =", "completion": "2."}) + "\n"
-                        + json.dumps({"text": "plain text seen in training"}) + "\n", encoding="utf-8")
+    training.write_text(
+        json.dumps({"messages": chats[0]})
+        + "\n"
+        + json.dumps({"prompt": "1 + 1 =", "completion": "2."})
+        + "\n"
+        + json.dumps({"text": "plain text seen in training"})
+        + "\n",
+        encoding="utf-8",
+    )
     held_out = EvalSet("x", "x.jsonl", [chats[0], chats[1], chats[2], "plain text seen in training", "new text"])
     assert training_overlap(held_out, str(training)) == 3  # the chat, the prompt/completion pair and the text
     assert training_overlap(EvalSet("y", "y.jsonl", chats[3:]), str(training)) == 0

@@ -23,8 +23,9 @@ from moekit.zoo.corpora import DOMAINS, load_domains
 from moekit.zoo.settings import PRESETS
 
 # A zoo small enough to make twice in a test: one layer, a few steps.
-MICRO = ZooSettings(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seq_len=32, batch_size=4,
-                    base_steps=3, expert_steps=2, heldout_blocks=2)
+MICRO = ZooSettings(
+    vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seq_len=32, batch_size=4, base_steps=3, expert_steps=2, heldout_blocks=2
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,28 @@ from moekit.commands.options import config_option
 
 
 @click.command("demo")
-@click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=Path("moekit-demo"), show_default=True, help="Output directory (models, evaluation, report).")
-@click.option("--preset", type=click.Choice(["standard", "quick"]), default="standard", show_default=True, help="standard: the README's numbers (a few minutes on 2 CPU cores); quick: a smaller zoo and a shorter fine-tune (CI).")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("moekit-demo"),
+    show_default=True,
+    help="Output directory (models, evaluation, report).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["standard", "quick"]),
+    default="standard",
+    show_default=True,
+    help="standard: the README's numbers (a few minutes on 2 CPU cores); quick: a smaller zoo and a shorter fine-tune (CI).",
+)
 @click.option("--steps", "finetune_steps", type=click.IntRange(min=1), default=None, help="QLoRA fine-tuning steps [default: the preset's].")
-@click.option("--recipe", type=click.Path(path_type=Path, dir_okay=False), default=None, help="MoE recipe using zoo:NAME models [default: the packaged recipes/tiny-4x.yaml].")
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="MoE recipe using zoo:NAME models [default: the packaged recipes/tiny-4x.yaml].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @config_option
 def command(out: Path, preset: str, finetune_steps: int | None, recipe: Path | None, overwrite: bool) -> None:

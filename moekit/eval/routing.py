@@ -98,8 +98,14 @@ class RoutingCollector:
             if name in per_set:
                 per_layer = [row[expert] for row in per_set[name]["share"]]
                 first = _round(self.first_counts[name][:, expert] / self.tokens[name])  # (layers,)
-                own[name] = {"expert": expert, "expert_name": names[expert], "per_layer": per_layer, "mean": round(sum(per_layer) / len(per_layer), 4),
-                             "top1_per_layer": first, "top1_mean": round(sum(first) / len(first), 4)}
+                own[name] = {
+                    "expert": expert,
+                    "expert_name": names[expert],
+                    "per_layer": per_layer,
+                    "mean": round(sum(per_layer) / len(per_layer), 4),
+                    "top1_per_layer": first,
+                    "top1_mean": round(sum(first) / len(first), 4),
+                }
         return {
             "note": NOTE,
             "experts": names,
@@ -134,5 +140,7 @@ def routing_stats(
         raise ValueError(f"{type(model).__name__} is not an MoE (its config has no num_local_experts / num_experts_per_tok)")
     collector = RoutingCollector(*layout)
     for name, texts in sets.items():
-        perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, observer=collector.observer(name), forward_kwargs=ROUTER_FORWARD_KWARGS)
+        perplexity(
+            model, tokenizer, texts, batch_size=batch_size, max_length=max_length, observer=collector.observer(name), forward_kwargs=ROUTER_FORWARD_KWARGS
+        )
     return collector.stats(expert_names, expert_of_set)

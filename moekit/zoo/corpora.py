@@ -28,8 +28,42 @@ VALIDATION_AT = 4  # position, within each run of HELDOUT_EVERY documents, of th
 # The standard library's larger modules would dominate the code domain; bytes kept per file.
 MAX_FILE_CHARS = 12_000
 
-FIRST_NAMES = ["Ada", "Alan", "Grace", "Linus", "Barbara", "Donald", "Edsger", "Frances", "Guido", "Hedy", "Ken", "Margaret", "Niklaus", "Radia", "Tim", "Yukihiro"]
-LAST_NAMES = ["Lovelace", "Turing", "Hopper", "Torvalds", "Liskov", "Knuth", "Dijkstra", "Allen", "Rossum", "Lamarr", "Thompson", "Hamilton", "Wirth", "Perlman", "Berners-Lee", "Matsumoto"]
+FIRST_NAMES = [
+    "Ada",
+    "Alan",
+    "Grace",
+    "Linus",
+    "Barbara",
+    "Donald",
+    "Edsger",
+    "Frances",
+    "Guido",
+    "Hedy",
+    "Ken",
+    "Margaret",
+    "Niklaus",
+    "Radia",
+    "Tim",
+    "Yukihiro",
+]
+LAST_NAMES = [
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Torvalds",
+    "Liskov",
+    "Knuth",
+    "Dijkstra",
+    "Allen",
+    "Rossum",
+    "Lamarr",
+    "Thompson",
+    "Hamilton",
+    "Wirth",
+    "Perlman",
+    "Berners-Lee",
+    "Matsumoto",
+]
 CITIES = ["London", "Paris", "Berlin", "Tokyo", "Lima", "Nairobi", "Oslo", "Madrid", "Toronto", "Sydney", "Delhi", "Cairo"]
 TAGS = ["admin", "beta", "premium", "trial", "staff", "guest", "verified", "archived"]
 PRODUCTS = ["keyboard", "monitor", "laptop", "cable", "mouse", "headset", "webcam", "charger"]

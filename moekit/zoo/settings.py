@@ -24,7 +24,9 @@ class ZooSettings(BaseModel):
     base_learning_rate: float = Field(default=3e-3, description="Peak learning rate of pretraining.")
     expert_steps: int = Field(default=300, description="Fine-tuning steps of each expert (MLP weights only) on its own domain.")
     expert_learning_rate: float = Field(default=3e-3, description="Peak learning rate of expert fine-tuning.")
-    expert_replay: float = Field(default=0.125, ge=0, lt=1, description="Share of each expert batch drawn from the other domains, so experts do not forget them.")
+    expert_replay: float = Field(
+        default=0.125, ge=0, lt=1, description="Share of each expert batch drawn from the other domains, so experts do not forget them."
+    )
     heldout_blocks: int = Field(default=32, description="Held-out sequences kept per domain for evaluation.")
     seed: int = Field(default=0, description="Seed of the generated corpora, initialisation and data order.")
 
@@ -33,6 +35,16 @@ PRESETS: dict[str, ZooSettings] = {
     # The demo's zoo: about 5 minutes on 2 CPU cores.
     "standard": ZooSettings(),
     # A smaller, faster zoo for tests and CI; it shows the same effects less strongly.
-    "quick": ZooSettings(hidden_size=64, intermediate_size=256, num_layers=2, vocab_size=1024, seq_len=64, base_steps=150, expert_steps=300, expert_replay=0.25, heldout_blocks=32),
+    "quick": ZooSettings(
+        hidden_size=64,
+        intermediate_size=256,
+        num_layers=2,
+        vocab_size=1024,
+        seq_len=64,
+        base_steps=150,
+        expert_steps=300,
+        expert_replay=0.25,
+        heldout_blocks=32,
+    ),
 }
 PresetName = Literal["standard", "quick"]

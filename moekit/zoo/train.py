@@ -155,7 +155,9 @@ def make_zoo(directory: Path, settings: ZooSettings, domains: dict[str, Domain])
         replayed = round(settings.batch_size * settings.expert_replay)
         others = torch.cat([train_blocks[d] for d in DOMAINS if d != domain])
         batches = sample_batches([(train_blocks[domain], settings.batch_size - replayed), (others, replayed)], settings.seed + 1 + index)
-        losses = train_model(base, batches, settings.expert_steps, settings.expert_learning_rate, f"zoo: expert {domain}", trainable=lambda name: ".mlp." in name)
+        losses = train_model(
+            base, batches, settings.expert_steps, settings.expert_learning_rate, f"zoo: expert {domain}", trainable=lambda name: ".mlp." in name
+        )
         base.save_pretrained(directory / domain)
         tokenizer.save_pretrained(directory / domain)
         summary["models"][domain] = {"trained_on": [domain], "losses": losses[-1:]}
