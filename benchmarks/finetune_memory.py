@@ -281,9 +281,10 @@ def main() -> None:
         result = run_cli_row(args) if args.row == "cli" else run_path(args)
         print("RESULT " + json.dumps(result), flush=True)
         return
-    paths = args.paths.split(",") + (["moekit-per-expert"] if args.per_expert else [])
+    paths = [path for path in args.paths.split(",") if path] + (["moekit-per-expert"] if args.per_expert else [])
     results = []
-    jobs = [(row, path) for row in args.rows.split(",") for path in paths] + ([("cli", "moekit")] if args.cli else [])
+    rows = [row for row in args.rows.split(",") if row]  # --rows "" runs the CLI row alone
+    jobs = [(row, path) for row in rows for path in paths] + ([("cli", "moekit")] if args.cli else [])
     for row, path in jobs:
         seq, batch = ((32, 2) if args.tiny else ROWS[row][2:]) if row in ROWS else (0, 0)  # the CLI row reports its own
         command = [sys.executable, __file__, "--child", "--row", row, "--path", path, "--seq", str(seq), "--batch", str(batch),
