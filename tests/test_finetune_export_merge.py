@@ -136,16 +136,16 @@ def trained_model_logits(finetune_dir: Path, moe: Path, bits: int, input_ids: to
     return logits(model.eval(), input_ids)
 
 
-def test_the_default_export_computes_what_was_trained(trained, moe, tmp_path, capsys, tiny_tokenizer):
-    """Exported through the CLI: the default (dequantized) reproduces the trained 4-bit model's logits, and is closer
-    to the trained 8-bit model's than merging into the original weights. Each export records its mode."""
+def test_the_dequantized_export_computes_what_was_trained(trained, moe, tmp_path, capsys, tiny_tokenizer):
+    """Exported through the CLI: --merge-into dequantized reproduces the trained 4-bit model's logits, and is closer
+    to the trained 8-bit model's than the default, merging into the original weights. Each export records its mode."""
     from transformers import AutoModelForCausalLM
 
     finetune_dir, bits = trained
     ids = tiny_tokenizer(["3 + 4 = 7. The quick brown fox."], return_tensors="pt").input_ids
     expected = trained_model_logits(finetune_dir, moe, bits, ids)
     errors = {}
-    for mode, args in (("dequantized", []), ("original", ["--merge-into", "original"])):
+    for mode, args in (("dequantized", ["--merge-into", "dequantized"]), ("original", [])):
         out = tmp_path / mode
         code, output = run_cli(["export", str(finetune_dir), "-o", str(out), *args], capsys)
         assert code == 0, output
@@ -175,7 +175,7 @@ def test_dequantized_export_refuses_an_adapter_that_did_not_train(trained, tmp_p
 def test_dequantized_export_without_bitsandbytes_says_how_to_export(trained, tmp_path, capsys, monkeypatch):
     finetune_dir, bits = trained
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
-    code, output = run_cli(["export", str(finetune_dir), "-o", str(tmp_path / "out")], capsys)
+    code, output = run_cli(["export", str(finetune_dir), "-o", str(tmp_path / "out"), "--merge-into", "dequantized"], capsys)
     assert code != 0 and "needs bitsandbytes" in output and "--merge-into original" in output and "Traceback" not in output
     assert not (tmp_path / "out").exists()
 
@@ -215,8 +215,9 @@ def test_the_cpu_quantizes_as_the_gpu_did(bits):
     torch.manual_seed(0)
     experts = torch.randn(4, 384, 256, dtype=torch.bfloat16) * 0.02  # (experts, out, in)
     cpu, gpu = (quantize_tensor(experts, bits=bits, compute_dtype=torch.bfloat16, quant_storage=torch.uint8, device=d) for d in ("cpu", "cuda"))
-    assert torch.equal(cpu.weight, gpu.weight.cpu())  # the codes
-    torch.testing.assert_close(cpu.dequantize(), gpu.dequantize().cpu(), rtol=2**-7, atol=0)  # one bf16 step
+    assert_same_codes(cpu.weight, gpu.weight.cpu(), bits)
+    step = 0 if bits == 4 else float(experts.abs().max()) / 127  # 8-bit: one code apart where a weight sits on a rounding boundary
+    torch.testing.assert_close(cpu.dequantize(), gpu.dequantize().cpu(), rtol=2**-7, atol=step)  # one bf16 step (4-bit)
 
     linear = experts[0]  # (out, in)
     if bits == 4:
@@ -225,6 +226,16 @@ def test_the_cpu_quantizes_as_the_gpu_did(bits):
         weights = [bnb.functional.dequantize_4bit(p.data, p.quant_state).cpu() for p in (on_cpu, on_gpu)]
     else:
         on_cpu, on_gpu = (bnb.nn.Int8Params(linear, requires_grad=False, has_fp16_weights=False).to(d) for d in ("cpu", "cuda"))
-        assert torch.equal(on_cpu.CB, on_gpu.CB.cpu())
+        assert_same_codes(on_cpu.CB, on_gpu.CB.cpu(), bits)
         weights = [bnb.functional.int8_vectorwise_dequant(p.CB, p.SCB).cpu() for p in (on_cpu, on_gpu)]
-    torch.testing.assert_close(weights[0], weights[1], rtol=2**-7, atol=0)
+    torch.testing.assert_close(weights[0], weights[1], rtol=2**-7, atol=step)
+
+
+def assert_same_codes(cpu: torch.Tensor, gpu: torch.Tensor, bits: int) -> None:
+    """NF4: the same codes. LLM.int8: bitsandbytes' CPU and CUDA kernels round x * 127 / absmax differently at .5,
+    so a few codes may differ by one (measured on an H200: see docs/finetune.md, "Which weights to merge into")."""
+    if bits == 4:
+        assert torch.equal(cpu, gpu)
+        return
+    difference = (cpu.int() - gpu.int()).abs()
+    assert int(difference.max()) <= 1 and float((difference > 0).float().mean()) < 0.01, (int(difference.max()), float((difference > 0).float().mean()))

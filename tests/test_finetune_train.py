@@ -293,7 +293,7 @@ def test_router_only_training(moe, chat_data, tmp_path):
     export(out, exported, merge_into="original")
     routers = {f"model.layers.{i}.block_sparse_moe.gate.weight" for i in range(2)}
     assert changed_tensors(moe, exported) == routers
-    export(out, tmp_path / "dequantized")  # the default: the routers were trained against the 4-bit weights
+    export(out, tmp_path / "dequantized", merge_into="dequantized")  # the routers were trained against the 4-bit weights
     quantized = changed_tensors(moe, tmp_path / "dequantized") - routers
     assert quantized == changed_tensors(exported, tmp_path / "dequantized") and all(".self_attn." in key or ".experts." in key for key in quantized)
 
@@ -346,10 +346,10 @@ def test_export_changes_only_expert_1(expert1, moe, tmp_path, capsys, tiny_token
     merged, _ = load_finetuned(expert1, dtype=torch.float32, device="cpu", merge_into="original")
     assert torch.allclose(logits(exported, ids), logits(merged, ids), atol=1e-5)
 
-    # the default merges into the dequantized 4-bit weights: it differs from the original-weights export in every
-    # quantized tensor (attention and all experts), and nowhere else
+    # --merge-into dequantized (the 4-bit weights the adapter was trained against): it differs from the
+    # original-weights export (the default) in every quantized tensor (attention and all experts), and nowhere else
     dequantized = tmp_path / "dequantized"
-    code, output = run_cli(["export", str(expert1), "-o", str(dequantized)], capsys)
+    code, output = run_cli(["export", str(expert1), "-o", str(dequantized), "--merge-into", "dequantized"], capsys)
     assert code == 0, output
     assert changed_tensors(out, dequantized) == {
         f"model.layers.{layer}.{name}"

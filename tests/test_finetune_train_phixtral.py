@@ -39,9 +39,9 @@ def test_phixtral_expert_and_router_finetune_exports_exactly(tmp_path, tiny_toke
         assert torch.allclose(plain(ids).logits, merged(ids).logits, atol=1e-5)
         merged_logits = merged(ids).logits
 
-    # the default merges into the dequantized 4-bit weights: every quantized linear weight differs from the
-    # original-weights export (attention, all experts), never a bias, norm, embedding or lm_head
-    quantized = changed_tensors(exported, export(out, tmp_path / "dequantized"))
+    # merged into the dequantized 4-bit weights: every quantized linear weight differs from the original-weights
+    # export (attention, all experts), never a bias, norm, embedding or lm_head
+    quantized = changed_tensors(exported, export(out, tmp_path / "dequantized", merge_into="dequantized"))
     assert {key for key in quantized if ".experts." in key} == {
         f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer in range(2) for e in range(2) for p in ("fc1", "fc2")
     }

@@ -1,11 +1,12 @@
 """Merging a fine-tune into a standard checkpoint, and loading a fine-tune for inference.
 
-    export(finetune_dir, out, dtype=None, merge_into="dequantized") -> out
-    load_finetuned(finetune_dir, dtype=..., device=..., merge_into="dequantized") -> (model, tokenizer)
+    export(finetune_dir, out, dtype=None, merge_into="original") -> out
+    load_finetuned(finetune_dir, dtype=..., device=..., merge_into="original") -> (model, tokenizer)
 
-The MoE is loaded with the module structure it was trained in: quantized as in training (`--bits`, the NF4 or
-int8 weights the adapter was trained against) and dequantized by `quantize.dequantize_moe` (merge_into=
-"dequantized", the default), or unquantized (`bits=16`, merge_into="original"). The adapter is loaded by
+The MoE is loaded with the module structure it was trained in: unquantized (`bits=16`, merge_into="original", the
+default: held-out perplexity was lower on the demo, docs/finetune.md) or quantized as in training (`--bits`, the NF4
+or int8 weights the adapter was trained against) and dequantized by `quantize.dequantize_moe` (merge_into=
+"dequantized": exactly the trained model). The adapter is loaded by
 `adapter.load_adapter` (which refuses tensors that match nothing), attention LoRA is merged by PEFT and expert
 LoRA by the expert blocks (W + alpha / r * B @ A per expert), the trained routers are copied in, and the weights
 are written under the base checkpoint's own tensor names (for Mixtral the Hub's legacy
@@ -37,7 +38,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # then dequantized), or the base's own unquantized weights. docs/finetune.md ("Export") has the measurements.
 MergeTarget = Literal["dequantized", "original"]
 MERGE_TARGETS: tuple[str, ...] = ("dequantized", "original")
-DEFAULT_MERGE_TARGET: MergeTarget = "dequantized"
+DEFAULT_MERGE_TARGET: MergeTarget = "original"  # lower held-out perplexity on the demo (docs/finetune.md)
 
 
 def read_finetune(finetune_dir: str | Path) -> dict:
