@@ -22,20 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from moekit.testing import TINY_MOE_CONFIG
+
 HEAVY = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "lm_eval", "matplotlib")
-TINY_MOE_CONFIG = {
-    "model_type": "mixtral",
-    "architectures": ["MixtralForCausalLM"],
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 384,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 128,
-}
 MIXTRAL_4X7B_CONFIG = {
     "model_type": "mixtral",
     "architectures": ["MixtralForCausalLM"],

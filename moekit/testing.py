@@ -159,3 +159,32 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         code = exit_info.code or 0
     captured = capsys.readouterr()
     return code, captured.err + captured.out
+
+
+# config.json of a tiny Mixtral: enough for `moekit plan` (which reads the config alone)
+TINY_MOE_CONFIG = {
+    "model_type": "mixtral",
+    "architectures": ["MixtralForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 384,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def help_in_fresh_process(args: list[str]) -> tuple[str, bool]:
+    """(`moekit ARGS --help`'s output, whether torch was imported) in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    script = (
+        f"import sys\nfrom moekit.cli import main\ntry:\n    main({[*args, '--help']!r})\nexcept SystemExit:\n    pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return done.stdout, not done.stdout.strip().endswith("NO-TORCH")

@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 
 from moekit.cli import COMMANDS
+from moekit.testing import help_in_fresh_process
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
 
 def test_help_lists_commands_without_importing_torch():
-    script = (
-        "import sys; from moekit.cli import main\ntry:\n    main(['--help'])\nexcept "
-        "SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().endswith("NO-TORCH")
+    output, imported_torch = help_in_fresh_process([])
+    assert not imported_torch
     for name in COMMANDS:
-        assert f"  {name} " in done.stdout
+        assert f"  {name} " in output
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -37,12 +34,8 @@ def test_every_listed_command_imports(name):
 
 
 def test_build_help_does_not_import_torch():
-    script = (
-        "import sys; from moekit.cli import main\ntry:\n    main(['build', '--help'])\nexcept "
-        "SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert "--dry-run" in done.stdout and done.stdout.strip().endswith("NO-TORCH")
+    output, imported_torch = help_in_fresh_process(["build"])
+    assert "--dry-run" in output and not imported_torch
 
 
 def test_only_the_command_line_imports_click():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from moekit.cli import _interrupted_message
+from moekit.testing import TINY_MOE_CONFIG
 
 HEAVY = ("torch", "transformers", "trl", "peft", "bitsandbytes")
 ROOT = Path(__file__).parent.parent
@@ -82,23 +83,7 @@ def test_interrupt_message_names_what_is_left(tmp_path):
 def test_plan_caps_the_default_sequence_length_and_hints_the_exact_flag(tmp_path):
     model = tmp_path / "moe"
     model.mkdir()
-    (model / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "mixtral",
-                "architectures": ["MixtralForCausalLM"],
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "vocab_size": 384,
-                "num_local_experts": 4,
-                "num_experts_per_tok": 2,
-                "max_position_embeddings": 128,
-            }
-        )
-    )
+    (model / "config.json").write_text(json.dumps(TINY_MOE_CONFIG))
     done = subprocess.run([sys.executable, "-m", "moekit", "plan", str(model), "--json"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)

@@ -24,6 +24,7 @@ from huggingface_hub.utils.sha import git_hash
 from moekit.build.options import BuildOptions
 from moekit.build.pipeline import build
 from moekit.recipe import parse_recipe
+from moekit.testing import help_in_fresh_process
 
 TOKEN = "hf_moekitTestToken0123456789abcdef"
 LFS_THRESHOLD = 10_000  # files above this go through LFS, like weights on the real Hub
@@ -417,9 +418,5 @@ def test_dry_run_lists_exactly_what_the_upload_sends_with_a_report(hub, moe_dir,
 
 
 def test_publish_help_does_not_import_torch():
-    script = (
-        "import sys\nfrom moekit.cli import main\ntry:\n    main(['publish', '--help'])\nexcept "
-        "SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert "--repo-id" in done.stdout and done.stdout.strip().endswith("NO-TORCH")
+    output, imported_torch = help_in_fresh_process(["publish"])
+    assert "--repo-id" in output and not imported_torch
