@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_profile import kernel_seconds
 from plan_accuracy import EIGHT_BY_7B, FOUR_BY_7B, PHIXTRAL_4X, TINY, TINY_PHI, build_random, make_config
 
 # row -> (architecture, shape, seq, batch); --tiny swaps in the tiny shape of the same architecture
@@ -176,19 +177,14 @@ def _profile_step(torch, model, optimizer, input_ids, device) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _train_step(torch, model, optimizer, input_ids, device)
     wall = time.perf_counter() - start
-    intervals = sorted((event.time_range.start, event.time_range.end) for event in prof.events() if event.device_type.name == "CUDA")
-    busy_us, reach = 0.0, float("-inf")  # union of the kernel intervals: overlapping kernels count once
-    for begin, end in intervals:
-        if end > reach:
-            busy_us += end - max(begin, reach)
-            reach = end
     averages = [event for event in prof.key_averages() if event.self_device_time_total > 0]
+    kernels = sum(1 for event in prof.events() if event.device_type.name == "CUDA")
 
     def listed(events):
         return [{"name": event.key[:100], "s": event.self_device_time_total / 1e6, "calls": event.count} for event in events]
 
     return {
-        "profiled_wall_s": wall, "gpu_kernel_s": busy_us / 1e6, "gpu_busy": None, "kernels": len(intervals),
+        "profiled_wall_s": wall, "gpu_kernel_s": kernel_seconds(prof), "gpu_busy": None, "kernels": kernels,
         "top_kernels": listed(sorted(averages, key=lambda event: event.self_device_time_total, reverse=True)[:20]),
         "most_launched": listed(sorted(averages, key=lambda event: event.count, reverse=True)[:15]),
     }  # fmt: skip

@@ -13,8 +13,8 @@ checkpointing, router aux loss, AdamW), on the same random token sequences with 
 - fsdp-weak / ddp-weak: weak scaling, each process runs single's `--batch` (global batch 2 x `--batch`).
 
 Steps: `--warmup` (untimed; step 1 wraps/shards the model), then `--steps` timed (one synchronisation before and
-one after them, none per step), then one step under torch.profiler on rank 0 ("GPU busy": summed kernel time over
-the step's wall time, NCCL kernels included, and without them). Memory: `torch.cuda.max_memory_allocated()` per GPU
+one after them, none per step), then one step under torch.profiler on rank 0, recording the GPU only ("GPU busy": the union of its
+kernels' intervals over the mean timed step, NCCL kernels included, and without them). Memory: `torch.cuda.max_memory_allocated()` per GPU
 after the warm-up steps (the worst GPU is reported), plus the allocation right after building. FSDP mode also writes
 a checkpoint (adapter + optimizer, the trainer's own code) and reads it back into the sharded model (round trip exact).
 Modes run in order within `--budget-s` seconds; a mode that would not fit is reported as skipped.
@@ -40,6 +40,7 @@ from pathlib import Path
 
 # the model is built by the sibling benchmark's helpers
 sys.path.insert(0, str(Path(__file__).parent))
+from gpu_profile import kernel_seconds
 from plan_accuracy import EIGHT_BY_7B, TINY, build_quantized, make_config
 
 SHAPES = {"8x7b-16l": dict(EIGHT_BY_7B, num_hidden_layers=16), "8x7b": EIGHT_BY_7B, "tiny": TINY}
@@ -118,7 +119,7 @@ def worker(args) -> None:
                 timing["timed_s"] = time.perf_counter() - timing["start"]
                 timing["peak_gb"] = torch.cuda.max_memory_allocated() / GB if cuda else None
             elif state.global_step == total_steps and "profile" in timing:
-                timing["busy"] = _stop_profiler(torch, cuda, timing.pop("profile"))
+                timing["busy"] = _stop_profiler(torch, cuda, timing.pop("profile"), timing["timed_s"] / args.steps)
 
     staging = Path(os.environ[STAGING_VARIABLE])  # one directory for every rank of the mode (run_mode makes it)
     trainer = _make_trainer(wrapped, tokenizer, data, staging, options, compute_dtype, None)
@@ -146,12 +147,12 @@ def _start_profiler(torch, cuda: bool):
 
     if cuda:
         torch.cuda.synchronize()
-    profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    profiler = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])  # GPU only: less stretch
     profiler.__enter__()
     return profiler, time.perf_counter()
 
 
-def _stop_profiler(torch, cuda: bool, started) -> dict:
+def _stop_profiler(torch, cuda: bool, started, timed_step_s: float | None) -> dict:
     profiler, start = started
     if cuda:
         torch.cuda.synchronize()
@@ -159,10 +160,10 @@ def _stop_profiler(torch, cuda: bool, started) -> dict:
     profiler.__exit__(None, None, None)
     if not cuda:
         return {"profiled_step_s": wall}
-    events = profiler.key_averages()
-    kernel_s = sum(event.self_device_time_total for event in events) / 1e6
-    nccl_s = sum(event.self_device_time_total for event in events if "nccl" in event.key.lower()) / 1e6
-    return {"profiled_step_s": wall, "gpu_busy": kernel_s / wall, "gpu_busy_without_nccl": (kernel_s - nccl_s) / wall, "nccl_kernel_s": nccl_s}
+    # kernel time over the mean timed step: the profiler stretches the wall time of the step it records, not its kernels
+    step_s = timed_step_s or wall
+    kernel_s, compute_s = kernel_seconds(profiler), kernel_seconds(profiler, skip="nccl")
+    return {"profiled_step_s": wall, "gpu_busy": kernel_s / step_s, "gpu_busy_without_nccl": compute_s / step_s, "gpu_kernel_s": kernel_s}
 
 
 def _checkpoint_round_trip(trainer, folder: Path) -> dict:
