@@ -189,10 +189,12 @@ def test_a_training_step_never_synchronises_with_the_host():
 @pytest.mark.parametrize("shape", [(4, 192, 64), (3, 200, 4096 + 64), (2, 1, 64 * 2049)], ids=["small", "ragged-program", "many-nested-blocks"])
 def test_the_fused_nf4_kernel_equals_bitsandbytes_bit_for_bit(dtype, shape):
     """One Triton launch per projection gives exactly bitsandbytes' three-kernel dequantization."""
+    from moekit.finetune import nf4_kernel
     from moekit.finetune.expert_storage import NF4Storage
 
     torch.manual_seed(0)
     storage = NF4Storage(torch.randn(shape) * torch.rand(shape[0], 1, 1) * 3, dtype, torch.uint8, "cuda")
+    assert nf4_kernel.available(storage.weight)  # else both sides below would be bitsandbytes and agree trivially
     fused = storage.dequantize(dtype)
     NF4Storage.use_triton_kernel = False
     try:
