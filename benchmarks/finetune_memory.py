@@ -14,8 +14,10 @@ attention + all experts with gradient checkpointing and bf16 autocast:
   tensor per projection, grouped GEMMs), targets from `apply_targets`;
 - plain: what `BitsAndBytesConfig(load_in_4bit=True)` gives (every nn.Linear NF4 except routers; Mixtral's fused
   3-D experts stay bf16), LoRA as PEFT makes it (Mixtral experts via `target_parameters`, Phixtral fc1/fc2 modules);
-- moekit-per-expert (--per-expert): moekit with the expert-by-expert fallback forced, to measure the grouped path;
-- moekit-bnb-dequant (--paths): moekit with bitsandbytes' own NF4 dequantization instead of the fused Triton kernel.
+- moekit-per-expert (--per-expert or --paths): moekit with the expert-by-expert fallback forced, to measure the grouped path;
+- moekit-bnb-dequant (--paths): moekit with bitsandbytes' own NF4 dequantization instead of the fused Triton kernel;
+- moekit-sliced-dequant (--paths): projections dequantized in row slices of at most 256 MiB (the default: 1 GiB);
+- moekit-eager-swiglu (--paths): SiLU(gate) * up in eager torch instead of the fused Triton kernels.
 LoRA dropout is 0 everywhere (PEFT's fused-parameter LoRA refuses any other value; moekit's default).
 
 One extra step per path runs under torch.profiler, recording GPU activity only: "GPU busy" is the union of its
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -50,11 +53,12 @@ ROWS = {
 }
 TINY_SHAPES = {"mixtral": TINY, "phixtral": TINY_PHI}
 GB = 1e9
+PHASE_PEAKS: dict[str, float] = {}  # phase of the training step -> its highest CUDA peak over the steps
 
 
 def _memory(torch, device) -> float:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / GB
+        return max([torch.cuda.max_memory_allocated() / GB, *PHASE_PEAKS.values()])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # CPU smoke runs: peak resident set
 
 
@@ -132,9 +136,17 @@ def run_path(args) -> dict:
         from moekit.finetune.expert_storage import NF4Storage
 
         NF4Storage.use_triton_kernel = False
+    if args.path == "moekit-sliced-dequant":  # what dequantizing in row slices of 256 MiB saves and costs
+        from moekit.finetune import experts
+
+        experts.DEQUANTIZED_SLICE_BYTES = 256 * 2**20
+    if args.path == "moekit-eager-swiglu":  # what the fused SiLU(gate) * up kernel buys: eager torch instead
+        from moekit.finetune import swiglu_kernel
+
+        swiglu_kernel.use_triton_kernel = False
     load_s = time.perf_counter() - start
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    optimizer = make_optimizer(torch, [p for p in peft_model.parameters() if p.requires_grad], args.optimizer, device)
     peft_model.train()
     step_times, losses = [], []
     for step in range(args.warmup + args.steps):
@@ -145,27 +157,53 @@ def run_path(args) -> dict:
             step_times.append(time.perf_counter() - t0)
     timed = sum(step_times)
     paths = path_counts(peft_model)
-    busy = _profile_step(torch, peft_model, optimizer, torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device), device)
+    busy = _profile_step(torch, peft_model, optimizer, torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device), device, args.trace_dir)
     if busy["gpu_kernel_s"] is not None:  # the profiler stretches its step's wall time, not the kernels in it
         busy["gpu_busy"] = busy["gpu_kernel_s"] / (timed / args.steps)
     return {
         "row": args.row, "path": args.path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "peak_gb": _memory(torch, device), "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
+        "peak_gb": _memory(torch, device), "phase_peaks_gb": dict(PHASE_PEAKS),
+        "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
         "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, **busy,
     }  # fmt: skip
 
 
+def make_optimizer(torch, params, name: str, device):
+    """AdamW with float32 states (fused on CUDA), or bitsandbytes' 8-bit AdamW (`moekit finetune --optimizer adamw_8bit`)."""
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+
 def _train_step(torch, model, optimizer, input_ids, device) -> float:
     """One optimizer step under bf16 autocast (as a Trainer with bf16=True); returns when the GPU is done."""
+    phase_peak = _phase_peaks(torch, device)
+    phase_peak("before")  # the build, or the step before
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(input_ids=input_ids, labels=input_ids).loss
+    phase_peak("forward")
     loss.backward()
+    phase_peak("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    phase_peak("optimizer")
     return float(loss)  # synchronises
 
 
-def _profile_step(torch, model, optimizer, input_ids, device) -> dict:
+def _phase_peaks(torch, device):
+    """Records the CUDA memory peak of each phase of a step in PHASE_PEAKS (GB), resetting the counter after each."""
+
+    def record(phase: str) -> None:
+        if device.type == "cuda":
+            PHASE_PEAKS[phase] = max(PHASE_PEAKS.get(phase, 0.0), torch.cuda.max_memory_allocated() / GB)
+            torch.cuda.reset_peak_memory_stats()
+
+    return record
+
+
+def _profile_step(torch, model, optimizer, input_ids, device, trace_dir: Path | None = None) -> dict:
     """One step under torch.profiler, recording the GPU only: the union of its kernels' intervals (kernel time, with
     overlapping kernels counted once), and the costliest and most launched kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -178,6 +216,10 @@ def _profile_step(torch, model, optimizer, input_ids, device) -> dict:
         _train_step(torch, model, optimizer, input_ids, device)
     wall = time.perf_counter() - start
     averages = [event for event in prof.key_averages() if event.self_device_time_total > 0]
+    if trace_dir:  # every kernel of the step by GPU time, for a closer look than the top 20
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        table_text = prof.key_averages().table(sort_by="self_device_time_total", row_limit=120, max_name_column_width=90)
+        (trace_dir / f"kernels-{os.getpid()}.txt").write_text(table_text)
     kernels = sum(1 for event in prof.events() if event.device_type.name == "CUDA")
 
     def listed(events):
@@ -258,7 +300,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke run of every row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
-    parser.add_argument("--paths", default="moekit,plain", help="moekit, plain, moekit-per-expert, moekit-bnb-dequant")
+    parser.add_argument("--paths", default="moekit,plain", help="moekit, plain, and the moekit-... variants above")
     parser.add_argument("--per-expert", action="store_true", help="also run moekit with the expert-by-expert fallback")
     parser.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True, help="the real `moekit finetune` row")
     parser.add_argument("--cli-layers", type=int, default=4, help="layers of the 4x7B-shaped checkpoint for the CLI row")
@@ -266,6 +308,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw", help="float32 AdamW (fused) or bitsandbytes' 8-bit AdamW")
+    parser.add_argument("--trace-dir", type=Path, help="write each path's profiled kernels, sorted by GPU time, here")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
@@ -285,7 +329,9 @@ def main() -> None:
         seq, batch = ((32, 2) if args.tiny else ROWS[row][2:]) if row in ROWS else (0, 0)  # the CLI row reports its own
         command = [sys.executable, __file__, "--child", "--row", row, "--path", path, "--seq", str(seq), "--batch", str(batch),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r),
-                   "--cli-layers", str(args.cli_layers), "--cli-steps", str(args.cli_steps)]  # fmt: skip
+                   "--cli-layers", str(args.cli_layers), "--cli-steps", str(args.cli_steps), "--optimizer", args.optimizer]  # fmt: skip
+        if args.trace_dir:
+            command += ["--trace-dir", str(args.trace_dir)]
         if args.tiny:
             command.append("--tiny")
         start = time.perf_counter()

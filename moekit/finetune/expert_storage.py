@@ -2,6 +2,7 @@
 
     storage = quantize_tensor(weight, bits=4, compute_dtype=torch.bfloat16, quant_storage=torch.uint8, device="cuda")
     storage.dequantize()  # (experts, out, in) in compute_dtype, one dequantization for all experts
+    storage.dequantize(rows=(0, 512))  # (experts, 512, in): the same rows of every expert
 
 4-bit is NF4 with double-quantized absmax (bitsandbytes' functional API on the whole stacked tensor), 8-bit is
 LLM.int8's row-wise absmax quantization, 16-bit the tensor itself. The packed tensor is a frozen parameter (so
@@ -27,16 +28,19 @@ NF4_BLOCKSIZE = 64
 
 
 class ExpertStorage(nn.Module):
-    """Base: `shape` (experts, out, in) of the stored weight, `dequantize(dtype)` -> that tensor."""
+    """Base: `shape` (experts, out, in) of the stored weight, `dequantize(dtype, rows)` -> that tensor, or rows
+    [start, end) of every expert of it."""
 
     bits: int
+    # whether `dequantize` writes a new tensor (quantized storage), rather than returning the weight itself
+    materializes = True
 
     def __init__(self, shape: tuple[int, ...], compute_dtype: torch.dtype):
         super().__init__()
         self.shape = tuple(shape)
         self.compute_dtype = compute_dtype
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -49,14 +53,18 @@ class ExpertStorage(nn.Module):
 
 class DenseStorage(ExpertStorage):
     bits = 16
+    materializes = False
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, device):
         super().__init__(weight.shape, compute_dtype)
         # a copy: a slice or view of a bigger tensor would otherwise keep it alive
         self.weight = nn.Parameter(weight.detach().to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
 
-    def dequantize(self, dtype=None):
-        return self.weight.view(self.shape).to(dtype or self.compute_dtype)
+    def dequantize(self, dtype=None, rows=None):
+        weight = self.weight.view(self.shape)
+        if rows is not None:
+            weight = weight[:, rows[0] : rows[1]]
+        return weight.to(dtype or self.compute_dtype)
 
 
 class NF4Storage(ExpertStorage):
@@ -90,7 +98,7 @@ class NF4Storage(ExpertStorage):
             quant_type="nf4", dtype=dtype, offset=self.offset, state2=nested,
         )  # fmt: skip
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, dtype=None, rows=None):
         import bitsandbytes as bnb
 
         dtype = dtype or self.compute_dtype
@@ -99,11 +107,12 @@ class NF4Storage(ExpertStorage):
         if self.use_triton_kernel and nf4_kernel.available(packed):
             return nf4_kernel.dequantize_nf4(
                 packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.code, blocksize=NF4_BLOCKSIZE,
-                nested_blocksize=self.nested_blocksize, numel=self.numel, dtype=dtype,
-            ).view(self.shape)  # fmt: skip
+                nested_blocksize=self.nested_blocksize, shape=self.shape, rows=rows, dtype=dtype,
+            )  # fmt: skip
         # flat: bitsandbytes 0.50's CPU kernel reads a 2-D/3-D shape whose last dimension is not a multiple of the
-        # block size wrongly (the packed bytes are the same either way)
-        return bnb.functional.dequantize_4bit(packed, self.quant_state(dtype)).view(self.shape)
+        # block size wrongly (the packed bytes are the same either way); a row range is cut from the whole
+        weight = bnb.functional.dequantize_4bit(packed, self.quant_state(dtype)).view(self.shape)
+        return weight if rows is None else weight[:, rows[0] : rows[1]].contiguous()
 
 
 class Int8Storage(ExpertStorage):
@@ -119,12 +128,15 @@ class Int8Storage(ExpertStorage):
         self.weight = nn.Parameter(quantized, requires_grad=False)
         self.register_buffer("row_absmax", row_absmax, persistent=False)
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, dtype=None, rows=None):
         # q * absmax / 127 per row (bitsandbytes' int8_vectorwise_dequant), straight in the compute dtype and in
         # place: no float32 copy of the whole projection
-        rows = self.weight.reshape(-1, self.shape[-1]).view(torch.int8).to(dtype or self.compute_dtype)
-        rows.mul_((self.row_absmax / 127).to(rows.dtype)[:, None])
-        return rows.view(self.shape)
+        experts, out_features, in_features = self.shape
+        start, end = rows or (0, out_features)
+        codes = self.weight.reshape(experts, out_features, in_features)[:, start:end].view(torch.int8)
+        scales = (self.row_absmax.view(experts, out_features)[:, start:end] / 127)[..., None]  # (experts, rows, 1)
+        weight = codes.to(dtype or self.compute_dtype)
+        return weight.mul_(scales.to(weight.dtype))
 
 
 def quantize_tensor(weight: torch.Tensor, *, bits: int, compute_dtype: torch.dtype, quant_storage: torch.dtype, device) -> ExpertStorage:

@@ -10,8 +10,9 @@ gate and up as one GEMM and `down_proj` (E, H, I); Phixtral `fc1` (E, I, H) and 
 
 A forward sorts the (token, slot) pairs by expert once and runs each projection as one grouped GEMM over the
 per-expert row offsets (`torch.nn.functional.grouped_mm`). Counts and offsets stay on the device, so nothing
-waits for the host. A projection's weight is dequantized once for all experts and again in the backward pass
-instead of being kept. Where torch has no grouped kernel for the tensors at hand (CUDA before sm80 or not bf16,
+waits for the host. A projection's weight is dequantized once for all experts (in row slices of at most
+`DEQUANTIZED_SLICE_BYTES` where it is larger) and again in the backward pass instead of being kept. SiLU(gate) * up
+runs as one kernel each way on CUDA (`swiglu_kernel`). Where torch has no grouped kernel for the tensors at hand (CUDA before sm80 or not bf16,
 CPU torch < 2.11) the same math runs expert by expert. `path_counts` says which path ran: under FSDP the storage
 is read through plain tensor views, and the path does not depend on any parameter class.
 
@@ -33,6 +34,7 @@ from torch import nn
 from moekit.errors import TrainingError
 from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, runs_grouped
 from moekit.finetune.expert_storage import ExpertStorage, quantize_tensor
+from moekit.finetune.swiglu_kernel import silu_and_mul
 
 PATHS = ("grouped", "per_expert")
 
@@ -55,23 +57,58 @@ def _grouped_mm(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     return torch.cat(outputs)
 
 
+# a quantized projection is dequantized in slices of at most this many bytes (the same rows of every expert), so a
+# training step holds at most one slice in 16 bits. Slices cost speed (copies into the output, narrower GEMMs):
+# on an H200, 256 MiB slices took 0.24 GB off the 4x7B peak and 10% off its speed, so the default only slices
+# projections over 1 GiB (8x7B's gate_up_proj is 1.9 GB; the 4x7B one, 0.94 GB, runs whole)
+DEQUANTIZED_SLICE_BYTES = 2**30
+SLICE_ROWS = 64  # slices start on whole NF4 blocks and on 16-byte aligned columns of the GEMMs
+
+
+def row_slices(storage: ExpertStorage, dtype: torch.dtype, budget: int | None = None) -> list[tuple[int, int]]:
+    """[(start, end)] rows of the (experts, out, in) projection dequantized at a time."""
+    budget = DEQUANTIZED_SLICE_BYTES if budget is None else budget
+    experts, out_features, in_features = storage.shape
+    row_bytes = experts * in_features * torch.finfo(dtype).bits // 8
+    if not storage.materializes or out_features * row_bytes <= budget:
+        return [(0, out_features)]
+    step = max(SLICE_ROWS, budget // row_bytes // SLICE_ROWS * SLICE_ROWS)
+    return [(start, min(start + step, out_features)) for start in range(0, out_features, step)]
+
+
+def _is_silu(act_fn: nn.Module) -> bool:
+    # torch's module, or transformers' SiLUActivation (ACT2FN["silu"], a plain F.silu)
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
 class _FrozenExpertLinear(torch.autograd.Function):
-    """inputs @ W_e^T per expert group, W frozen: dequantized again in the backward pass instead of kept."""
+    """inputs @ W_e^T per expert group, W frozen: dequantized again in the backward pass instead of kept, in row
+    slices (`row_slices`) where the whole projection would be large."""
 
     @staticmethod
     def forward(ctx, inputs, offsets, storage: ExpertStorage, grouped: bool):
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets)
-        weight = storage.dequantize(inputs.dtype)  # (experts, out, in)
-        return _grouped_mm(inputs, weight.transpose(1, 2), offsets, grouped)
+        slices = ctx.slices = row_slices(storage, inputs.dtype)
+        if len(slices) == 1:
+            return _grouped_mm(inputs, storage.dequantize(inputs.dtype).transpose(1, 2), offsets, grouped)
+        outputs = inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out)
+        for start, end in slices:
+            weight = storage.dequantize(inputs.dtype, rows=(start, end))  # (experts, end - start, in)
+            outputs[:, start:end] = _grouped_mm(inputs, weight.transpose(1, 2), offsets, grouped)
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_output):
         (offsets,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        weight = ctx.storage.dequantize(grad_output.dtype)
-        return _grouped_mm(grad_output.contiguous(), weight, offsets, ctx.grouped), None, None, None
+        grad_input = None
+        for start, end in ctx.slices:  # d inputs = sum over row slices of grad_output[:, slice] @ W[:, slice]
+            weight = ctx.storage.dequantize(grad_output.dtype, rows=None if len(ctx.slices) == 1 else (start, end))
+            part = _grouped_mm(grad_output[:, start:end].contiguous(), weight, offsets, ctx.grouped)
+            grad_input = part if grad_input is None else grad_input.add_(part)
+        return grad_input, None, None, None
 
 
 class ExpertBlock(nn.Module):
@@ -183,7 +220,9 @@ class ExpertBlock(nn.Module):
         first, second = self.projections
         expert_inputs = inputs[token_index]  # (rows, hidden)
         intermediate = self._project(first, expert_inputs, offsets, grouped, row_experts)  # (rows, 2I) or (rows, I)
-        if self.gated:
+        if self.gated and _is_silu(self.act_fn):
+            intermediate = silu_and_mul(intermediate)  # (rows, I), one launch each way on CUDA
+        elif self.gated:
             gate, up = intermediate.chunk(2, dim=-1)
             intermediate = self.act_fn(gate) * up  # (rows, I)
         else:

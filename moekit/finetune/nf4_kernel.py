@@ -5,6 +5,10 @@ offset, the 4-bit codes) and writes a float32 absmax tensor in between. Here one
 the 8-bit absmax and its nested statistics, and writes the dequantized weights, with the same float32 products
 in the same order as bitsandbytes (products rounded before the offset is added), so the result is bit-identical.
 
+A row range of every expert (`rows=(start, end)` of an (experts, out, in) weight) is dequantized the same way into
+(experts, end - start, in): the training step dequantizes a large projection in such slices, so that no more than a
+slice is ever held in 16 bits.
+
 `available(tensor)` says whether the kernel can run (CUDA and Triton present); elsewhere moekit uses bitsandbytes.
 """
 
@@ -29,10 +33,18 @@ def _kernel():
         return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
-    def dequantize_nf4(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr, num_bytes,
+    def dequantize_nf4(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
+                       slice_bytes, expert_bytes, start_bytes, programs_per_slice,
                        BLOCK: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
-        byte_index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
-        mask = byte_index < num_bytes
+        # the same slice of every expert: output bytes [e * slice, (e + 1) * slice) come from expert e's bytes
+        # [start, start + slice); a whole tensor is one slice of one expert. Each program stays inside one slice,
+        # so the mapping is scalar arithmetic, not a 64-bit division per byte
+        program = tl.program_id(0).to(tl.int64)
+        expert = program // programs_per_slice
+        first = (program - expert * programs_per_slice) * BLOCK  # the program's first byte within the slice
+        local = first + tl.arange(0, BLOCK)  # (BLOCK,)
+        mask = local < slice_bytes
+        byte_index = expert * expert_bytes + start_bytes + local
         packed = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)
         block = byte_index // BYTES_PER_ABSMAX  # one absmax per 64 weights = 32 bytes
         absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
@@ -41,8 +53,9 @@ def _kernel():
         high = _mul_rn(tl.load(code_ptr + (packed >> 4)), absmax)  # the first weight of a byte is its high nibble
         low = _mul_rn(tl.load(code_ptr + (packed & 15)), absmax)
         values = tl.reshape(tl.join(high, low), [2 * BLOCK])  # (2 * BLOCK,): high, low, high, low, ...
-        out_index = 2 * tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_index < 2 * num_bytes)
+        out_local = 2 * first + tl.arange(0, 2 * BLOCK)  # (2 * BLOCK,) weights of the slice
+        out_index = 2 * expert * slice_bytes + out_local
+        tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_local < 2 * slice_bytes)
 
     return triton, dequantize_nf4
 
@@ -61,13 +74,22 @@ def available(packed: torch.Tensor) -> bool:
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,
-                   offset: torch.Tensor, code: torch.Tensor, *, blocksize: int, nested_blocksize: int, numel: int,
-                   dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """(numel,) weights in `dtype` from bitsandbytes' NF4 bytes `packed` (numel / 2 uint8) with double-quantized absmax."""
+                   offset: torch.Tensor, code: torch.Tensor, *, blocksize: int, nested_blocksize: int,
+                   shape: tuple[int, int, int], rows: tuple[int, int] | None = None, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """The (experts, out, in) weight `shape` in `dtype` from bitsandbytes' NF4 bytes `packed` (numel / 2 uint8) with
+    double-quantized absmax; only rows [start, end) of every expert if `rows` is given: (experts, end - start, in)."""
     triton, kernel = _kernel()
-    num_bytes = numel // 2
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
-    grid = (triton.cdiv(num_bytes, BYTES_PER_PROGRAM),)
-    kernel[grid](packed, absmax, nested_absmax, nested_code, offset.reshape(1).float(), code, out, num_bytes,
+    experts, out_features, in_features = shape
+    start, end = rows or (0, out_features)
+    if not 0 <= start < end <= out_features or (start * in_features) % blocksize:
+        raise ValueError(f"rows {start}:{end} of {shape} do not start on a block of {blocksize} weights")
+    out = torch.empty((experts, end - start, in_features), dtype=dtype, device=packed.device)
+    if rows is None:  # all of it: one slice of one expert
+        slices, slice_bytes, expert_bytes = 1, out.numel() // 2, 0
+    else:
+        slices, slice_bytes, expert_bytes = experts, (end - start) * in_features // 2, out_features * in_features // 2
+    programs_per_slice = triton.cdiv(slice_bytes, BYTES_PER_PROGRAM)
+    kernel[(slices * programs_per_slice,)](packed, absmax, nested_absmax, nested_code, offset.reshape(1).float(), code, out,
+                 slice_bytes, expert_bytes, start * in_features // 2, programs_per_slice,
                  BLOCK=BYTES_PER_PROGRAM, BYTES_PER_ABSMAX=blocksize // 2, NESTED_BLOCKSIZE=nested_blocksize)  # fmt: skip
     return out
