@@ -17,7 +17,8 @@ attention + all experts with gradient checkpointing and bf16 autocast:
 - moekit-per-expert (--per-expert or --paths): moekit with the expert-by-expert fallback forced, to measure the grouped path;
 - moekit-bnb-dequant (--paths): moekit with bitsandbytes' own NF4 dequantization instead of the fused Triton kernel;
 - moekit-sliced-dequant (--paths): projections dequantized in row slices of at most 256 MiB (the default: 1 GiB);
-- moekit-eager-swiglu (--paths): SiLU(gate) * up in eager torch instead of the fused Triton kernels.
+- moekit-eager-swiglu (--paths): SiLU(gate) * up in eager torch instead of the fused Triton kernels;
+- moekit-compiled (--paths): every decoder layer compiled with torch.compile (a trial of regional compilation).
 LoRA dropout is 0 everywhere (PEFT's fused-parameter LoRA refuses any other value; moekit's default).
 
 One extra step per path runs under torch.profiler, recording GPU activity only: "GPU busy" is the union of its
@@ -144,6 +145,13 @@ def run_path(args) -> dict:
         from moekit.finetune import swiglu_kernel
 
         swiglu_kernel.use_triton_kernel = False
+    if args.path == "moekit-compiled":  # each decoder layer compiled (regional torch.compile), a trial
+        torch._dynamo.config.cache_size_limit = 64
+        # the expert blocks count their paths in a dict: not replayed when checkpointing recomputes a layer
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        for module in peft_model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.compile()
     load_s = time.perf_counter() - start
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     optimizer = make_optimizer(torch, [p for p in peft_model.parameters() if p.requires_grad], args.optimizer, device)
@@ -157,6 +165,11 @@ def run_path(args) -> dict:
             step_times.append(time.perf_counter() - t0)
     timed = sum(step_times)
     paths = path_counts(peft_model)
+    compiled = None
+    if args.path == "moekit-compiled":
+        from torch._dynamo.utils import counters
+
+        compiled = {"graphs": dict(counters["stats"]), "graph_breaks": {key[:200]: n for key, n in counters["graph_break"].items()}}
     busy = _profile_step(torch, peft_model, optimizer, torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device), device, args.trace_dir)
     if busy["gpu_kernel_s"] is not None:  # the profiler stretches its step's wall time, not the kernels in it
         busy["gpu_busy"] = busy["gpu_kernel_s"] / (timed / args.steps)
@@ -164,7 +177,7 @@ def run_path(args) -> dict:
         "row": args.row, "path": args.path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "peak_gb": _memory(torch, device), "phase_peaks_gb": dict(PHASE_PEAKS),
         "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
-        "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, **busy,
+        "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, "compiled": compiled, **busy,
     }  # fmt: skip
 
 
@@ -345,9 +358,9 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "top_kernels", "most_launched")}), flush=True)
         for kernel in result.get("top_kernels", []):
             print(f"    {kernel['s']:8.4f}s {kernel['calls']:6d}  {kernel['name']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        if args.out:  # after every job: a run stopped part-way keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
     print(table(results))
 
 

@@ -14,17 +14,18 @@ slice is ever held in 16 bits.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 BYTES_PER_PROGRAM = 2048  # 4,096 weights per program
 
 
-@functools.cache
-def _kernel():
+try:  # module-level kernels: torch.compile re-compiles user Triton kernels and must find what they call
     import triton
     import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
 
     @triton.jit
     def _mul_rn(a, b):
@@ -33,9 +34,9 @@ def _kernel():
         return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
-    def dequantize_nf4(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-                       slice_bytes, expert_bytes, start_bytes, programs_per_slice,
-                       BLOCK: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
+    def dequantize_nf4_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
+                              slice_bytes, expert_bytes, start_bytes, programs_per_slice,
+                              BLOCK: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
         # the same slice of every expert: output bytes [e * slice, (e + 1) * slice) come from expert e's bytes
         # [start, start + slice); a whole tensor is one slice of one expert. Each program stays inside one slice,
         # so the mapping is scalar arithmetic, not a 64-bit division per byte
@@ -57,20 +58,9 @@ def _kernel():
         out_index = 2 * expert * slice_bytes + out_local
         tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_local < 2 * slice_bytes)
 
-    return triton, dequantize_nf4
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def available(packed: torch.Tensor) -> bool:
-    return packed.device.type == "cuda" and _triton_installed()
+    return packed.device.type == "cuda" and triton is not None
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,
@@ -78,7 +68,6 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: to
                    shape: tuple[int, int, int], rows: tuple[int, int] | None = None, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """The (experts, out, in) weight `shape` in `dtype` from bitsandbytes' NF4 bytes `packed` (numel / 2 uint8) with
     double-quantized absmax; only rows [start, end) of every expert if `rows` is given: (experts, end - start, in)."""
-    triton, kernel = _kernel()
     experts, out_features, in_features = shape
     start, end = rows or (0, out_features)
     if not 0 <= start < end <= out_features or (start * in_features) % blocksize:
@@ -89,7 +78,9 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: to
     else:
         slices, slice_bytes, expert_bytes = experts, (end - start) * in_features // 2, out_features * in_features // 2
     programs_per_slice = triton.cdiv(slice_bytes, BYTES_PER_PROGRAM)
-    kernel[(slices * programs_per_slice,)](packed, absmax, nested_absmax, nested_code, offset.reshape(1).float(), code, out,
-                 slice_bytes, expert_bytes, start * in_features // 2, programs_per_slice,
-                 BLOCK=BYTES_PER_PROGRAM, BYTES_PER_ABSMAX=blocksize // 2, NESTED_BLOCKSIZE=nested_blocksize)  # fmt: skip
+    dequantize_nf4_kernel[(slices * programs_per_slice,)](
+        packed, absmax, nested_absmax, nested_code, offset.reshape(1).float(), code, out,
+        slice_bytes, expert_bytes, start * in_features // 2, programs_per_slice,
+        BLOCK=BYTES_PER_PROGRAM, BYTES_PER_ABSMAX=blocksize // 2, NESTED_BLOCKSIZE=nested_blocksize,
+    )  # fmt: skip
     return out

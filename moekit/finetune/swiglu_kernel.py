@@ -12,8 +12,6 @@ Triton) the eager version runs.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -23,10 +21,13 @@ BLOCK = 1024
 use_triton_kernel = True  # False: eager torch everywhere (benchmarks/finetune_memory.py measures the difference)
 
 
-@functools.cache
-def _kernels():
+try:  # module-level kernels, as torch.compile needs them
     import triton
     import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
 
     @triton.jit
     def forward_kernel(gate_up_ptr, out_ptr, numel, inter: tl.constexpr, BLOCK: tl.constexpr):
@@ -55,13 +56,10 @@ def _kernels():
         tl.store(grad_gate_up_ptr + gate_index, grad_gate.to(out_type), mask=mask)
         tl.store(grad_gate_up_ptr + gate_index + inter, grad_up.to(out_type), mask=mask)
 
-    return triton, forward_kernel, backward_kernel
-
 
 class _SiluAndMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
-        triton, forward_kernel, _ = _kernels()
         gate_up = gate_up.contiguous()
         rows, double_inter = gate_up.shape
         out = gate_up.new_empty(rows, double_inter // 2)
@@ -71,7 +69,6 @@ class _SiluAndMul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        triton, _, backward_kernel = _kernels()
         (gate_up,) = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_gate_up = torch.empty_like(gate_up)
