@@ -71,6 +71,10 @@ def worker(args) -> None:
     else:
         torch.set_num_threads(1)
     compute_dtype = torch.bfloat16 if cuda else torch.float32
+    if args.slice_mib is not None:  # dequantize projections in row slices of this size (moekit's default: 1 GiB)
+        from moekit.finetune import experts
+
+        experts.DEQUANTIZED_SLICE_BYTES = args.slice_mib * 2**20
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     config = make_config("mixtral", SHAPES[args.shape])
     started = time.time()
@@ -251,6 +255,8 @@ def run_mode(mode: str, args, timeout: float) -> list[dict]:
 
     common = ["--worker", mode, "--out", str(args.out), "--shape", args.shape, "--seq", str(args.seq), "--batch", str(args.batch),
               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    if args.slice_mib is not None:
+        common += ["--slice-mib", str(args.slice_mib)]
     gpus = visible_gpus()
     env = {
         **os.environ,
@@ -369,6 +375,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="Global batch of single, fsdp and ddp (sequences per optimizer step); must be even.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (step 1 wraps and shards the model).")
     parser.add_argument("--steps", type=int, default=6, help="Timed optimizer steps.")
+    parser.add_argument(
+        "--slice-mib", type=int, default=None, help="Dequantize expert projections in row slices of at most this many MiB [moekit's default: 1024]."
+    )
     parser.add_argument("--budget-s", type=float, default=510, help="Seconds for all modes; modes that would start past it are skipped.")
     parser.add_argument("--tiny", action="store_true", help="Tiny shape for a CPU smoke test.")
     parser.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
@@ -408,7 +417,7 @@ def main() -> None:
 def write_results(args, rows: list[dict]) -> str:
     summarized = summary(rows)
     results = {"shape": args.shape, "config": SHAPES[args.shape], "seq": args.seq, "global_batch": args.batch,
-               "warmup": args.warmup, "steps": args.steps, "rows": rows, "summary": summarized}  # fmt: skip
+               "warmup": args.warmup, "steps": args.steps, "slice_mib": args.slice_mib, "rows": rows, "summary": summarized}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(summarized)
     (args.out / "results.md").write_text(table + "\n")
