@@ -192,28 +192,23 @@ def make_optimizer(torch, params, name: str, device):
 
 def _train_step(torch, model, optimizer, input_ids, device) -> float:
     """One optimizer step under bf16 autocast (as a Trainer with bf16=True); returns when the GPU is done."""
-    phase_peak = _phase_peaks(torch, device)
-    phase_peak("before")  # the build, or the step before
+    _phase_peak(torch, device, "before")  # the build, or the step before
     with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(input_ids=input_ids, labels=input_ids).loss
-    phase_peak("forward")
+    _phase_peak(torch, device, "forward")
     loss.backward()
-    phase_peak("backward")
+    _phase_peak(torch, device, "backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    phase_peak("optimizer")
+    _phase_peak(torch, device, "optimizer")
     return float(loss)  # synchronises
 
 
-def _phase_peaks(torch, device):
-    """Records the CUDA memory peak of each phase of a step in PHASE_PEAKS (GB), resetting the counter after each."""
-
-    def record(phase: str) -> None:
-        if device.type == "cuda":
-            PHASE_PEAKS[phase] = max(PHASE_PEAKS.get(phase, 0.0), torch.cuda.max_memory_allocated() / GB)
-            torch.cuda.reset_peak_memory_stats()
-
-    return record
+def _phase_peak(torch, device, phase: str) -> None:
+    """The CUDA memory peak since the last call, kept in PHASE_PEAKS[phase] (GB, highest over the steps); resets it."""
+    if device.type == "cuda":
+        PHASE_PEAKS[phase] = max(PHASE_PEAKS.get(phase, 0.0), torch.cuda.max_memory_allocated() / GB)
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _profile_step(torch, model, optimizer, input_ids, device, trace_dir: Path | None = None) -> dict:

@@ -12,8 +12,8 @@ A forward sorts the (token, slot) pairs by expert once and runs each projection 
 per-expert row offsets (`torch.nn.functional.grouped_mm`). Counts and offsets stay on the device, so nothing
 waits for the host. A projection's weight is dequantized once for all experts (in row slices of at most
 `DEQUANTIZED_SLICE_BYTES` where it is larger) and again in the backward pass instead of being kept. SiLU(gate) * up
-runs as one kernel each way on CUDA (`swiglu_kernel`). Where torch has no grouped kernel for the tensors at hand (CUDA before sm80 or not bf16,
-CPU torch < 2.11) the same math runs expert by expert. `path_counts` says which path ran: under FSDP the storage
+runs as one kernel each way on CUDA (`swiglu_kernel`). Where torch has no grouped kernel for the tensors at hand
+(CUDA before sm80 or not bf16, CPU torch < 2.11) the same math runs expert by expert. `path_counts` says which path ran: under FSDP the storage
 is read through plain tensor views, and the path does not depend on any parameter class.
 
 LoRA (`add_lora`) is owned by the block as stacked parameters, in PEFT's parameterisation of `target_parameters`

@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moekit.finetune.nf4_kernel import available as triton_available
-
 BLOCK = 1024
 use_triton_kernel = True  # False: eager torch everywhere (benchmarks/finetune_memory.py measures the difference)
 
@@ -80,7 +78,7 @@ def silu_and_mul(gate_up: torch.Tensor, fused: bool | None = None) -> torch.Tens
     """(rows, 2I) gate_up, gate columns first -> (rows, I) SiLU(gate) * up. fused: None = the Triton kernels where
     they run (CUDA with Triton), False = eager torch."""
     if fused is None:
-        fused = use_triton_kernel and triton_available(gate_up) and gate_up.dim() == 2
+        fused = use_triton_kernel and triton is not None and gate_up.is_cuda and gate_up.dim() == 2
     if fused:
         return _SiluAndMul.apply(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
