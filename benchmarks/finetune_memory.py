@@ -6,19 +6,25 @@ Rows (each path of each row runs in its own subprocess, so peaks are clean):
 - 4x7b-seq4096: the same at seq 4096, batch 1;
 - 8x7b-16l: 8 experts, 16 layers (as benchmarks/fsdp_scaling.py), seq 1024, batch 2;
 - phixtral-4x2.8b: Phi-2-shaped Phixtral with 4 fc1/fc2 experts, seq 1024, batch 2;
-- cli (--cli): the real `moekit finetune` with its defaults on a 4x7B-layer-shaped checkpoint written to disk.
+- cli (--cli): the real `moekit finetune` with its defaults (plus --packing) on a 4x7B-layer-shaped checkpoint
+  written to disk, and the same with --no-cuda-graphs.
 
 Both paths build the same random-weight model on the device one layer at a time, then train LoRA r=16 on
 attention + all experts with gradient checkpointing and bf16 autocast:
-- moekit: `quantize_moe` per layer (attention NF4 Linear4bit; each layer's experts one `ExpertBlock`: one NF4
-  tensor per projection, grouped GEMMs), targets from `apply_targets`;
+- moekit: what `moekit finetune --packing` runs on one GPU: `quantize_moe` per layer (attention NF4 Linear4bit;
+  each layer's experts one `ExpertBlock`: one NF4 tensor per projection, grouped GEMMs), targets from
+  `apply_targets`, the loss `causal_lm_step` (chunked LM head and cross-entropy), forward and backward captured
+  once as a CUDA graph and replayed (`CapturedStep`), the optimizer step eager;
 - plain: what `BitsAndBytesConfig(load_in_4bit=True)` gives (every nn.Linear NF4 except routers; Mixtral's fused
-  3-D experts stay bf16), LoRA as PEFT makes it (Mixtral experts via `target_parameters`, Phixtral fc1/fc2 modules);
+  3-D experts stay bf16), LoRA as PEFT makes it (Mixtral experts via `target_parameters`, Phixtral fc1/fc2
+  modules), the model's own loss, eager;
+- moekit-eager (--paths): moekit without the CUDA graph (`moekit finetune --no-cuda-graphs`);
 - moekit-per-expert (--per-expert or --paths): moekit with the expert-by-expert fallback forced, to measure the grouped path;
 - moekit-bnb-dequant (--paths): moekit with bitsandbytes' own NF4 dequantization instead of the fused Triton kernel;
 - moekit-sliced-dequant (--paths): projections dequantized in row slices of at most 256 MiB (the default: 1 GiB);
 - moekit-eager-swiglu (--paths): SiLU(gate) * up in eager torch instead of the fused Triton kernels;
 - moekit-compiled (--paths): every decoder layer compiled with torch.compile (a trial of regional compilation).
+The moekit-... variants run eagerly (no CUDA graph), to compare with moekit-eager.
 LoRA dropout is 0 everywhere (PEFT's fused-parameter LoRA refuses any other value; moekit's default).
 
 One extra step per path runs under torch.profiler, recording GPU activity only: "GPU busy" is the union of its
@@ -40,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from gpu_profile import kernel_seconds
@@ -153,14 +160,22 @@ def run_path(args) -> dict:
             if type(module).__name__.endswith("DecoderLayer"):
                 module.compile()
     load_s = time.perf_counter() - start
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = make_optimizer(torch, [p for p in peft_model.parameters() if p.requires_grad], args.optimizer, device)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = make_optimizer(torch, params, args.optimizer, device)
     peft_model.train()
+    loss_fn = partial(_moekit_eager_loss if args.path.startswith("moekit") else _plain_loss, torch, peft_model, device)
+    captured = None
+    if args.path == "moekit" and device.type == "cuda":
+        from moekit.finetune.cuda_graph import CapturedStep, capturable_checkpointing
+
+        capturable_checkpointing(peft_model)
+        captured = CapturedStep(lambda batch: _moekit_loss(torch, peft_model, batch, device), params)
     step_times, losses = [], []
     for step in range(args.warmup + args.steps):
         input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
         t0 = time.perf_counter()
-        losses.append(_train_step(torch, peft_model, optimizer, input_ids, device))
+        losses.append(_train_step(torch, loss_fn, optimizer, input_ids, device, captured))
         if step >= args.warmup:
             step_times.append(time.perf_counter() - t0)
     timed = sum(step_times)
@@ -170,14 +185,16 @@ def run_path(args) -> dict:
         from torch._dynamo.utils import counters
 
         compiled = {"graphs": dict(counters["stats"]), "graph_breaks": {key[:200]: n for key, n in counters["graph_break"].items()}}
-    busy = _profile_step(torch, peft_model, optimizer, torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device), device, args.trace_dir)
+    probe = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    busy = _profile_step(torch, loss_fn, optimizer, probe, device, args.trace_dir, captured)
     if busy["gpu_kernel_s"] is not None:  # the profiler stretches its step's wall time, not the kernels in it
         busy["gpu_busy"] = busy["gpu_kernel_s"] / (timed / args.steps)
     return {
         "row": args.row, "path": args.path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "peak_gb": _memory(torch, device), "phase_peaks_gb": dict(PHASE_PEAKS),
         "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
-        "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, "compiled": compiled, **busy,
+        "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, "compiled": compiled,
+        "graph_replays": captured.replays if captured else None, **busy,
     }  # fmt: skip
 
 
@@ -190,13 +207,35 @@ def make_optimizer(torch, params, name: str, device):
     return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
 
-def _train_step(torch, model, optimizer, input_ids, device) -> float:
-    """One optimizer step under bf16 autocast (as a Trainer with bf16=True); returns when the GPU is done."""
-    _phase_peak(torch, device, "before")  # the build, or the step before
+def _moekit_loss(torch, model, batch, device) -> dict:
+    """The trainer's loss (`causal_lm_step`, no router loss: the benchmark models do not return router logits)."""
+    from moekit.finetune.causal_lm_loss import causal_lm_step
+
+    labels = batch["input_ids"]
+    batch = {**batch, "labels": labels, "num_items_in_batch": (labels[:, 1:] != -100).sum()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+        return causal_lm_step(model, batch, aux_loss_coef=None)
+
+
+def _moekit_eager_loss(torch, model, device, input_ids):
+    return _moekit_loss(torch, model, {"input_ids": input_ids}, device)["loss"]
+
+
+def _plain_loss(torch, model, device, input_ids):
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    _phase_peak(torch, device, "forward")
-    loss.backward()
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+
+def _train_step(torch, loss_fn, optimizer, input_ids, device, captured=None) -> float:
+    """One optimizer step under bf16 autocast (as a Trainer with bf16=True); returns when the GPU is done. With a
+    `CapturedStep`, forward and backward are one graph replay (one phase, "backward")."""
+    _phase_peak(torch, device, "before")  # the build, or the step before
+    if captured is not None:
+        loss = captured({"input_ids": input_ids})["loss"]
+    else:
+        loss = loss_fn(input_ids)
+        _phase_peak(torch, device, "forward")
+        loss.backward()
     _phase_peak(torch, device, "backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -211,7 +250,7 @@ def _phase_peak(torch, device, phase: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _profile_step(torch, model, optimizer, input_ids, device, trace_dir: Path | None = None) -> dict:
+def _profile_step(torch, loss_fn, optimizer, input_ids, device, trace_dir: Path | None = None, captured=None) -> dict:
     """One step under torch.profiler, recording the GPU only: the union of its kernels' intervals (kernel time, with
     overlapping kernels counted once), and the costliest and most launched kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -221,7 +260,7 @@ def _profile_step(torch, model, optimizer, input_ids, device, trace_dir: Path | 
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        _train_step(torch, model, optimizer, input_ids, device)
+        _train_step(torch, loss_fn, optimizer, input_ids, device, captured)
     wall = time.perf_counter() - start
     averages = [event for event in prof.key_averages() if event.self_device_time_total > 0]
     if trace_dir:  # every kernel of the step by GPU time, for a closer look than the top 20
@@ -271,6 +310,8 @@ def run_cli_row(args) -> dict:
     seq = 64 if args.tiny else 1024
     command = [sys.executable, "-m", "moekit", "finetune", str(checkpoint), "--data", str(data), "-o", str(work / "out"),
                "--max-steps", str(steps), "--max-seq-len", str(seq), "--packing", "--save-steps", "100000"]  # fmt: skip
+    if args.path == "moekit-eager":
+        command.append("--no-cuda-graphs")
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -283,10 +324,12 @@ def run_cli_row(args) -> dict:
     runtime = summary.get("train_runtime")
     expert_line = next((line for line in proc.stdout.splitlines() if line.startswith("expert blocks:")), None)
     return {
-        "row": "cli", "path": "moekit finetune", "layers": shape["num_hidden_layers"], "steps": steps, "seq": seq, "batch": batch,
+        "row": "cli", "path": "moekit finetune" + (" --no-cuda-graphs" if args.path == "moekit-eager" else ""),
+        "layers": shape["num_hidden_layers"], "steps": steps, "seq": seq, "batch": batch,
         "wall_s": wall, "train_runtime_s": runtime, "tokens_per_s": steps * batch * seq / runtime if runtime else None,
         "peak_gb": (metadata.get("peak_memory_bytes") or 0) / GB or None, "expert_paths": metadata.get("expert_paths"),
-        "expert_line": expert_line, "checkpoint_gb": sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB,
+        "expert_line": expert_line, "cuda_graphs": metadata.get("cuda_graphs"),
+        "checkpoint_gb": sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB,
     }  # fmt: skip
 
 
@@ -332,7 +375,7 @@ def main() -> None:
     paths = [path for path in args.paths.split(",") if path] + (["moekit-per-expert"] if args.per_expert else [])
     results = []
     rows = [row for row in args.rows.split(",") if row]  # --rows "" runs the CLI row alone
-    jobs = [(row, path) for row in rows for path in paths] + ([("cli", "moekit")] if args.cli else [])
+    jobs = [(row, path) for row in rows for path in paths] + ([("cli", "moekit"), ("cli", "moekit-eager")] if args.cli else [])
     for row, path in jobs:
         seq, batch = ((32, 2) if args.tiny else ROWS[row][2:]) if row in ROWS else (0, 0)  # the CLI row reports its own
         command = [sys.executable, __file__, "--child", "--row", row, "--path", path, "--seq", str(seq), "--batch", str(batch),

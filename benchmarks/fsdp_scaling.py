@@ -93,7 +93,8 @@ def worker(args) -> None:
     per_device = args.batch if weak else args.batch // world
     total_steps = args.warmup + args.steps + 1  # the last one is profiled
     options = FinetuneOptions(data="random tokens", target=["attn", "experts"], lora_r=16, lora_dropout=0.0, batch_size=per_device,
-                              max_seq_len=args.seq, max_steps=total_steps, save_steps=10**6, warmup_ratio=0.0, learning_rate=1e-4, seed=0)  # fmt: skip
+                              max_seq_len=args.seq, max_steps=total_steps, save_steps=10**6, warmup_ratio=0.0, learning_rate=1e-4, seed=0,
+                              packing=True, cuda_graphs=args.cuda_graphs)  # fmt: skip
     from moekit.finetune.targets import apply_targets
 
     torch.manual_seed(0)
@@ -141,7 +142,8 @@ def worker(args) -> None:
         "built_s": built_s, "built_gb": built_gb, "peak_gb": timing["peak_gb"],
         "step_s": step_s, "tokens_per_s": per_device * world * args.seq / step_s,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][:6],
-        "expert_paths": path_counts(trainer.model_wrapped), "checkpoint_round_trip": round_trip, **timing.get("busy", {}),
+        "expert_paths": path_counts(trainer.model_wrapped), "checkpoint_round_trip": round_trip, "cuda_graphs": trainer.cuda_graph_summary(),
+        **timing.get("busy", {}),
     }  # fmt: skip
     Path(args.out, f"{args.worker}-rank{rank}.json").write_text(json.dumps(result, indent=1))
 
@@ -257,6 +259,8 @@ def run_mode(mode: str, args, timeout: float) -> list[dict]:
               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     if args.slice_mib is not None:
         common += ["--slice-mib", str(args.slice_mib)]
+    if not args.cuda_graphs:
+        common.append("--no-cuda-graphs")
     gpus = visible_gpus()
     env = {
         **os.environ,
@@ -320,7 +324,7 @@ def summary(rows: list[dict]) -> dict:
                 entry[key] = max(entry.get(key, 0.0), row[key])
         if row["rank"] == 0:
             keys = ("tokens_per_s", "step_s", "losses", "expert_paths", "fsdp_units", "checkpoint_round_trip", "gpu_busy", "gpu_busy_without_nccl")
-            entry.update({key: row.get(key) for key in keys})
+            entry.update({key: row.get(key) for key in keys}, cuda_graphs=row.get("cuda_graphs"))
     single = modes.get("single", {})
     for entry in modes.values():
         if "tokens_per_s" in entry and single.get("tokens_per_s"):
@@ -347,6 +351,8 @@ def markdown(modes: dict) -> str:
         busy = f"{entry['gpu_busy']:.0%} ({entry['gpu_busy_without_nccl']:.0%})" if entry.get("gpu_busy") is not None else "-"
         paths = entry.get("expert_paths") or {}
         path = f"{paths.get('grouped', 0)} grouped / {paths.get('per_expert', 0)} per expert"
+        graphs = entry.get("cuda_graphs") or {}
+        path += f"; {graphs['replayed']} steps replayed from a CUDA graph" if graphs.get("used") else ""
         losses = ", ".join(f"{loss:.4f}" for loss in entry["losses"])
         lines.append(f"| {mode} | {entry['world_size']} | {entry['per_device_batch']} ({entry['global_batch']}) | {gb(entry.get('built_gb'))} | "
                      f"{peak} | {entry['tokens_per_s']:,.0f} | {ratio} | {busy} | {path} | {losses} |")  # fmt: skip
@@ -377,6 +383,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="Timed optimizer steps.")
     parser.add_argument(
         "--slice-mib", type=int, default=None, help="Dequantize expert projections in row slices of at most this many MiB [moekit's default: 1024]."
+    )
+    parser.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="moekit finetune's --cuda-graphs (single and ddp modes) [default: on]."
     )
     parser.add_argument("--budget-s", type=float, default=510, help="Seconds for all modes; modes that would start past it are skipped.")
     parser.add_argument("--tiny", action="store_true", help="Tiny shape for a CPU smoke test.")
@@ -416,8 +425,8 @@ def main() -> None:
 
 def write_results(args, rows: list[dict]) -> str:
     summarized = summary(rows)
-    results = {"shape": args.shape, "config": SHAPES[args.shape], "seq": args.seq, "global_batch": args.batch,
-               "warmup": args.warmup, "steps": args.steps, "slice_mib": args.slice_mib, "rows": rows, "summary": summarized}  # fmt: skip
+    results = {"shape": args.shape, "config": SHAPES[args.shape], "seq": args.seq, "global_batch": args.batch, "warmup": args.warmup,
+               "steps": args.steps, "slice_mib": args.slice_mib, "cuda_graphs": args.cuda_graphs, "rows": rows, "summary": summarized}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(summarized)
     (args.out / "results.md").write_text(table + "\n")

@@ -106,6 +106,11 @@ class FinetuneOptions(TrainingOptions):
     teacher: str | None = Field(default=None, description="Teacher model for logit distillation (KL to its next-token distribution), loaded in 4-bit.")
     kd_alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the distillation term: loss = (1-a)*CE + a*KL.")
     kd_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the distillation term.")
+    cuda_graphs: bool = Field(
+        default=True,
+        description="With --packing on one GPU or under --ddp: capture each training step once as a CUDA graph and replay it, "
+        "which takes the host's kernel launches out of the step (off with FSDP, a teacher, or dropout; says why when off).",
+    )
     save_steps: int = Field(default=200, ge=1, description="Save a checkpoint every N steps.")
     resume: bool = Field(default=False, description="Resume from the newest checkpoint in OUT.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field(default="none", description="Where to log metrics besides the local log.")

@@ -154,6 +154,8 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if (graphs := trainer.cuda_graph_summary())["used"]:
+            echo(f"CUDA graphs: {graphs['replayed']} micro-steps replayed, {graphs['eager']} run eagerly (the first, and any of another shape)")
     except BaseException as err:
         if process.is_main_process:
             from moekit.cli import signals_held
@@ -379,11 +381,33 @@ def _load_teacher(path: Path, compute_dtype, device_map, options: FinetuneOption
 # --- training --------------------------------------------------------------------------------
 
 
-def _checkpointing_args(config_class, enabled: bool) -> dict:
+def _checkpointing_args(config_class, enabled: bool, cuda_graphs: bool = False) -> dict:
     # transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing* (the old names warn); 5.17 has only the old
     fields = {field.name for field in dataclasses.fields(config_class)}
     prefix = "activation" if "activation_checkpointing" in fields else "gradient"
-    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+    kwargs = {"use_reentrant": False}
+    if cuda_graphs:  # the CUDA RNG state cannot be saved during capture; nothing random runs (cuda_graphs_refusal)
+        kwargs["preserve_rng_state"] = False
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": kwargs}
+
+
+def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.device) -> str | None:
+    """Why the training steps cannot be captured as CUDA graphs here, or None when they can (`cuda_graph`)."""
+    if not options.cuda_graphs:
+        return "--no-cuda-graphs"
+    if device.type != "cuda":
+        return "not on a GPU"
+    if _under_fsdp():
+        return "FSDP gathers and frees weights with host-side bookkeeping in every step"
+    if teacher is not None:
+        return "the distillation loss keeps only labelled positions, a shape that depends on the data"
+    if not options.packing:
+        return "batches change shape from step to step without --packing"
+    if model.config.get_text_config()._attn_implementation not in ("sdpa", "eager"):
+        return f"{model.config.get_text_config()._attn_implementation} attention reads sequence lengths on the host"
+    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()) or options.lora_dropout > 0:
+        return "dropout is on, and checkpointed layers could not replay its random numbers"
+    return None
 
 
 def train_on_one_gpu(args) -> str | None:
@@ -405,6 +429,9 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
 
     text_config = model.config.get_text_config()
     is_moe = hasattr(text_config, "output_router_logits")
+    refusal = cuda_graphs_refusal(model, options, teacher, _device())
+    if refusal is not None and options.cuda_graphs and torch.cuda.is_available():
+        echo(f"CUDA graphs: off ({refusal})")
     args = SFTConfig(
         output_dir=str(staging / "checkpoints"),
         per_device_train_batch_size=options.batch_size,
@@ -415,9 +442,12 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         warmup_steps=options.warmup_ratio,  # a float below 1 is a share of the steps
         lr_scheduler_type="cosine",
         optim=options.optimizer,
-        **_checkpointing_args(SFTConfig, options.gradient_checkpointing),
+        **_checkpointing_args(SFTConfig, options.gradient_checkpointing, cuda_graphs=refusal is None),
         max_length=options.max_seq_len,
         packing=options.packing,
+        # packed batches are one row of up to batch x max-seq-len tokens: padded to exactly that, every step has
+        # the one shape a CUDA graph replays
+        pad_to_multiple_of=options.batch_size * options.max_seq_len if refusal is None else None,
         assistant_only_loss=data.format == "messages",
         completion_only_loss=True if data.format == "prompt_completion" else None,
         router_aux_loss_coef=options.router_aux_loss_coef if is_moe else None,
@@ -449,6 +479,8 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         teacher=teacher,
         kd_alpha=options.kd_alpha,
         kd_temperature=options.kd_temperature,
+        cuda_graphs_off=refusal,
+        echo=echo,
     )
 
 
@@ -460,7 +492,8 @@ class MoeSFTTrainer(SFTTrainer):
     the same assistant tokens.
     """
 
-    def __init__(self, *args, train_routers: bool = False, teacher=None, kd_alpha: float = 0.5, kd_temperature: float = 2.0, **kwargs):
+    def __init__(self, *args, train_routers: bool = False, teacher=None, kd_alpha: float = 0.5, kd_temperature: float = 2.0,
+                 cuda_graphs_off: str | None = "not asked for", echo: Callable[[str], None] = lambda _line: None, **kwargs):  # fmt: skip
         model = kwargs["model"]
         if _under_fsdp():
             trainables_to_float32(model)
@@ -482,6 +515,13 @@ class MoeSFTTrainer(SFTTrainer):
         self.teacher = teacher
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
+        self.cuda_graphs_off = cuda_graphs_off  # why steps are not captured as CUDA graphs (None: they are)
+        self.cuda_graphs = cuda_graphs_off is None
+        self.captured_step = None  # a CapturedStep, made at the first training step
+        if self.cuda_graphs:
+            self.data_collator = _with_token_mask(self.data_collator)
+        self.echo = echo
+        self._graph_tokens = None  # TRL's num_tokens, counted on the device
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -507,6 +547,67 @@ class MoeSFTTrainer(SFTTrainer):
             # activations on 2 H200s. bf16 autocast does the casts, as on one GPU.
             return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
         return super().autocast_smart_context_manager(cache_enabled)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.cuda_graphs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        from moekit.finetune.causal_lm_loss import MODEL_INPUTS
+        from moekit.finetune.cuda_graph import CapturedStep
+
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        # sequence boundaries of packed rows come from position_ids (sdpa); the collator's cu_seq_lens are for
+        # flash-attention kernels and change length with the data
+        batch = {name: inputs[name] for name in (*MODEL_INPUTS, "labels", "token_mask") if name in inputs}
+        labelled = num_items_in_batch if num_items_in_batch is not None else (batch["labels"][:, 1:] != -100).sum()
+        device = batch["labels"].device
+        batch["num_items_in_batch"] = torch.as_tensor(labelled, device=device).reshape(()).to(torch.int64)
+        # graph inputs, not constants: the last accumulation cycle of an epoch can be shorter
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1  # as TRL
+        batch["aux_loss_steps"] = torch.tensor(float(steps), device=device)
+        module = self.accelerator.unwrap_model(model)  # under DDP: gradients are averaged below, not by DDP's hooks
+        if self.captured_step is None:
+            self.captured_step = CapturedStep(lambda batch: self._captured_loss(module, batch), [p for p in module.parameters() if p.requires_grad])
+        outputs = self.captured_step(batch)
+        if self.captured_step.failure is not None and self.cuda_graphs:
+            self.cuda_graphs_off = f"the step could not be captured: {self.captured_step.failure}"
+            self.echo(f"CUDA graphs: off ({self.cuda_graphs_off})")
+            self.cuda_graphs = False
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            _average_gradients(self.captured_step.params)
+        self._record_graph_metrics(outputs, batch)
+        return outputs["loss"].detach().clone()  # the graph's own tensor is overwritten by the next replay
+
+    def cuda_graph_summary(self) -> dict:
+        """For the run's metadata: whether steps were replayed from CUDA graphs, how many, or why not."""
+        step = self.captured_step
+        if step is None or step.replays == 0:
+            return {"used": False, "why_not": self.cuda_graphs_off or "no step was replayed"}
+        return {"used": True, "replayed": step.replays, "eager": step.eager_steps, "failure": step.failure}
+
+    def _captured_loss(self, module, batch):
+        from moekit.finetune.causal_lm_loss import causal_lm_step
+
+        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.args.bf16, cache_enabled=False):
+            outputs = causal_lm_step(
+                module, batch, aux_loss_coef=self.router_aux_loss_coef if self.aux_loss_enabled else None, aux_loss_steps=batch["aux_loss_steps"]
+            )
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            outputs["loss"] = outputs["loss"] * self.accelerator.num_processes  # as TRL: num_items_in_batch counts every process
+        return outputs
+
+    def _record_graph_metrics(self, outputs, batch) -> None:
+        """TRL's training metrics from the step's device tensors, read on the host only when logged (`log`)."""
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics["train"]
+        tokens = gather(outputs["tokens"]).sum().clamp(min=1)
+        metrics["entropy"].append(gather(outputs["entropy_sum"]).sum() / tokens)
+        metrics["mean_token_accuracy"].append(gather(outputs["correct"]).sum() / tokens)
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(gather(outputs["aux_loss"]).mean())
+        seen = gather(batch.get("attention_mask", batch.get("token_mask")).sum().reshape(1)).sum()
+        self._graph_tokens = seen if self._graph_tokens is None else self._graph_tokens + seen
+        metrics["num_tokens"] = [self._total_train_tokens + self._graph_tokens]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
@@ -692,6 +793,32 @@ class MoeSFTTrainer(SFTTrainer):
 FSDP_OPTIMIZER_FILE = "optimizer.bin"
 
 
+def _with_token_mask(collate):
+    """TRL's collator, plus `token_mask` (1 on the tokens of the examples, 0 on the padding after them) for packed
+    rows, which carry no attention mask: padded to a fixed width for CUDA graphs, and the padding must not count in
+    the router load-balancing loss or the token count."""
+
+    def collate_with_mask(examples):
+        batch = collate(examples)
+        if "attention_mask" not in batch:
+            real = sum(len(example["input_ids"]) for example in examples)
+            batch["token_mask"] = (torch.arange(batch["input_ids"].shape[1]) < real).to(batch["input_ids"].dtype)[None].expand_as(batch["input_ids"])
+        return batch
+
+    return collate_with_mask
+
+
+def _average_gradients(params) -> None:
+    """What DDP's hooks do for a step replayed from a CUDA graph: every gradient averaged over the processes, in one
+    all-reduce of one flat buffer."""
+    import torch.distributed as dist
+
+    grads = [param.grad for param in params if param.grad is not None]
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+    torch._foreach_copy_(grads, [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)])
+
+
 def trainables_to_float32(model) -> None:
     """FSDP2 needs one dtype among the trainable parameters of a unit (a decoder layer): LoRA is float32, so the
     routers become float32 too (bf16 autocast runs their matmul as on one GPU)."""
@@ -818,6 +945,7 @@ def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_r
         "routers": ROUTERS_FILE if "gate" in options.target else None,
         "adapter_format": "peft" if trainer.adapter_layout is not None else None,
         "expert_paths": path_counts(model),
+        "cuda_graphs": trainer.cuda_graph_summary(),
     }
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
     plot_losses(_read_log(staging / LOG_FILE), staging / "loss.png")

@@ -1,0 +1,161 @@
+"""A training step captured as a CUDA graph (`moekit.finetune.cuda_graph`) equals the eager step: losses and gradients
+over several optimizer steps of a 4-bit MoE with LoRA on attention and experts and trained routers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_finetune_train import QUICK, toy_conversations, write_jsonl
+
+from moekit.finetune.cuda_graph import CapturedStep, capturable_checkpointing
+from moekit.finetune.options import FinetuneOptions, TrainingOptions
+from moekit.finetune.quantize import quantize_moe
+from moekit.finetune.targets import apply_targets
+from moekit.finetune.trainer import finetune
+from moekit.testing import tiny_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+VOCAB = 384
+
+
+def make_model():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config("mixtral", VOCAB, output_router_logits=True, router_aux_loss_coef=0.01)
+    model = quantize_moe(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), bits=4, device="cuda")
+    wrapped, _table = apply_targets(model, TrainingOptions(target=["attn", "experts", "gate"]))
+    with torch.no_grad():  # LoRA B starts at zero: give every factor a value, so every gradient path carries signal
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    capturable_checkpointing(wrapped)
+    wrapped.train()
+    return wrapped
+
+
+def step_fn(model):
+    def run(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        return {"loss": out.loss, "aux_loss": out.aux_loss}
+
+    return run
+
+
+def batches(count, shape=(2, 48)):
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    ids = [torch.randint(4, VOCAB, shape, device="cuda", generator=generator) for _ in range(count)]
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def train(model, data, captured: bool, accumulate: int = 1):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    run = CapturedStep(step_fn(model), params) if captured else None
+    losses, grads = [], []
+    for index, batch in enumerate(data):
+        if run is not None:
+            outputs = run(batch)
+        else:
+            outputs = step_fn(model)(batch)
+            outputs["loss"].backward()
+        losses.append(float(outputs["loss"]))
+        if (index + 1) % accumulate == 0:
+            grads.append([p.grad.detach().clone() for p in params])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return losses, grads, run
+
+
+def assert_close_steps(eager, graphed):
+    (eager_losses, eager_grads), (graph_losses, graph_grads) = eager, graphed
+    # the same kernels on the same inputs; only float atomics (index_add_ of expert outputs) reorder sums
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-3)
+    for step, (expected, actual) in enumerate(zip(eager_grads, graph_grads)):
+        for e, a in zip(expected, actual):
+            scale = e.abs().max().clamp(min=1e-6)
+            assert (a - e).abs().max() / scale < 2e-2, f"step {step}"
+
+
+def test_replayed_steps_equal_eager_steps():
+    data = batches(5)
+    eager = train(make_model(), data, captured=False)[:2]
+    losses, grads, run = train(make_model(), data, captured=True)
+    assert run.replays == 4 and run.eager_steps == 1  # step 1 warms up, step 2 captures and replays
+    assert_close_steps(eager, (losses, grads))
+    assert losses[0] != losses[-1]  # the optimizer steps reached the captured model
+
+
+def test_gradients_accumulate_over_replays_as_over_eager_steps():
+    data = batches(6)
+    eager = train(make_model(), data, captured=False, accumulate=2)[:2]
+    losses, grads, run = train(make_model(), data, captured=True, accumulate=2)
+    # step 1 warms up, step 2 (not from zero gradients) runs eagerly, then fresh and accumulating graphs alternate
+    assert (run.replays, run.eager_steps, sorted(run.graphs)) == (4, 2, [False, True])
+    assert_close_steps(eager, (losses, grads))
+
+
+def test_a_batch_of_another_shape_runs_eagerly_and_its_gradients_are_kept():
+    data = batches(3) + batches(1, shape=(1, 40)) + batches(1)
+    eager = train(make_model(), data, captured=False)[:2]
+    losses, grads, run = train(make_model(), data, captured=True)
+    assert (run.replays, run.eager_steps) == (3, 2)
+    assert_close_steps(eager, (losses, grads))
+
+
+def test_a_captured_step_never_synchronises_with_the_host():
+    model = make_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    run = CapturedStep(step_fn(model), params)
+    data = batches(3)
+    run(data[0])
+    run(data[1])  # capture: a synchronising op would already fail here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(data[2])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.replays == 2
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly_from_then_on():
+    model = make_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = step_fn(model)
+
+    def synchronising(batch):
+        outputs = plain(batch)
+        outputs["loss_on_host"] = torch.tensor(float(outputs["loss"]))  # waits for the GPU: cannot be captured
+        return outputs
+
+    run = CapturedStep(synchronising, params)
+    data = batches(3)
+    for batch in data:
+        outputs = run(batch)
+        assert torch.isfinite(outputs["loss"])
+        for p in params:
+            p.grad = None
+    assert run.failure is not None and run.replays == 0 and run.eager_steps == 3 and not run.graphs
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_finetune_replays_its_steps_and_logs_the_losses_of_eager_steps(random_moe, tmp_path, grad_accum):
+    data = write_jsonl(tmp_path / "chat.jsonl", toy_conversations(64))
+    options = FinetuneOptions(data=str(data), max_steps=5, packing=True, grad_accum=grad_accum, **{**QUICK, "batch_size": 2})
+    finetune(random_moe, tmp_path / "eager", options.model_copy(update={"cuda_graphs": False}))
+    finetune(random_moe, tmp_path / "graph", options)
+    graphs = json.loads((tmp_path / "graph" / "moekit-finetune.json").read_text())["cuda_graphs"]
+    micro_steps = 5 * grad_accum
+    # the first micro-step warms up; with accumulation the second too (it does not start from zero gradients)
+    assert graphs == {"used": True, "replayed": micro_steps - grad_accum, "eager": grad_accum, "failure": None}
+
+    def logged(out):
+        return [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    for want, got in zip(logged(tmp_path / "eager"), logged(tmp_path / "graph"), strict=True):
+        for key in ("loss", "lm_loss", "aux_loss", "mean_token_accuracy", "num_tokens"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)
