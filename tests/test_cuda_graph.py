@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_finetune_train import QUICK, toy_conversations, write_jsonl
 
+from moekit.finetune.causal_lm_loss import causal_lm_step
 from moekit.finetune.cuda_graph import CapturedStep, capturable_checkpointing
 from moekit.finetune.options import FinetuneOptions, TrainingOptions
 from moekit.finetune.quantize import quantize_moe
@@ -37,10 +38,9 @@ def make_model():
 
 
 def step_fn(model):
-    def run(batch):
+    def run(batch):  # the trainer's loss, router loss included
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            out = model(input_ids=batch["input_ids"], labels=batch["labels"])
-        return {"loss": out.loss, "aux_loss": out.aux_loss}
+            return causal_lm_step(model, batch, aux_loss_coef=0.01)
 
     return run
 
@@ -48,7 +48,7 @@ def step_fn(model):
 def batches(count, shape=(2, 48)):
     generator = torch.Generator(device="cuda").manual_seed(1)
     ids = [torch.randint(4, VOCAB, shape, device="cuda", generator=generator) for _ in range(count)]
-    return [{"input_ids": x, "labels": x} for x in ids]
+    return [{"input_ids": x, "labels": x, "num_items_in_batch": (x[:, 1:] != -100).sum()} for x in ids]
 
 
 def train(model, data, captured: bool, accumulate: int = 1):

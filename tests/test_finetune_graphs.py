@@ -93,3 +93,17 @@ def test_gradients_are_averaged_over_processes_as_ddp_averages_them(tmp_path):
             assert first == [1.5, 1.5, 1.5]
             assert second == [[0.0, 1.5], [3.0, 4.5]]
             assert untouched is None
+
+
+def test_packed_examples_become_rows_of_max_seq_len_with_a_token_mask():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collate = trainer_module._packed_rows(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=8))
+    examples = [{"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [2, 3]}, {"input_ids": [10, 11, 12], "seq_lengths": [3]}]
+    batch = collate(examples)
+    assert set(batch) == {"input_ids", "labels", "position_ids", "token_mask"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [10, 11, 12, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 0, 0], [0, 1, 2, 0, 0, 0, 0, 0]]
+    assert batch["token_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    # nothing is predicted across a sequence start or in the padding
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9, -100, -100, -100], [-100, 11, 12, -100, -100, -100, -100, -100]]

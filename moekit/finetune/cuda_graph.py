@@ -119,8 +119,10 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         # the accumulating graph shares the fresh graph's pool: the two never run at once, and the fresh graph's
-        # gradients (alive) are never handed out again
-        with torch.cuda.graph(graph, pool=self.graphs[False].pool() if accumulate else None):
+        # gradients (alive) are never handed out again. Thread-local capture: other threads (NCCL's watchdog polls
+        # its events under DDP) may go on calling CUDA meanwhile.
+        pool = self.graphs[False].pool() if accumulate else None
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs[accumulate] = self._run(self.static_batch)
         self.graphs[accumulate] = graph
         if not accumulate:

@@ -445,9 +445,8 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         **_checkpointing_args(SFTConfig, options.gradient_checkpointing, cuda_graphs=refusal is None),
         max_length=options.max_seq_len,
         packing=options.packing,
-        # packed batches are one row of up to batch x max-seq-len tokens: padded to exactly that, every step has
-        # the one shape a CUDA graph replays
-        pad_to_multiple_of=options.batch_size * options.max_seq_len if refusal is None else None,
+        # with CUDA graphs each packed example is a row padded to max-seq-len (`_packed_rows`)
+        pad_to_multiple_of=options.max_seq_len if refusal is None else None,
         assistant_only_loss=data.format == "messages",
         completion_only_loss=True if data.format == "prompt_completion" else None,
         router_aux_loss_coef=options.router_aux_loss_coef if is_moe else None,
@@ -519,7 +518,7 @@ class MoeSFTTrainer(SFTTrainer):
         self.cuda_graphs = cuda_graphs_off is None
         self.captured_step = None  # a CapturedStep, made at the first training step
         if self.cuda_graphs:
-            self.data_collator = _with_token_mask(self.data_collator)
+            self.data_collator = _packed_rows(self.data_collator)
         self.echo = echo
         self._graph_tokens = None  # TRL's num_tokens, counted on the device
 
@@ -556,8 +555,7 @@ class MoeSFTTrainer(SFTTrainer):
 
         model.train()
         inputs = self._prepare_inputs(inputs)
-        # sequence boundaries of packed rows come from position_ids (sdpa); the collator's cu_seq_lens are for
-        # flash-attention kernels and change length with the data
+        # sequence boundaries of packed rows come from position_ids (sdpa)
         batch = {name: inputs[name] for name in (*MODEL_INPUTS, "labels", "token_mask") if name in inputs}
         labelled = num_items_in_batch if num_items_in_batch is not None else (batch["labels"][:, 1:] != -100).sum()
         device = batch["labels"].device
@@ -793,19 +791,23 @@ class MoeSFTTrainer(SFTTrainer):
 FSDP_OPTIMIZER_FILE = "optimizer.bin"
 
 
-def _with_token_mask(collate):
-    """TRL's collator, plus `token_mask` (1 on the tokens of the examples, 0 on the padding after them) for packed
-    rows, which carry no attention mask: padded to a fixed width for CUDA graphs, and the padding must not count in
-    the router load-balancing loss or the token count."""
+def _packed_rows(collate):
+    """TRL's padding-free collator, one packed example per row. TRL concatenates a batch's packed examples into one
+    row, whose attention (sdpa, a block-diagonal mask over the whole row) costs (batch x max-seq-len)^2; here each
+    packed example is a row of its own, padded to max-seq-len (SFTConfig's pad_to_multiple_of), so every batch has the
+    one shape a CUDA graph replays. Adds `token_mask` (1 on the examples' tokens, 0 on the padding), which the router
+    load-balancing loss and the token count go by; the padding has labels -100 and positions 0, so it neither
+    trains nor is attended to."""
 
-    def collate_with_mask(examples):
-        batch = collate(examples)
-        if "attention_mask" not in batch:
-            real = sum(len(example["input_ids"]) for example in examples)
-            batch["token_mask"] = (torch.arange(batch["input_ids"].shape[1]) < real).to(batch["input_ids"].dtype)[None].expand_as(batch["input_ids"])
+    def collate_rows(examples):
+        rows = [collate([example]) for example in examples]  # each (1, max-seq-len)
+        batch = {key: torch.cat([row[key] for row in rows]) for key in ("input_ids", "labels", "position_ids", "attention_mask") if key in rows[0]}
+        width = batch["input_ids"].shape[1]
+        lengths = torch.tensor([len(example["input_ids"]) for example in examples])
+        batch["token_mask"] = (torch.arange(width)[None] < lengths[:, None]).to(batch["input_ids"].dtype)  # (batch, width)
         return batch
 
-    return collate_with_mask
+    return collate_rows
 
 
 def _average_gradients(params) -> None:
