@@ -4,6 +4,10 @@ over several optimizer steps of a 4-bit MoE with LoRA on attention and experts a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,24 +128,38 @@ def test_a_captured_step_never_synchronises_with_the_host():
     assert run.replays == 2
 
 
+FAILING_CAPTURE = """
+import json, torch, test_cuda_graph as t
+from moekit.finetune.cuda_graph import CapturedStep
+model = t.make_model()
+params = [p for p in model.parameters() if p.requires_grad]
+plain = t.step_fn(model)
+
+def synchronising(batch):
+    outputs = plain(batch)
+    outputs["loss_on_host"] = torch.tensor(float(outputs["loss"]))  # waits for the GPU: cannot be captured
+    return outputs
+
+run = CapturedStep(synchronising, params)
+losses = []
+for batch in t.batches(3):
+    losses.append(float(run(batch)["loss"]))
+    for p in params:
+        p.grad = None
+print(json.dumps({"failure": run.failure, "replays": run.replays, "eager": run.eager_steps, "losses": losses,
+                  "default_stream": torch.cuda.current_stream() == torch.cuda.default_stream()}))
+"""
+
+
 def test_a_step_that_cannot_be_captured_runs_eagerly_from_then_on():
-    model = make_model()
-    params = [p for p in model.parameters() if p.requires_grad]
-    plain = step_fn(model)
-
-    def synchronising(batch):
-        outputs = plain(batch)
-        outputs["loss_on_host"] = torch.tensor(float(outputs["loss"]))  # waits for the GPU: cannot be captured
-        return outputs
-
-    run = CapturedStep(synchronising, params)
-    data = batches(3)
-    for batch in data:
-        outputs = run(batch)
-        assert torch.isfinite(outputs["loss"])
-        for p in params:
-            p.grad = None
-    assert run.failure is not None and run.replays == 0 and run.eager_steps == 3 and not run.graphs
+    # in a process of its own: a failed capture leaves torch's CUDA random generator unusable for later tests
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", FAILING_CAPTURE], capture_output=True, text=True, cwd=tests, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["failure"] and result["replays"] == 0 and result["eager"] == 3 and result["default_stream"]
+    assert all(loss == loss and loss > 0 for loss in result["losses"])  # finite: the eager steps ran
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -159,5 +177,6 @@ def test_finetune_replays_its_steps_and_logs_the_losses_of_eager_steps(random_mo
         return [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
 
     for want, got in zip(logged(tmp_path / "eager"), logged(tmp_path / "graph"), strict=True):
-        for key in ("loss", "lm_loss", "aux_loss", "mean_token_accuracy", "num_tokens"):
+        for key in ("loss", "lm_loss", "aux_loss", "num_tokens"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)
+        assert got["mean_token_accuracy"] == pytest.approx(want["mean_token_accuracy"], abs=0.03)  # a bf16 tie may flip a token

@@ -24,7 +24,9 @@ Gradients behave as with eager backward passes:
   first use in the same memory pool, whose backward adds to the fresh graph's gradient tensors in place.
 
 On the CPU every call runs eagerly. A batch whose shapes differ from the captured one runs eagerly (`eager_steps` counts those). So does every call
-after a capture failed (`failure` says why: an operation that cannot be captured). `step_fn` must not
+after a capture failed (`failure` says why: an operation that cannot be captured). After a failed capture, torch
+2.11 leaves the CUDA random generator in its capture state, so nothing that draws random numbers on the GPU may
+run in the process afterwards (moekit captures only steps without dropout). `step_fn` must not
 synchronise with the host (no `.item()`, no shapes that depend on values), and checkpointed layers must not save
 the CUDA RNG state (`capturable_checkpointing`). A replay re-runs the kernels, not the Python code around them:
 Python side effects of `step_fn` happen at capture only.
@@ -118,12 +120,14 @@ class CapturedStep:
             self.static_batch = {name: tensor.clone() for name, tensor in batch.items()}
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        # the accumulating graph shares the fresh graph's pool: the two never run at once, and the fresh graph's
-        # gradients (alive) are never handed out again. Thread-local capture: other threads (NCCL's watchdog polls
-        # its events under DDP) may go on calling CUDA meanwhile.
-        pool = self.graphs[False].pool() if accumulate else None
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            self.outputs[accumulate] = self._run(self.static_batch)
+        stream = torch.cuda.current_stream()
+        try:
+            # the accumulating graph shares the fresh graph's pool: the two never run at once, and the fresh
+            # graph's gradients (alive) are never handed out again
+            with torch.cuda.graph(graph, pool=self.graphs[False].pool() if accumulate else None):
+                self.outputs[accumulate] = self._run(self.static_batch)
+        finally:
+            torch.cuda.set_stream(stream)  # a capture that fails to end leaves its own stream current
         self.graphs[accumulate] = graph
         if not accumulate:
             self.grads = [param.grad for param in self.params]

@@ -399,6 +399,10 @@ def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.
         return "not on a GPU"
     if _under_fsdp():
         return "FSDP gathers and frees weights with host-side bookkeeping in every step"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # measured on 2 H200s: capturing next to DDP's gradient hooks and NCCL failed ("operation failed due to a
+        # previous error during capture"), and the step ran eagerly
+        return "several processes: a step next to DDP's all-reduce could not be captured"
     if teacher is not None:
         return "the distillation loss keeps only labelled positions, a shape that depends on the data"
     if not options.packing:
@@ -549,6 +553,7 @@ class MoeSFTTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not self.cuda_graphs:
+            inputs.pop("token_mask", None)  # `_packed_rows` adds it while graphs are on; TRL's step does not take it
             return super().training_step(model, inputs, num_items_in_batch)
         from moekit.finetune.causal_lm_loss import MODEL_INPUTS
         from moekit.finetune.cuda_graph import CapturedStep
@@ -563,7 +568,7 @@ class MoeSFTTrainer(SFTTrainer):
         # graph inputs, not constants: the last accumulation cycle of an epoch can be shorter
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1  # as TRL
         batch["aux_loss_steps"] = torch.tensor(float(steps), device=device)
-        module = self.accelerator.unwrap_model(model)  # under DDP: gradients are averaged below, not by DDP's hooks
+        module = self.accelerator.unwrap_model(model)
         if self.captured_step is None:
             self.captured_step = CapturedStep(lambda batch: self._captured_loss(module, batch), [p for p in module.parameters() if p.requires_grad])
         outputs = self.captured_step(batch)
@@ -571,8 +576,6 @@ class MoeSFTTrainer(SFTTrainer):
             self.cuda_graphs_off = f"the step could not be captured: {self.captured_step.failure}"
             self.echo(f"CUDA graphs: off ({self.cuda_graphs_off})")
             self.cuda_graphs = False
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
-            _average_gradients(self.captured_step.params)
         self._record_graph_metrics(outputs, batch)
         return outputs["loss"].detach().clone()  # the graph's own tensor is overwritten by the next replay
 
@@ -590,8 +593,6 @@ class MoeSFTTrainer(SFTTrainer):
             outputs = causal_lm_step(
                 module, batch, aux_loss_coef=self.router_aux_loss_coef if self.aux_loss_enabled else None, aux_loss_steps=batch["aux_loss_steps"]
             )
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            outputs["loss"] = outputs["loss"] * self.accelerator.num_processes  # as TRL: num_items_in_batch counts every process
         return outputs
 
     def _record_graph_metrics(self, outputs, batch) -> None:
@@ -808,17 +809,6 @@ def _packed_rows(collate):
         return batch
 
     return collate_rows
-
-
-def _average_gradients(params) -> None:
-    """What DDP's hooks do for a step replayed from a CUDA graph: every gradient averaged over the processes, in one
-    all-reduce of one flat buffer."""
-    import torch.distributed as dist
-
-    grads = [param.grad for param in params if param.grad is not None]
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-    torch._foreach_copy_(grads, [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)])
 
 
 def trainables_to_float32(model) -> None:
