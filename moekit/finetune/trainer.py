@@ -407,6 +407,10 @@ def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.
         return "the distillation loss keeps only labelled positions, a shape that depends on the data"
     if not options.packing:
         return "batches change shape from step to step without --packing"
+    if model.config.get_text_config().model_type == "phixtral":
+        # on an H200, a Phixtral step in the graph path recomputed a checkpointed layer differently from its forward
+        # (132 tensors saved, 62 recomputed); not yet understood, so Phixtral trains through TRL's step
+        return "not yet verified for Phixtral"
     if model.config.get_text_config()._attn_implementation not in ("sdpa", "eager"):
         return f"{model.config.get_text_config()._attn_implementation} attention reads sequence lengths on the host"
     if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()) or options.lora_dropout > 0:
