@@ -593,11 +593,10 @@ class MoeSFTTrainer(SFTTrainer):
     def _captured_loss(self, module, batch):
         from moekit.finetune.causal_lm_loss import causal_lm_step
 
+        aux_loss_coef = self.router_aux_loss_coef if self.aux_loss_enabled else None
+        # no autocast weight cache: its cast copies would be allocated and freed inside the capture
         with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.args.bf16, cache_enabled=False):
-            outputs = causal_lm_step(
-                module, batch, aux_loss_coef=self.router_aux_loss_coef if self.aux_loss_enabled else None, aux_loss_steps=batch["aux_loss_steps"]
-            )
-        return outputs
+            return causal_lm_step(module, batch, aux_loss_coef=aux_loss_coef, aux_loss_steps=batch["aux_loss_steps"])
 
     def _record_graph_metrics(self, outputs, batch) -> None:
         """TRL's training metrics from the step's device tensors, read on the host only when logged (`log`)."""
