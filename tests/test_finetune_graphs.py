@@ -33,6 +33,8 @@ def test_graphs_are_used_only_where_a_step_can_be_captured(monkeypatch):
     assert "--packing" in cuda_graphs_refusal(model, options.model_copy(update={"packing": False}), None, CUDA)
     assert "distillation" in cuda_graphs_refusal(model, options, object(), CUDA)
     assert "dropout" in cuda_graphs_refusal(model, options.model_copy(update={"lora_dropout": 0.05}), None, CUDA)
+    assert "router_jitter_noise" in cuda_graphs_refusal(tiny_model(router_jitter_noise=0.1), options, None, CUDA)
+    assert "attention_dropout" in cuda_graphs_refusal(tiny_model(attention_dropout=0.1), options, None, CUDA)
     model.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in cuda_graphs_refusal(model, options, None, CUDA)
     monkeypatch.setenv("WORLD_SIZE", "2")

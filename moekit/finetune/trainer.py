@@ -413,8 +413,13 @@ def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.
         return "not yet verified for Phixtral"
     if model.config.get_text_config()._attn_implementation not in ("sdpa", "eager"):
         return f"{model.config.get_text_config()._attn_implementation} attention reads sequence lengths on the host"
-    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()) or options.lora_dropout > 0:
-        return "dropout is on, and checkpointed layers could not replay its random numbers"
+    config = model.config.get_text_config().to_dict()
+    # random numbers drawn inside a layer (dropout modules, sdpa's attention dropout, router jitter) would differ
+    # between a layer's forward and its recomputation
+    random = sorted(key for key, value in config.items() if key.endswith(("dropout", "pdrop", "jitter_noise")) and isinstance(value, float) and value > 0)
+    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()) or options.lora_dropout > 0 or random:
+        named = f" ({', '.join(random)})" if random else ""
+        return f"dropout is on{named}, and checkpointed layers could not replay its random numbers"
     return None
 
 
