@@ -170,9 +170,10 @@ def run_path(args) -> dict:
     loss_fn = partial(_moekit_eager_loss if moekit_loss else _model_loss, torch, peft_model, device)
     captured = None
     if args.path == "moekit" and moekit_loss and device.type == "cuda":
-        from moekit.finetune.cuda_graph import CapturedStep, capturable_checkpointing
+        from moekit.finetune.cuda_graph import CapturedStep
+        from moekit.finetune.quantize import enable_checkpointing
 
-        capturable_checkpointing(peft_model)
+        enable_checkpointing(peft_model, preserve_rng_state=False)
         captured = CapturedStep(lambda batch: _moekit_loss(torch, peft_model, batch, device), params)
     step_times, losses = [], []
     for step in range(args.warmup + args.steps):

@@ -14,9 +14,9 @@ import torch
 from test_finetune_train import QUICK, toy_conversations, write_jsonl
 
 from moekit.finetune.causal_lm_loss import causal_lm_step
-from moekit.finetune.cuda_graph import CapturedStep, capturable_checkpointing
+from moekit.finetune.cuda_graph import CapturedStep
 from moekit.finetune.options import FinetuneOptions, TrainingOptions
-from moekit.finetune.quantize import quantize_moe
+from moekit.finetune.quantize import enable_checkpointing, quantize_moe
 from moekit.finetune.targets import apply_targets
 from moekit.finetune.trainer import finetune
 from moekit.testing import tiny_config
@@ -36,7 +36,7 @@ def make_model():
         for name, param in wrapped.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
-    capturable_checkpointing(wrapped)
+    enable_checkpointing(wrapped, preserve_rng_state=False)
     wrapped.train()
     return wrapped
 

@@ -48,6 +48,11 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: in
     return torch.sum((counts / rows) * (probability_sums / rows)) * num_experts
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """(batch, seq) 1 on the examples' tokens, 0 on padding: the attention mask, or for packed rows the token mask."""
+    return batch.get("attention_mask", batch.get("token_mask"))
+
+
 def _chunk_terms(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor):
     # hidden (rows, H), labels (rows,) -> summed NLL, correct top-1 predictions, summed entropy over labelled rows
     logits = F.linear(hidden, weight, bias).float()  # (rows, vocab)
@@ -88,8 +93,7 @@ def causal_lm_step(
     loss = nll / batch["num_items_in_batch"].clamp(min=1)
     outputs = {"lm_loss": (nll / tokens.clamp(min=1)).detach(), "tokens": tokens, "correct": correct, "entropy_sum": entropy}
     if use_aux:
-        real_tokens = batch.get("attention_mask", batch.get("token_mask"))
-        aux = load_balancing_loss(tuple(backbone.router_logits), config.num_local_experts, config.num_experts_per_tok, real_tokens)
+        aux = load_balancing_loss(tuple(backbone.router_logits), config.num_local_experts, config.num_experts_per_tok, real_tokens(batch))
         loss = loss + aux_loss_coef * aux / aux_loss_steps
         outputs["aux_loss"] = aux.detach()
     outputs["loss"] = loss

@@ -23,13 +23,13 @@ Gradients behave as with eager backward passes:
 - a call that finds gradients (gradient accumulation) replays a second, *accumulating* graph, captured at its
   first use in the same memory pool, whose backward adds to the fresh graph's gradient tensors in place.
 
-On the CPU every call runs eagerly. A batch whose shapes differ from the captured one runs eagerly (`eager_steps` counts those). So does every call
-after a capture failed (`failure` says why: an operation that cannot be captured). After a failed capture, torch
-2.11 leaves the CUDA random generator in its capture state, so nothing that draws random numbers on the GPU may
-run in the process afterwards (moekit captures only steps without dropout). `step_fn` must not
-synchronise with the host (no `.item()`, no shapes that depend on values), and checkpointed layers must not save
-the CUDA RNG state (`capturable_checkpointing`). A replay re-runs the kernels, not the Python code around them:
-Python side effects of `step_fn` happen at capture only.
+On the CPU every call runs eagerly. A batch whose shapes differ from the captured one runs eagerly (`eager_steps`
+counts those). So does every call after a capture failed (`failure` says why: an operation that cannot be captured).
+After a failed capture, torch 2.11 leaves the CUDA random generator in its capture state, so nothing that draws
+random numbers on the GPU may run in the process afterwards (moekit captures only steps without dropout). `step_fn`
+must not synchronise with the host (no `.item()`, no shapes that depend on values), and checkpointed layers must not
+save the CUDA RNG state (`quantize.enable_checkpointing(model, preserve_rng_state=False)`). A replay re-runs the
+kernels, not the Python code around them: Python side effects of `step_fn` happen at capture only.
 """
 
 from __future__ import annotations
@@ -38,16 +38,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
-
-def capturable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant gradient checkpointing that does not save and restore the CUDA RNG state (which cannot happen
-    during capture). Exact as long as nothing in a checkpointed layer draws random numbers (LoRA dropout 0)."""
-    kwargs = {"use_reentrant": False, "preserve_rng_state": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class CapturedStep:

@@ -236,13 +236,21 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) 
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        # transformers >= 5.2x renamed it; the GPU image's 5.17 only has the old name
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     return model
+
+
+def enable_checkpointing(model: nn.Module, preserve_rng_state: bool = True) -> None:
+    """Non-reentrant gradient checkpointing on `model`. preserve_rng_state=False: the CUDA RNG state is not saved
+    and restored around a recomputation (it cannot be during CUDA graph capture); exact as long as nothing in a
+    checkpointed layer draws random numbers."""
+    kwargs = {"use_reentrant": False} if preserve_rng_state else {"use_reentrant": False, "preserve_rng_state": False}
+    # transformers >= 5.23 renamed it; the GPU image's 5.17 only has the old name
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_quantized(model: nn.Module) -> dict[str, int]:

@@ -155,7 +155,7 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
             torch.cuda.reset_peak_memory_stats()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         if (graphs := trainer.cuda_graph_summary())["used"]:
-            echo(f"CUDA graphs: {graphs['replayed']} micro-steps replayed, {graphs['eager']} run eagerly (the first, and any of another shape)")
+            echo(f"CUDA graphs: {graphs['replayed']} micro-steps replayed, {graphs['eager']} run eagerly (warm-up, and any that could not be replayed)")
     except BaseException as err:
         if process.is_main_process:
             from moekit.cli import signals_held
@@ -407,16 +407,17 @@ def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.
         return "the distillation loss keeps only labelled positions, a shape that depends on the data"
     if not options.packing:
         return "batches change shape from step to step without --packing"
-    if model.config.get_text_config().model_type == "phixtral":
+    text_config = model.config.get_text_config()
+    if text_config.model_type == "phixtral":
         # on an H200, a Phixtral step in the graph path recomputed a checkpointed layer differently from its forward
         # (132 tensors saved, 62 recomputed); not yet understood, so Phixtral trains through TRL's step
         return "not yet verified for Phixtral"
-    if model.config.get_text_config()._attn_implementation not in ("sdpa", "eager"):
-        return f"{model.config.get_text_config()._attn_implementation} attention reads sequence lengths on the host"
-    config = model.config.get_text_config().to_dict()
+    if text_config._attn_implementation not in ("sdpa", "eager"):
+        return f"{text_config._attn_implementation} attention reads sequence lengths on the host"
     # random numbers drawn inside a layer (dropout modules, sdpa's attention dropout, router jitter) would differ
     # between a layer's forward and its recomputation
-    random = sorted(key for key, value in config.items() if key.endswith(("dropout", "pdrop", "jitter_noise")) and isinstance(value, float) and value > 0)
+    settings = text_config.to_dict().items()
+    random = sorted(key for key, value in settings if key.endswith(("dropout", "pdrop", "jitter_noise")) and isinstance(value, float) and value > 0)
     if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()) or options.lora_dropout > 0 or random:
         named = f" ({', '.join(random)})" if random else ""
         return f"dropout is on{named}, and checkpointed layers could not replay its random numbers"
@@ -528,9 +529,8 @@ class MoeSFTTrainer(SFTTrainer):
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
         self.cuda_graphs_off = cuda_graphs_off  # why steps are not captured as CUDA graphs (None: they are)
-        self.cuda_graphs = cuda_graphs_off is None
         self.captured_step = None  # a CapturedStep, made at the first training step
-        if self.cuda_graphs:
+        if cuda_graphs_off is None:
             self.data_collator = _packed_rows(self.data_collator)
         self.echo = echo
         self._graph_tokens = None  # TRL's num_tokens, counted on the device
@@ -561,7 +561,7 @@ class MoeSFTTrainer(SFTTrainer):
         return super().autocast_smart_context_manager(cache_enabled)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.cuda_graphs:
+        if self.cuda_graphs_off is not None:
             inputs.pop("token_mask", None)  # `_packed_rows` adds it while graphs are on; TRL's step does not take it
             return super().training_step(model, inputs, num_items_in_batch)
         from moekit.finetune.causal_lm_loss import MODEL_INPUTS
@@ -581,10 +581,9 @@ class MoeSFTTrainer(SFTTrainer):
         if self.captured_step is None:
             self.captured_step = CapturedStep(lambda batch: self._captured_loss(module, batch), [p for p in module.parameters() if p.requires_grad])
         outputs = self.captured_step(batch)
-        if self.captured_step.failure is not None and self.cuda_graphs:
+        if self.captured_step.failure is not None:  # later steps go through TRL's
             self.cuda_graphs_off = f"the step could not be captured: {self.captured_step.failure}"
             self.echo(f"CUDA graphs: off ({self.cuda_graphs_off})")
-            self.cuda_graphs = False
         self._record_graph_metrics(outputs, batch)
         return outputs["loss"].detach().clone()  # the graph's own tensor is overwritten by the next replay
 
@@ -605,6 +604,8 @@ class MoeSFTTrainer(SFTTrainer):
 
     def _record_graph_metrics(self, outputs, batch) -> None:
         """TRL's training metrics from the step's device tensors, read on the host only when logged (`log`)."""
+        from moekit.finetune.causal_lm_loss import real_tokens
+
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics["train"]
         tokens = gather(outputs["tokens"]).sum().clamp(min=1)
@@ -612,7 +613,7 @@ class MoeSFTTrainer(SFTTrainer):
         metrics["mean_token_accuracy"].append(gather(outputs["correct"]).sum() / tokens)
         if self.aux_loss_enabled:
             metrics["aux_loss"].append(gather(outputs["aux_loss"]).mean())
-        seen = gather(batch.get("attention_mask", batch.get("token_mask")).sum().reshape(1)).sum()
+        seen = gather(real_tokens(batch).sum().reshape(1)).sum()
         self._graph_tokens = seen if self._graph_tokens is None else self._graph_tokens + seen
         metrics["num_tokens"] = [self._total_train_tokens + self._graph_tokens]
 
