@@ -5,6 +5,10 @@ metrics as TRL's own step. The capture itself: test_cuda_graph.py (GPU)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +42,7 @@ def test_graphs_are_used_only_where_a_step_can_be_captured(monkeypatch):
     model.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in cuda_graphs_refusal(model, options, None, CUDA)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert "DDP" in cuda_graphs_refusal(tiny_model(), options, None, CUDA)
+    assert cuda_graphs_refusal(tiny_model(), options, None, CUDA) is None  # DDP: the gradients are averaged after the step
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert "FSDP" in cuda_graphs_refusal(tiny_model(), options, None, CUDA)
 
@@ -91,3 +95,53 @@ def test_packed_examples_become_rows_of_max_seq_len_with_a_token_mask():
     assert batch["token_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
     # nothing is predicted across a sequence start or in the padding
     assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9, -100, -100, -100], [-100, 11, 12, -100, -100, -100, -100, -100]]
+
+
+# 2 processes of batch 1 with --grad-accum 2: the global batch (4 sequences) of one process of batch 4
+DDP_OPTIONS = {"max_seq_len": 64, "lora_r": 8, "learning_rate": 5e-3, "lora_dropout": 0.0, "max_steps": 3, "save_steps": 1000, "packing": True}
+
+
+def test_the_graph_step_path_under_ddp_follows_one_process(random_moe, tmp_path):
+    """With several processes the graph path trains the model without a DDP wrapper: it starts every process from rank
+    0's weights (`broadcast_parameters`) and averages the gradients at the end of each accumulation cycle
+    (`average_gradients`). 2 processes (gloo, under torchrun; rank 1 starts from other LoRA weights) must follow the
+    loss curve of one process with the same global batch through TRL's step."""
+    data = write_jsonl(tmp_path / "chat.jsonl", toy_conversations(48))
+    finetune(random_moe, tmp_path / "one", FinetuneOptions(data=str(data), batch_size=4, **DDP_OPTIONS))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    command += [str(random_moe), str(data), str(tmp_path / "two")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    expected, actual = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert [r["step"] for r in actual] == [1, 2, 3]
+    for want, got in zip(expected, actual):
+        for key in ("loss", "lm_loss", "aux_loss", "num_tokens"):
+            assert got[key] == pytest.approx(want[key], rel=2e-3, abs=1e-5), (got["step"], key)
+    assert actual[-1]["lm_loss"] < actual[0]["lm_loss"]
+
+
+def _other_start_on_rank_1(apply_targets):
+    """apply_targets, with other LoRA weights on rank 1: the trainer must start every process from rank 0's."""
+
+    def apply(*args, **kwargs):
+        model, table = apply_targets(*args, **kwargs)
+        if os.environ["RANK"] == "1":
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_" in name:
+                        param.add_(torch.randn_like(param), alpha=0.1)
+        return model, table
+
+    return apply
+
+
+if __name__ == "__main__":  # a rank of the DDP test above, started by torchrun
+    from moekit.finetune import targets
+
+    torch.set_num_threads(1)
+    trainer_module.cuda_graphs_refusal = lambda *args: None  # the graph path; eager on the CPU
+    targets.apply_targets = _other_start_on_rank_1(targets.apply_targets)
+    moe, data, out = sys.argv[1:]
+    finetune(moe, out, FinetuneOptions(data=data, batch_size=1, grad_accum=2, **DDP_OPTIONS))

@@ -77,10 +77,12 @@ def token_terms(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> 
 
 
 def causal_lm_step(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, aux_loss_coef: float | None, aux_loss_steps: int | torch.Tensor = 1
+    model: nn.Module, batch: dict[str, torch.Tensor], *, aux_loss_coef: float | None, aux_loss_steps: int | torch.Tensor = 1, lm_loss_scale: float = 1
 ) -> dict[str, torch.Tensor]:
     """Loss and logged figures of one micro-batch; `model` is the causal LM (PEFT-wrapped or not). Run it under the
-    compute autocast. aux_loss_coef None: no router loss; `aux_loss_steps` may be a tensor (a graph input)."""
+    compute autocast. aux_loss_coef None: no router loss; `aux_loss_steps` may be a tensor (a graph input).
+    `lm_loss_scale`: the number of processes whose gradients are averaged when `num_items_in_batch` counts the
+    tokens of all of them (TRL's loss under DDP)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.get_text_config()
     inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
@@ -90,7 +92,7 @@ def causal_lm_step(
     labels = batch["labels"][:, 1:]  # (batch, seq - 1)
     nll, correct, entropy = token_terms(hidden.reshape(-1, hidden.shape[-1]), base.get_output_embeddings(), labels.reshape(-1))
     tokens = (labels != -100).sum()
-    loss = nll / batch["num_items_in_batch"].clamp(min=1)
+    loss = nll * lm_loss_scale / batch["num_items_in_batch"].clamp(min=1)
     outputs = {"lm_loss": (nll / tokens.clamp(min=1)).detach(), "tokens": tokens, "correct": correct, "entropy_sum": entropy}
     if use_aux:
         aux = load_balancing_loss(tuple(backbone.router_logits), config.num_local_experts, config.num_experts_per_tok, real_tokens(batch))

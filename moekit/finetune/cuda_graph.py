@@ -113,8 +113,9 @@ class CapturedStep:
         stream = torch.cuda.current_stream()
         try:
             # the accumulating graph shares the fresh graph's pool: the two never run at once, and the fresh
-            # graph's gradients (alive) are never handed out again
-            with torch.cuda.graph(graph, pool=self.graphs[False].pool() if accumulate else None):
+            # graph's gradients (alive) are never handed out again. Thread-local capture mode: other threads (NCCL's
+            # watchdog, polling the events of earlier all-reduces) may go on querying the GPU meanwhile.
+            with torch.cuda.graph(graph, pool=self.graphs[False].pool() if accumulate else None, capture_error_mode="thread_local"):
                 self.outputs[accumulate] = self._run(self.static_batch)
         finally:
             torch.cuda.set_stream(stream)  # a capture that fails to end leaves its own stream current

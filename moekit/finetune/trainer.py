@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -399,10 +400,6 @@ def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.
         return "not on a GPU"
     if _under_fsdp():
         return "FSDP gathers and frees weights with host-side bookkeeping in every step"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # measured on 2 H200s: capturing next to DDP's gradient hooks and NCCL failed ("operation failed due to a
-        # previous error during capture"), and the step ran eagerly
-        return "several processes: a step next to DDP's all-reduce could not be captured"
     if teacher is not None:
         return "the distillation loss keeps only labelled positions, a shape that depends on the data"
     if not options.packing:
@@ -511,6 +508,8 @@ class MoeSFTTrainer(SFTTrainer):
         if _under_fsdp():
             trainables_to_float32(model)
         dtypes = {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
+        self.cuda_graphs_off = cuda_graphs_off  # why steps are not captured as CUDA graphs (None: they are)
+        self.averages_gradients = False  # several processes without DDP: the graph path averages (set below)
         super().__init__(*args, **kwargs)
         # TRL casts the trainable parameters of a 4-bit model to bf16; keep them in the compute dtype
         # instead, which routers need (their matmul takes the hidden states as they are).
@@ -528,7 +527,6 @@ class MoeSFTTrainer(SFTTrainer):
         self.teacher = teacher
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
-        self.cuda_graphs_off = cuda_graphs_off  # why steps are not captured as CUDA graphs (None: they are)
         self.captured_step = None  # a CapturedStep, made at the first training step
         if cuda_graphs_off is None:
             self.data_collator = _packed_rows(self.data_collator)
@@ -549,6 +547,13 @@ class MoeSFTTrainer(SFTTrainer):
             # parameter's own dtype (4-bit codes, float32 LoRA) and reduce the float32 gradients in float32.
             # Autocast does the compute casts (autocast_smart_context_manager), as on one GPU.
             plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        elif self.accelerator.num_processes > 1 and self.cuda_graphs_off is None:
+            # Steps replayed from a CUDA graph run the model itself and average its gradients in one all-reduce per
+            # optimizer step (`average_gradients`). The model gets no DDP wrapper: with one, even unused, the capture
+            # failed on 2 H200s ("operation failed due to a previous error during capture"), while the same capture
+            # next to NCCL all-reduces without it succeeded.
+            self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
+            self.averages_gradients = True
         elif self.accelerator.ddp_handler is not None:
             # gradients written straight into DDP's all-reduce buckets (no copy per step)
             self.accelerator.ddp_handler.gradient_as_bucket_view = True
@@ -561,7 +566,7 @@ class MoeSFTTrainer(SFTTrainer):
         return super().autocast_smart_context_manager(cache_enabled)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.cuda_graphs_off is not None:
+        if self.cuda_graphs_off is not None and not self.averages_gradients:
             inputs.pop("token_mask", None)  # `_packed_rows` adds it while graphs are on; TRL's step does not take it
             return super().training_step(model, inputs, num_items_in_batch)
         from moekit.finetune.causal_lm_loss import MODEL_INPUTS
@@ -580,8 +585,13 @@ class MoeSFTTrainer(SFTTrainer):
         module = self.accelerator.unwrap_model(model)
         if self.captured_step is None:
             self.captured_step = CapturedStep(lambda batch: self._captured_loss(module, batch), [p for p in module.parameters() if p.requires_grad])
+            if self.averages_gradients:  # as DDP does when it wraps a model: every process starts from rank 0's
+                broadcast_parameters(self.captured_step.params)
         outputs = self.captured_step(batch)
-        if self.captured_step.failure is not None:  # later steps go through TRL's
+        if self.averages_gradients and self.accelerator.sync_gradients:
+            average_gradients(self.captured_step.params)
+        if self.captured_step.failure is not None and self.cuda_graphs_off is None:
+            # later steps go through TRL's, or without DDP (several processes) through this path eagerly
             self.cuda_graphs_off = f"the step could not be captured: {self.captured_step.failure}"
             self.echo(f"CUDA graphs: off ({self.cuda_graphs_off})")
         self._record_graph_metrics(outputs, batch)
@@ -600,7 +610,11 @@ class MoeSFTTrainer(SFTTrainer):
         aux_loss_coef = self.router_aux_loss_coef if self.aux_loss_enabled else None
         # no autocast weight cache: its cast copies would be allocated and freed inside the capture
         with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.args.bf16, cache_enabled=False):
-            return causal_lm_step(module, batch, aux_loss_coef=aux_loss_coef, aux_loss_steps=batch["aux_loss_steps"])
+            return causal_lm_step(module, batch, aux_loss_coef=aux_loss_coef, aux_loss_steps=batch["aux_loss_steps"], lm_loss_scale=self._lm_loss_scale())
+
+    def _lm_loss_scale(self) -> int:
+        # as TRL: num_items_in_batch counts the tokens of every process, and the gradients are averaged over them
+        return self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
 
     def _record_graph_metrics(self, outputs, batch) -> None:
         """TRL's training metrics from the step's device tensors, read on the host only when logged (`log`)."""
@@ -818,6 +832,27 @@ def _packed_rows(collate):
         return batch
 
     return collate_rows
+
+
+def broadcast_parameters(params) -> None:
+    """Rank 0's values of `params` on every process, in one broadcast of one flat buffer."""
+    import torch.distributed as dist
+
+    flat = torch.cat([param.detach().reshape(-1) for param in params])
+    dist.broadcast(flat, src=0)
+    with torch.no_grad():
+        torch._foreach_copy_(params, [part.view_as(param) for part, param in zip(flat.split([param.numel() for param in params]), params)])
+
+
+def average_gradients(params) -> None:
+    """What DDP's hooks do at the end of an accumulation cycle, for steps it did not see (replayed from a CUDA graph):
+    every gradient averaged over the processes, in one all-reduce of one flat buffer."""
+    import torch.distributed as dist
+
+    grads = [param.grad for param in params if param.grad is not None]
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+    torch._foreach_copy_(grads, [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)])
 
 
 def trainables_to_float32(model) -> None:
