@@ -180,3 +180,26 @@ def test_finetune_replays_its_steps_and_logs_the_losses_of_eager_steps(random_mo
         for key in ("loss", "lm_loss", "aux_loss", "num_tokens"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)
         assert got["mean_token_accuracy"] == pytest.approx(want["mean_token_accuracy"], abs=0.03)  # a bf16 tie may flip a token
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ddp_through_the_cli_replays_its_steps_with_the_losses_of_one_gpu(random_moe, tmp_path):
+    """`moekit finetune --ddp --num-processes 2`: each process replays its steps from a CUDA graph (no DDP wrapper,
+    gradients averaged by the trainer), with the loss curve of one GPU at the same global batch."""
+    data = write_jsonl(tmp_path / "chat.jsonl", toy_conversations(64))
+    options = FinetuneOptions(data=str(data), max_steps=5, packing=True, **QUICK)  # batch 4
+    finetune(random_moe, tmp_path / "one", options)
+    flags = ["--max-steps", "5", "--packing", "--batch-size", "2", "--max-seq-len", "64", "--lora-r", "8", "--learning-rate", "5e-3"]
+    command = [sys.executable, "-m", "moekit", "finetune", str(random_moe), "--data", str(data), "-o", str(tmp_path / "two"), "--ddp", "--num-processes", "2"]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command + flags, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    graphs = json.loads((tmp_path / "two" / "moekit-finetune.json").read_text())["cuda_graphs"]
+    assert graphs == {"used": True, "replayed": 4, "eager": 1, "failure": None}  # rank 0's: the first step warms up
+
+    def logged(out):
+        return [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    for want, got in zip(logged(tmp_path / "one"), logged(tmp_path / "two"), strict=True):
+        for key in ("loss", "lm_loss", "aux_loss", "num_tokens"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)

@@ -108,8 +108,9 @@ class FinetuneOptions(TrainingOptions):
     kd_temperature: float = Field(default=2.0, gt=0, description="Softmax temperature of the distillation term.")
     cuda_graphs: bool = Field(
         default=True,
-        description="With --packing on one GPU: capture each training step once as a CUDA graph and replay it, which takes "
-        "the host's kernel launches out of the step (off with --fsdp/--ddp, a teacher, or dropout; says why when off).",
+        description="With --packing on GPUs: capture each training step once as a CUDA graph and replay it, which takes "
+        "the host's kernel launches out of the step; with --ddp the trainer then averages the gradients itself "
+        "(off with --fsdp, a teacher, or dropout; says why when off).",
     )
     save_steps: int = Field(default=200, ge=1, description="Save a checkpoint every N steps.")
     resume: bool = Field(default=False, description="Resume from the newest checkpoint in OUT.")
