@@ -24,8 +24,10 @@ attention + all experts with gradient checkpointing and bf16 autocast:
 - moekit-bnb-dequant (--paths): moekit with bitsandbytes' own NF4 dequantization instead of the fused Triton kernel;
 - moekit-sliced-dequant (--paths): projections dequantized in row slices of at most 256 MiB (the default: 1 GiB);
 - moekit-eager-swiglu (--paths): SiLU(gate) * up in eager torch instead of the fused Triton kernels;
-- moekit-compiled (--paths): every decoder layer compiled with torch.compile (a trial of regional compilation).
-The moekit-... variants run eagerly (no CUDA graph), to compare with moekit-eager.
+- moekit-compiled (--paths): every decoder layer compiled with torch.compile (a trial of regional compilation);
+- moekit-offload (--paths): moekit with the checkpointed layers' inputs in pinned CPU memory (`--offload-activations`),
+  replayed from the CUDA graph like moekit.
+The other moekit-... variants run eagerly (no CUDA graph), to compare with moekit-eager.
 LoRA dropout is 0 everywhere (PEFT's fused-parameter LoRA refuses any other value; moekit's default).
 
 One extra step per path runs under torch.profiler, recording GPU activity only: "GPU busy" is the union of its
@@ -47,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -145,10 +148,10 @@ def run_path(args) -> dict:
         from moekit.finetune.expert_storage import NF4Storage
 
         NF4Storage.use_triton_kernel = False
-    if args.path == "moekit-sliced-dequant":  # what dequantizing in row slices of 256 MiB saves and costs
+    if args.path == "moekit-sliced-dequant" or args.slice_mib:  # what dequantizing in row slices saves and costs
         from moekit.finetune import experts
 
-        experts.DEQUANTIZED_SLICE_BYTES = 256 * 2**20
+        experts.DEQUANTIZED_SLICE_BYTES = (args.slice_mib or 256) * 2**20
     if args.path == "moekit-eager-swiglu":  # what the fused SiLU(gate) * up kernel buys: eager torch instead
         from moekit.finetune import swiglu_kernel
 
@@ -169,12 +172,19 @@ def run_path(args) -> dict:
     moekit_loss = args.path.startswith("moekit") and architecture != "phixtral"
     loss_fn = partial(_moekit_eager_loss if moekit_loss else _model_loss, torch, peft_model, device)
     captured = None
-    if args.path == "moekit" and moekit_loss and device.type == "cuda":
+    if args.path in ("moekit", "moekit-offload") and moekit_loss and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep
+        from moekit.finetune.offload import CheckpointInputOffload
         from moekit.finetune.quantize import enable_checkpointing
 
         enable_checkpointing(peft_model, preserve_rng_state=False)
-        captured = CapturedStep(lambda batch: _moekit_loss(torch, peft_model, batch, device), params)
+        offload = CheckpointInputOffload() if args.path == "moekit-offload" else None
+
+        def step_fn(batch):
+            with offload.hooks(config.hidden_size) if offload is not None else nullcontext():
+                return _moekit_loss(torch, peft_model, batch, device)
+
+        captured = CapturedStep(step_fn, params)
     step_times, losses = [], []
     for step in range(args.warmup + args.steps):
         input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
@@ -364,6 +374,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw", help="float32 AdamW (fused) or bitsandbytes' 8-bit AdamW")
+    parser.add_argument("--slice-mib", type=int, help="dequantize expert projections in row slices of at most this many MiB [moekit's default: 1024]")
     parser.add_argument("--trace-dir", type=Path, help="write each path's profiled kernels, sorted by GPU time, here")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -387,6 +398,8 @@ def main() -> None:
                    "--cli-layers", str(args.cli_layers), "--cli-steps", str(args.cli_steps), "--optimizer", args.optimizer]  # fmt: skip
         if args.trace_dir:
             command += ["--trace-dir", str(args.trace_dir)]
+        if args.slice_mib:
+            command += ["--slice-mib", str(args.slice_mib)]
         if args.tiny:
             command.append("--tiny")
         start = time.perf_counter()

@@ -25,11 +25,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 VOCAB = 384
 
 
-def make_model():
+def make_model(**overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = tiny_config("mixtral", VOCAB, output_router_logits=True, router_aux_loss_coef=0.01)
+    config = tiny_config("mixtral", VOCAB, output_router_logits=True, router_aux_loss_coef=0.01, **overrides)
     model = quantize_moe(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), bits=4, device="cuda")
     wrapped, _table = apply_targets(model, TrainingOptions(target=["attn", "experts", "gate"]))
     with torch.no_grad():  # LoRA B starts at zero: give every factor a value, so every gradient path carries signal

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TargetKind = Literal["attn", "experts", "gate"]
 TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
@@ -57,10 +57,21 @@ class TrainingOptions(BaseModel):
     batch_size: int = Field(default=2, ge=1, description="Sequences per device per step.")
     max_seq_len: int = Field(default=1024, ge=8, description="Longest training sequence in tokens; longer examples are truncated.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations in the backward pass to save memory.")
+    offload_activations: bool = Field(
+        default=False,
+        description="With --gradient-checkpointing on a GPU: keep each layer's input in pinned CPU memory until the backward "
+        "pass recomputes the layer (layers x batch x seq x hidden x 2 bytes less GPU memory, for one copy back per layer).",
+    )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
         default="adamw_torch", description="Optimizer; the 8-bit ones keep their states in 8 bits (bitsandbytes)."
     )
     packing: bool = Field(default=False, description="Pack several short examples into each max-seq-len sequence.")
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self):
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("--offload-activations moves the checkpointed layers' inputs: it needs --gradient-checkpointing")
+        return self
 
     @field_validator("target", mode="before")
     @classmethod

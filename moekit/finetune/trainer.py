@@ -15,6 +15,7 @@ only ever sees complete ones. OUT is locked for the whole run (`moekit.output.lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -479,7 +480,7 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
     )
     if (note := train_on_one_gpu(args)) is not None:
         echo(note)
-    return MoeSFTTrainer(
+    trainer = MoeSFTTrainer(
         model=model,
         args=args,
         train_dataset=data.dataset,
@@ -492,6 +493,11 @@ def _make_trainer(model, tokenizer, data, staging: Path, options: FinetuneOption
         cuda_graphs_off=refusal,
         echo=echo,
     )
+    if options.offload_activations and _device().type == "cuda":
+        from moekit.finetune.offload import CheckpointInputOffload
+
+        trainer.offload = CheckpointInputOffload()
+    return trainer
 
 
 class MoeSFTTrainer(SFTTrainer):
@@ -532,6 +538,7 @@ class MoeSFTTrainer(SFTTrainer):
             self.data_collator = _packed_rows(self.data_collator)
         self.echo = echo
         self._graph_tokens = None  # TRL's num_tokens, counted on the device
+        self.offload = None  # a CheckpointInputOffload with --offload-activations on a GPU
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -566,9 +573,17 @@ class MoeSFTTrainer(SFTTrainer):
         return super().autocast_smart_context_manager(cache_enabled)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.cuda_graphs_off is not None and not self.averages_gradients:
-            inputs.pop("token_mask", None)  # `_packed_rows` adds it while graphs are on; TRL's step does not take it
-            return super().training_step(model, inputs, num_items_in_batch)
+        with self._offloaded() if self.offload is not None else contextlib.nullcontext():
+            if self.cuda_graphs_off is not None and not self.averages_gradients:
+                inputs.pop("token_mask", None)  # `_packed_rows` adds it while graphs are on; TRL's step does not take it
+                return super().training_step(model, inputs, num_items_in_batch)
+            return self._graph_step(model, inputs, num_items_in_batch)
+
+    def _offloaded(self):
+        """The checkpointed layers' inputs go to pinned CPU memory during this step's forward (`offload.py`)."""
+        return self.offload.hooks(self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size)
+
+    def _graph_step(self, model, inputs, num_items_in_batch):
         from moekit.finetune.causal_lm_loss import MODEL_INPUTS
         from moekit.finetune.cuda_graph import CapturedStep
 

@@ -87,7 +87,8 @@ def activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: in
         int8_inputs = shape.layers * tokens * (2 * h + 2 * shape.q_dim + shape.top_k * mlp_inputs)
     return {
         "int8_inputs": int8_inputs,
-        "checkpoints": shape.layers * checkpoint_input if options.gradient_checkpointing else 0,
+        # offloaded: only the input whose copy to the CPU is in flight stays on the GPU (`finetune/offload.py`)
+        "checkpoints": (checkpoint_input if options.offload_activations else shape.layers * checkpoint_input) if options.gradient_checkpointing else 0,
         "layer": layer,
         "all_layers": shape.layers * layer,
         "loss_forward": loss_forward,

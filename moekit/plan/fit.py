@@ -54,6 +54,8 @@ def _advice(plan: MemoryPlan, gpu_memory: int) -> str:
         candidates.append((f"--batch-size {b} with --grad-accum {options.batch_size // b} (same sequences per optimizer step)", {"batch_size": b}))
     if options.optimizer == "adamw_torch":
         candidates.append(("--optimizer adamw_8bit (8-bit optimizer states)", {"optimizer": "adamw_8bit"}))
+    if options.gradient_checkpointing and not options.offload_activations:
+        candidates.append(("--offload-activations (checkpointed layer inputs in CPU memory)", {"offload_activations": True}))
     if options.bits > 4:
         candidates.append(("--bits 4 (NF4 weights, experts included)", {"bits": 4}))
     if options.lora_r > 8:

@@ -223,7 +223,14 @@ def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) ->
     act = activations(shape, options, options.batch_size, options.max_seq_len, targets)
     if options.gradient_checkpointing:
         rows += [
-            Row("activations", "checkpointed layer inputs", act["checkpoints"], f"{layers} x batch x seq x hidden, bf16"),
+            Row(
+                "activations",
+                "checkpointed layer inputs",
+                act["checkpoints"],
+                "one in flight; the others in pinned CPU memory (--offload-activations)"
+                if options.offload_activations
+                else f"{layers} x batch x seq x hidden, bf16",
+            ),
             Row("activations", "one layer recomputed", act["layer"] + act["backward_transient"], "backward pass, with its transient gradients"),
         ]
     else:
