@@ -14,8 +14,7 @@ attention + all experts with gradient checkpointing and bf16 autocast:
 - moekit: what `moekit finetune --packing` runs on one GPU: `quantize_moe` per layer (attention NF4 Linear4bit;
   each layer's experts one `ExpertBlock`: one NF4 tensor per projection, grouped GEMMs), targets from
   `apply_targets`, the loss `causal_lm_step` (chunked LM head and cross-entropy), forward and backward captured
-  once as a CUDA graph and replayed (`CapturedStep`), the optimizer step eager (Phixtral: eager, the model's own
-  loss, as the trainer refuses graphs for it);
+  once as a CUDA graph and replayed (`CapturedStep`), the optimizer step eager;
 - plain: what `BitsAndBytesConfig(load_in_4bit=True)` gives (every nn.Linear NF4 except routers; Mixtral's fused
   3-D experts stay bf16), LoRA as PEFT makes it (Mixtral experts via `target_parameters`, Phixtral fc1/fc2
   modules), the model's own loss, eager;
@@ -168,8 +167,7 @@ def run_path(args) -> dict:
     trainable = sum(p.numel() for p in params)
     optimizer = make_optimizer(torch, params, args.optimizer, device)
     peft_model.train()
-    # Phixtral: the trainer refuses CUDA graphs (cuda_graphs_refusal) and trains through TRL's step, the model's own loss
-    moekit_loss = args.path.startswith("moekit") and architecture != "phixtral"
+    moekit_loss = args.path.startswith("moekit")
     loss_fn = partial(_moekit_eager_loss if moekit_loss else _model_loss, torch, peft_model, device)
     captured = None
     if args.path in ("moekit", "moekit-offload") and moekit_loss and device.type == "cuda":

@@ -227,6 +227,9 @@ class ExpertBlock(nn.Module):
             intermediate = self.act_fn(gate) * up  # (rows, I)
         else:
             intermediate = self.act_fn(intermediate)
+        # an activation that autocast runs in float32 (Phi-2's gelu_new calls pow) would put the second GEMM in float32,
+        # off the bf16 grouped kernel and onto torch's fallback, which reads the offsets on the host
+        intermediate = intermediate.to(inputs.dtype)
         expert_outputs = self._project(second, intermediate, offsets, grouped, row_experts) * weights[:, None]  # (rows, hidden)
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_index, expert_outputs.to(final.dtype))

@@ -406,10 +406,6 @@ def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.
     if not options.packing:
         return "batches change shape from step to step without --packing"
     text_config = model.config.get_text_config()
-    if text_config.model_type == "phixtral":
-        # on an H200, a Phixtral step in the graph path recomputed a checkpointed layer differently from its forward
-        # (132 tensors saved, 62 recomputed); not yet understood, so Phixtral trains through TRL's step
-        return "not yet verified for Phixtral"
     if text_config._attn_implementation not in ("sdpa", "eager"):
         return f"{text_config._attn_implementation} attention reads sequence lengths on the host"
     # random numbers drawn inside a layer (dropout modules, sdpa's attention dropout, router jitter) would differ
