@@ -7,7 +7,9 @@ checkpointing, router aux loss, AdamW), on the same random token sequences with 
 
 - single: one process on the first visible GPU (the script sets CUDA_VISIBLE_DEVICES for it).
 - fsdp / ddp: `accelerate launch` on the first two visible GPUs with the config `moekit finetune --fsdp / --ddp`
-  ships (`moekit/finetune/accelerate/fsdp_qlora.yaml`: FSDP2, one unit per decoder layer; `ddp.yaml`). Strong
+  ships (`moekit/finetune/accelerate/fsdp_qlora.yaml`: FSDP2, one unit per decoder layer; `ddp.yaml`). With
+  `--cuda-graphs` (default) DDP processes replay their steps from CUDA graphs and the trainer averages the gradients
+  (no DDP wrapper); FSDP runs eagerly. Strong
   scaling: the global batch is held equal (each of 2 processes runs `--batch / 2` sequences), so the loss curves
   should agree with single's.
 - fsdp-weak / ddp-weak: weak scaling, each process runs single's `--batch` (global batch 2 x `--batch`).
