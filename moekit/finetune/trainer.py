@@ -860,7 +860,10 @@ def average_gradients(params) -> None:
     every gradient averaged over the processes, in one all-reduce of one flat buffer."""
     import torch.distributed as dist
 
-    grads = [param.grad for param in params if param.grad is not None]
+    for param in params:  # a parameter no gradient reached here may have one elsewhere: every process sends all
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    grads = [param.grad for param in params]
     flat = torch.cat([grad.reshape(-1) for grad in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.AVG)
     torch._foreach_copy_(grads, [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)])
