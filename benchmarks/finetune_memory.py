@@ -167,10 +167,9 @@ def run_path(args) -> dict:
     trainable = sum(p.numel() for p in params)
     optimizer = make_optimizer(torch, params, args.optimizer, device)
     peft_model.train()
-    moekit_loss = args.path.startswith("moekit")
-    loss_fn = partial(_moekit_eager_loss if moekit_loss else _model_loss, torch, peft_model, device)
+    loss_fn = partial(_moekit_eager_loss if args.path.startswith("moekit") else _model_loss, torch, peft_model, device)
     captured = None
-    if args.path in ("moekit", "moekit-offload") and moekit_loss and device.type == "cuda":
+    if args.path in ("moekit", "moekit-offload") and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep
         from moekit.finetune.offload import CheckpointInputOffload
         from moekit.finetune.quantize import enable_checkpointing

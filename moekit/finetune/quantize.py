@@ -241,11 +241,16 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) 
     return model
 
 
+def checkpointing_kwargs(preserve_rng_state: bool = True) -> dict:
+    """torch.utils.checkpoint's arguments for moekit: non-reentrant. preserve_rng_state=False: the CUDA RNG state is
+    not saved and restored around a recomputation (it cannot be during CUDA graph capture); exact as long as nothing
+    in a checkpointed layer draws random numbers."""
+    return {"use_reentrant": False} if preserve_rng_state else {"use_reentrant": False, "preserve_rng_state": False}
+
+
 def enable_checkpointing(model: nn.Module, preserve_rng_state: bool = True) -> None:
-    """Non-reentrant gradient checkpointing on `model`. preserve_rng_state=False: the CUDA RNG state is not saved
-    and restored around a recomputation (it cannot be during CUDA graph capture); exact as long as nothing in a
-    checkpointed layer draws random numbers."""
-    kwargs = {"use_reentrant": False} if preserve_rng_state else {"use_reentrant": False, "preserve_rng_state": False}
+    """Gradient checkpointing on `model` with `checkpointing_kwargs(preserve_rng_state)`."""
+    kwargs = checkpointing_kwargs(preserve_rng_state)
     # transformers >= 5.23 renamed it; the GPU image's 5.17 only has the old name
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

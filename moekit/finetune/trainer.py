@@ -384,13 +384,13 @@ def _load_teacher(path: Path, compute_dtype, device_map, options: FinetuneOption
 
 
 def _checkpointing_args(config_class, enabled: bool, cuda_graphs: bool = False) -> dict:
+    from moekit.finetune.quantize import checkpointing_kwargs
+
     # transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing* (the old names warn); 5.17 has only the old
     fields = {field.name for field in dataclasses.fields(config_class)}
     prefix = "activation" if "activation_checkpointing" in fields else "gradient"
-    kwargs = {"use_reentrant": False}
-    if cuda_graphs:  # the CUDA RNG state cannot be saved during capture; nothing random runs (cuda_graphs_refusal)
-        kwargs["preserve_rng_state"] = False
-    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": kwargs}
+    # the CUDA RNG state cannot be saved during capture; nothing random runs (cuda_graphs_refusal)
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": checkpointing_kwargs(preserve_rng_state=not cuda_graphs)}
 
 
 def cuda_graphs_refusal(model, options: FinetuneOptions, teacher, device: torch.device) -> str | None:
@@ -846,27 +846,28 @@ def _packed_rows(collate):
 
 
 def broadcast_parameters(params) -> None:
-    """Rank 0's values of `params` on every process, in one broadcast of one flat buffer."""
+    """Rank 0's values of `params` on every process, in one broadcast."""
     import torch.distributed as dist
 
-    flat = torch.cat([param.detach().reshape(-1) for param in params])
-    dist.broadcast(flat, src=0)
-    with torch.no_grad():
-        torch._foreach_copy_(params, [part.view_as(param) for part, param in zip(flat.split([param.numel() for param in params]), params)])
+    _through_one_buffer([param.detach() for param in params], lambda flat: dist.broadcast(flat, src=0))
 
 
 def average_gradients(params) -> None:
     """What DDP's hooks do at the end of an accumulation cycle, for steps it did not see (replayed from a CUDA graph):
-    every gradient averaged over the processes, in one all-reduce of one flat buffer."""
+    every gradient averaged over the processes, in one all-reduce."""
     import torch.distributed as dist
 
     for param in params:  # a parameter no gradient reached here may have one elsewhere: every process sends all
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-    grads = [param.grad for param in params]
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-    torch._foreach_copy_(grads, [part.view_as(grad) for part, grad in zip(flat.split([grad.numel() for grad in grads]), grads)])
+    _through_one_buffer([param.grad for param in params], lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.AVG))
+
+
+def _through_one_buffer(tensors: list[torch.Tensor], collective) -> None:
+    """Run `collective` (in place) on the concatenation of `tensors` and write the result back into them."""
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    collective(flat)
+    torch._foreach_copy_(tensors, [part.view_as(tensor) for part, tensor in zip(flat.split([tensor.numel() for tensor in tensors]), tensors)])
 
 
 def trainables_to_float32(model) -> None:
