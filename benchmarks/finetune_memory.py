@@ -24,6 +24,8 @@ attention + all experts with gradient checkpointing and bf16 autocast:
 - moekit-sliced-dequant (--paths): projections dequantized in row slices of at most 256 MiB (the default: 1 GiB);
 - moekit-eager-swiglu (--paths): SiLU(gate) * up in eager torch instead of the fused Triton kernels;
 - moekit-compiled (--paths): every decoder layer compiled with torch.compile (a trial of regional compilation);
+- moekit-lora-apart (--paths): moekit (replayed) with every expert LoRA product computed and added apart, instead of
+  folded into the frozen GEMM where that pays (`ExpertBlock.fold_lora`);
 - moekit-offload (--paths): moekit with the checkpointed layers' inputs in pinned CPU memory (`--offload-activations`),
   replayed from the CUDA graph like moekit.
 The other moekit-... variants run eagerly (no CUDA graph), to compare with moekit-eager.
@@ -169,7 +171,9 @@ def run_path(args) -> dict:
     peft_model.train()
     loss_fn = partial(_moekit_eager_loss if args.path.startswith("moekit") else _model_loss, torch, peft_model, device)
     captured = None
-    if args.path in ("moekit", "moekit-offload") and device.type == "cuda":
+    if args.path == "moekit-lora-apart":  # what folding LoRA into the frozen GEMM buys
+        ExpertBlock.fold_lora = False
+    if args.path in ("moekit", "moekit-offload", "moekit-lora-apart") and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep
         from moekit.finetune.offload import CheckpointInputOffload
         from moekit.finetune.quantize import enable_checkpointing

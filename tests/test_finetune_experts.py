@@ -86,11 +86,15 @@ def run(block, router, hidden, forward):
 @pytest.mark.parametrize("family", ["mixtral", "phixtral"])
 @pytest.mark.parametrize("bits", [4, 8, 16])
 @pytest.mark.parametrize("sliced", [False, True], ids=["whole", "row-slices"])
-def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dtype, family, bits, sliced, monkeypatch):
+@pytest.mark.parametrize("fold", [False, True], ids=["lora-apart", "lora-folded"])
+def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dtype, family, bits, sliced, fold, monkeypatch):
     if sliced:  # every quantized projection dequantized 64 rows at a time
         monkeypatch.setattr(experts_module, "DEQUANTIZED_SLICE_BYTES", 1)
+    folded = []  # projections that ran as one GEMM with their LoRA
+    monkeypatch.setattr(experts_module._FoldedLoRAExpertLinear, "forward", _recording(experts_module._FoldedLoRAExpertLinear.forward, folded))
     torch.manual_seed(0)
     block = make_block(family, bits, device, dtype, experts=[0, 2, 3])
+    block.fold_lora = fold
     first = block.storage(block.projections[0])
     assert len(row_slices(first, dtype)) == (first.shape[1] // 64 + (first.shape[1] % 64 > 0) if sliced and bits != 16 else 1)
     router = nn.Linear(HIDDEN, EXPERTS, bias=False, device=device, dtype=dtype)
@@ -99,6 +103,7 @@ def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dty
     block.path_counts.clear()
     loss, grads = run(block, router, hidden, lambda b, *args: b(*args))
     assert path_counts(block) == {"grouped": 1, "per_expert": 0}, "the grouped path did not run"
+    assert len(folded) == (2 if fold else 0)
     ref_loss, ref_grads = run(block, router, hidden, reference_forward)
     # bf16: outputs and gradients rounded to 8 bits of mantissa (grouped GEMMs accumulate in fp32); a wrong
     # expert, offset or LoRA slice gives differences of order 1
@@ -119,6 +124,37 @@ def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dty
     fallback_loss, fallback_grads = run(block, router, hidden, lambda b, *args: b(*args))
     assert block.path_counts["per_expert"] == 1
     torch.testing.assert_close(fallback_loss, loss, **tol)
+
+
+def _recording(forward, calls: list):
+    def recorded(ctx, *args):
+        calls.append(args[-2])  # the storage
+        return forward(ctx, *args)
+
+    return staticmethod(recorded)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-expert"])
+def test_folded_lora_gives_an_expert_without_tokens_zero_gradients(grouped):
+    """A LoRA folded into the frozen GEMM gets its B gradient from a grouped weight-gradient GEMM: an expert that no
+    token chose must get exactly zero there, and the rest what the separate LoRA product gives."""
+    torch.manual_seed(0)
+    block = make_block("mixtral", 4, "cpu", torch.float32)
+    block.grouped = grouped
+    hidden = torch.randn(TOKENS, HIDDEN)
+    top_k_index = torch.stack([torch.randint(0, 2, (TOKENS,)), torch.full((TOKENS,), 2)], dim=1)  # expert 3 never chosen
+    top_k_weights = torch.full((TOKENS, TOP_K), 0.5)
+    grads = {}
+    for fold in (False, True):
+        block.fold_lora = fold
+        x = hidden.clone().requires_grad_(True)
+        loss = (block(x, top_k_index, top_k_weights) ** 2).mean()
+        params = [x] + [p for n, p in block.named_parameters() if "lora_" in n]
+        grads[fold] = torch.autograd.grad(loss, params)
+    grad_b = grads[True][[n for n, p in block.named_parameters() if "lora_" in n].index("lora_B_gate_up_proj") + 1]
+    assert torch.count_nonzero(grad_b[3]) == 0 and torch.count_nonzero(grad_b[0]) > 0
+    for apart, folded in zip(grads[False], grads[True]):
+        torch.testing.assert_close(folded, apart, rtol=1e-4, atol=1e-6)
 
 
 def test_row_slices_cover_the_projection_in_aligned_pieces_within_the_budget():
@@ -240,6 +276,24 @@ def test_the_fused_nf4_kernel_dequantizes_row_ranges_bit_for_bit(rows):
     storage = NF4Storage(torch.randn(shape), torch.bfloat16, torch.uint8, "cuda")
     whole = storage.dequantize()
     assert torch.equal(storage.dequantize(rows=rows), whole[:, rows[0] : rows[1]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [None, (64, 192)])
+def test_the_fused_nf4_kernel_writes_the_first_columns_of_a_wider_tensor_bit_for_bit(rows):
+    """What the folded LoRA GEMM dequantizes into: [W | 16 other columns], the other columns untouched."""
+    from moekit.finetune.expert_storage import NF4Storage
+
+    torch.manual_seed(0)
+    shape = (3, 200, 4096 + 64)
+    storage = NF4Storage(torch.randn(shape), torch.bfloat16, torch.uint8, "cuda")
+    assert storage.dequantizes_into_strided(storage.weight.device)
+    expected = storage.dequantize(rows=rows)
+    wide = torch.full((3, expected.shape[1], shape[2] + 16), 7.0, dtype=torch.bfloat16, device="cuda")
+    storage.dequantize_into(wide[:, :, : shape[2]], rows=rows)
+    assert torch.equal(wide[:, :, : shape[2]], expected)
+    assert bool((wide[:, :, shape[2] :] == 7).all())
 
 
 @pytest.mark.gpu

@@ -43,6 +43,14 @@ class ExpertStorage(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize_into(self, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Write `dequantize(out.dtype, rows)` into `out`, which may be the first columns of a wider tensor."""
+        out.copy_(self.dequantize(out.dtype, rows))
+
+    def dequantizes_into_strided(self, device: torch.device) -> bool:
+        """Whether `dequantize_into` writes a wider tensor's columns directly (else it dequantizes, then copies)."""
+        return False
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -98,17 +106,33 @@ class NF4Storage(ExpertStorage):
             quant_type="nf4", dtype=dtype, offset=self.offset, state2=nested,
         )  # fmt: skip
 
+    def _packed(self) -> torch.Tensor:
+        # whatever tensor holds the bytes now (a Parameter, or FSDP's view of its flat parameter), read as bytes
+        return self.weight.reshape(-1).view(torch.uint8).unsqueeze(1)  # (bytes, 1), bitsandbytes' own layout
+
+    def _kernel(self, packed: torch.Tensor, rows, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        return nf4_kernel.dequantize_nf4(
+            packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.code, blocksize=NF4_BLOCKSIZE,
+            nested_blocksize=self.nested_blocksize, shape=self.shape, rows=rows, dtype=dtype, out=out,
+        )  # fmt: skip
+
+    def dequantizes_into_strided(self, device):
+        return self.use_triton_kernel and device.type == "cuda" and nf4_kernel.triton is not None
+
+    def dequantize_into(self, out, rows=None):
+        packed = self._packed()
+        if self.use_triton_kernel and nf4_kernel.available(packed):
+            self._kernel(packed, rows, out.dtype, out)  # straight into the strided rows, no copy
+        else:
+            super().dequantize_into(out, rows)
+
     def dequantize(self, dtype=None, rows=None):
         import bitsandbytes as bnb
 
         dtype = dtype or self.compute_dtype
-        # whatever tensor holds the bytes now (a Parameter, or FSDP's view of its flat parameter), read as bytes
-        packed = self.weight.reshape(-1).view(torch.uint8).unsqueeze(1)  # (bytes, 1), bitsandbytes' own layout
+        packed = self._packed()
         if self.use_triton_kernel and nf4_kernel.available(packed):
-            return nf4_kernel.dequantize_nf4(
-                packed, self.absmax, self.nested_absmax, self.nested_code, self.offset, self.code, blocksize=NF4_BLOCKSIZE,
-                nested_blocksize=self.nested_blocksize, shape=self.shape, rows=rows, dtype=dtype,
-            )  # fmt: skip
+            return self._kernel(packed, rows, dtype)
         # flat: bitsandbytes 0.50's CPU kernel reads a 2-D/3-D shape whose last dimension is not a multiple of the
         # block size wrongly (the packed bytes are the same either way); a row range is cut from the whole
         weight = bnb.functional.dequantize_4bit(packed, self.quant_state(dtype)).view(self.shape)

@@ -111,11 +111,67 @@ class _FrozenExpertLinear(torch.autograd.Function):
         return grad_input, None, None, None
 
 
+def _grouped_weight_grad(grad_output: torch.Tensor, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """(experts, out, in): per expert e, grad_output_e^T @ inputs_e, the gradient of W_e in inputs @ W_e^T."""
+    if grouped:
+        return F.grouped_mm(grad_output.t(), inputs, offs=offsets)
+    grads, start = [], 0
+    for end in offsets.tolist():
+        grads.append(grad_output[start:end].t() @ inputs[start:end])
+        start = end
+    return torch.stack(grads)
+
+
+def _folded_weight(storage: ExpertStorage, scaled_b: torch.Tensor, rows: tuple[int, int], whole: bool) -> torch.Tensor:
+    """[W_e | s B_e] for rows [start, end) of every expert: (experts, end - start, in + r)."""
+    experts, _, in_features = storage.shape
+    start, end = rows
+    weight = scaled_b.new_empty(experts, end - start, in_features + scaled_b.shape[-1])
+    storage.dequantize_into(weight[:, :, :in_features], rows=None if whole else rows)
+    weight[:, :, in_features:] = scaled_b[:, start:end]
+    return weight
+
+
+class _FoldedLoRAExpertLinear(torch.autograd.Function):
+    """x W_e^T + h (s B_e)^T per expert group, as one grouped GEMM [x | h] @ [W_e | s B_e]^T, with h = x A_e^T (computed
+    by the caller). The separate LoRA product would write a (rows, out) tensor and add it to the frozen one; this
+    copies the (rows, in) input instead, so it pays where out > in (gate_up, fc1). W frozen, dequantized again in the
+    backward pass, in row slices as `_FrozenExpertLinear`."""
+
+    @staticmethod
+    def forward(ctx, inputs, hidden, scaled_b, offsets, storage: ExpertStorage, grouped: bool):
+        # inputs (rows, in); hidden (rows, r); scaled_b (experts, out, r) = alpha / r * B in the compute dtype
+        ctx.storage, ctx.grouped = storage, grouped
+        ctx.save_for_backward(offsets, hidden, scaled_b)
+        slices = ctx.slices = row_slices(storage, inputs.dtype)
+        stacked = torch.cat([inputs, hidden], dim=1)  # (rows, in + r)
+        if len(slices) == 1:
+            return _grouped_mm(stacked, _folded_weight(storage, scaled_b, slices[0], True).transpose(1, 2), offsets, grouped)
+        outputs = inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out)
+        for rows in slices:
+            outputs[:, rows[0] : rows[1]] = _grouped_mm(stacked, _folded_weight(storage, scaled_b, rows, False).transpose(1, 2), offsets, grouped)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        offsets, hidden, scaled_b = ctx.saved_tensors
+        in_features = ctx.storage.shape[2]
+        grad_stacked = None  # (rows, in + r): d inputs and d hidden in one GEMM per row slice
+        for start, end in ctx.slices:
+            weight = _folded_weight(ctx.storage, scaled_b, (start, end), len(ctx.slices) == 1)
+            part = _grouped_mm(grad_output[:, start:end].contiguous(), weight, offsets, ctx.grouped)
+            grad_stacked = part if grad_stacked is None else grad_stacked.add_(part)
+        grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped) if ctx.needs_input_grad[2] else None
+        return grad_stacked[:, :in_features], grad_stacked[:, in_features:].contiguous(), grad_scaled_b, None, None, None
+
+
 class ExpertBlock(nn.Module):
     """All experts of one MoE layer: frozen quantized projections, optional biases, optional stacked LoRA."""
 
     # None: the grouped path wherever torch has a grouped kernel for the tensors; True / False force one path
     grouped: bool | None = None
+    # None: LoRA folded into the frozen GEMM (`_FoldedLoRAExpertLinear`) where that pays; True / False force it
+    fold_lora: bool | None = None
 
     def __init__(self, family: str, storages: dict[str, ExpertStorage], biases: dict[str, torch.Tensor], act_fn: nn.Module):
         super().__init__()
@@ -234,27 +290,39 @@ class ExpertBlock(nn.Module):
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_index, expert_outputs.to(final.dtype))
 
+    def _folds_lora(self, storage: ExpertStorage) -> bool:
+        if self.fold_lora is not None:
+            return self.fold_lora
+        # where the (rows, in) input copy is smaller than the (rows, out) product it saves, and the dequantization
+        # writes straight into the wider weight
+        _, out_features, in_features = storage.shape
+        return out_features > in_features and storage.dequantizes_into_strided(storage.weight.device)
+
     def _project(self, name: str, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool, row_experts) -> torch.Tensor:
-        outputs = _FrozenExpertLinear.apply(inputs, offsets, self.storage(name), grouped)  # (rows, out)
+        storage = self.storage(name)
+        if self.has_lora:
+            lora_a, lora_b = self.lora_factors(name)
+            # LoRA in the inputs' dtype: the float32 parameters are cast once per call (small), never copied per expert;
+            # the scaling goes into the small B rather than over the (rows, out) product
+            dtype = inputs.dtype
+            lora_a, lora_b = lora_a.to(dtype), (lora_b * self.lora_scaling).to(dtype)
+            align = GROUPED_ALIGNMENT_BYTES // inputs.element_size()
+            if grouped and self.lora_r % align:
+                pad = align - self.lora_r % align  # zero ranks: grouped GEMMs need 16-byte aligned rows
+                lora_a, lora_b = F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
+            lora_inputs = F.dropout(inputs, self.lora_dropout) if self.training and self.lora_dropout > 0 else inputs
+            hidden = _grouped_mm(lora_inputs, lora_a.transpose(1, 2), offsets, grouped)  # (rows, r)
+        if self.has_lora and self._folds_lora(storage):
+            outputs = _FoldedLoRAExpertLinear.apply(inputs, hidden, lora_b, offsets, storage, grouped)  # (rows, out)
+        else:
+            outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped)  # (rows, out)
+            if self.has_lora:
+                # in place: the frozen product is not saved for the backward pass
+                outputs = outputs.add_(_grouped_mm(hidden, lora_b.transpose(1, 2), offsets, grouped))
         bias = getattr(self, f"{name}_bias", None)
         if bias is not None:
             outputs = outputs + bias[row_experts].to(outputs.dtype)
-        if not self.has_lora:
-            return outputs
-        lora_a, lora_b = self.lora_factors(name)
-        # LoRA in the inputs' dtype: the float32 parameters are cast once per call (small), never copied per expert;
-        # the scaling goes into the small B rather than over the (rows, out) product
-        dtype = inputs.dtype
-        lora_a, lora_b = lora_a.to(dtype), (lora_b * self.lora_scaling).to(dtype)
-        align = GROUPED_ALIGNMENT_BYTES // inputs.element_size()
-        if grouped and self.lora_r % align:
-            pad = align - self.lora_r % align  # zero ranks: grouped GEMMs need 16-byte aligned rows
-            lora_a, lora_b = F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
-        if self.training and self.lora_dropout > 0:
-            inputs = F.dropout(inputs, self.lora_dropout)  # one dropped copy per projection input
-        hidden = _grouped_mm(inputs, lora_a.transpose(1, 2), offsets, grouped)  # (rows, r)
-        delta = _grouped_mm(hidden, lora_b.transpose(1, 2), offsets, grouped)  # (rows, out)
-        return outputs.add_(delta)  # in place: the frozen product is not saved for the backward pass
+        return outputs
 
     @torch.no_grad()
     def dequantized(self, name: str, dtype: torch.dtype | None = None, merge_lora: bool = False) -> torch.Tensor:

@@ -35,8 +35,9 @@ if triton is not None:
 
     @triton.jit
     def dequantize_nf4_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-                              slice_bytes, expert_bytes, start_bytes, programs_per_slice,
-                              BLOCK: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
+                              slice_bytes, expert_bytes, start_bytes, programs_per_slice, out_row_stride,
+                              BLOCK: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                              IN_FEATURES: tl.constexpr, STRIDED: tl.constexpr):  # fmt: skip
         # the same slice of every expert: output bytes [e * slice, (e + 1) * slice) come from expert e's bytes
         # [start, start + slice); a whole tensor is one slice of one expert. Each program stays inside one slice,
         # so the mapping is scalar arithmetic, not a 64-bit division per byte
@@ -55,7 +56,11 @@ if triton is not None:
         low = _mul_rn(tl.load(code_ptr + (packed & 15)), absmax)
         values = tl.reshape(tl.join(high, low), [2 * BLOCK])  # (2 * BLOCK,): high, low, high, low, ...
         out_local = 2 * first + tl.arange(0, 2 * BLOCK)  # (2 * BLOCK,) weights of the slice
-        out_index = 2 * expert * slice_bytes + out_local
+        if STRIDED:  # rows of IN_FEATURES weights, out_row_stride apart (the first columns of a wider tensor)
+            row = expert * (2 * slice_bytes // IN_FEATURES) + out_local // IN_FEATURES
+            out_index = row * out_row_stride + out_local % IN_FEATURES
+        else:
+            out_index = 2 * expert * slice_bytes + out_local
         tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_local < 2 * slice_bytes)
 
 
@@ -65,14 +70,21 @@ def available(packed: torch.Tensor) -> bool:
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor,
                    offset: torch.Tensor, code: torch.Tensor, *, blocksize: int, nested_blocksize: int,
-                   shape: tuple[int, int, int], rows: tuple[int, int] | None = None, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                   shape: tuple[int, int, int], rows: tuple[int, int] | None = None, dtype: torch.dtype,
+                   out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The (experts, out, in) weight `shape` in `dtype` from bitsandbytes' NF4 bytes `packed` (numel / 2 uint8) with
-    double-quantized absmax; only rows [start, end) of every expert if `rows` is given: (experts, end - start, in)."""
+    double-quantized absmax; only rows [start, end) of every expert if `rows` is given: (experts, end - start, in).
+    `out`: write into this (experts, end - start, in) tensor instead, whose rows may be further apart than `in`
+    (the first `in` columns of a wider tensor)."""
     experts, out_features, in_features = shape
     start, end = rows or (0, out_features)
     if not 0 <= start < end <= out_features or (start * in_features) % blocksize:
         raise ValueError(f"rows {start}:{end} of {shape} do not start on a block of {blocksize} weights")
-    out = torch.empty((experts, end - start, in_features), dtype=dtype, device=packed.device)
+    if out is None:
+        out = torch.empty((experts, end - start, in_features), dtype=dtype, device=packed.device)
+    elif out.shape != (experts, end - start, in_features) or out.stride()[1:] != (out.stride(1), 1) or out.stride(0) != (end - start) * out.stride(1):
+        raise ValueError(f"out {tuple(out.shape)} with strides {out.stride()} is not (experts, rows, in) rows of a (experts, rows, any) tensor")
+    strided = out.stride(1) != in_features
     if rows is None:  # all of it: one slice of one expert
         slices, slice_bytes, expert_bytes = 1, out.numel() // 2, 0
     else:
@@ -80,7 +92,8 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: to
     programs_per_slice = triton.cdiv(slice_bytes, BYTES_PER_PROGRAM)
     dequantize_nf4_kernel[(slices * programs_per_slice,)](
         packed, absmax, nested_absmax, nested_code, offset.reshape(1).float(), code, out,
-        slice_bytes, expert_bytes, start * in_features // 2, programs_per_slice,
+        slice_bytes, expert_bytes, start * in_features // 2, programs_per_slice, out.stride(1),
         BLOCK=BYTES_PER_PROGRAM, BYTES_PER_ABSMAX=blocksize // 2, NESTED_BLOCKSIZE=nested_blocksize,
+        IN_FEATURES=in_features, STRIDED=strided,
     )  # fmt: skip
     return out
