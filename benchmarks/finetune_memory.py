@@ -26,6 +26,7 @@ attention + all experts with gradient checkpointing and bf16 autocast:
 - moekit-compiled (--paths): every decoder layer compiled with torch.compile (a trial of regional compilation);
 - moekit-lora-apart (--paths): moekit (replayed) with every expert LoRA product computed and added apart, instead of
   folded into the frozen GEMM where that pays (`ExpertBlock.fold_lora`);
+- moekit-unfused-norms (--paths): moekit (replayed) with transformers' own RMSNorm instead of the fused Triton kernels;
 - moekit-offload (--paths): moekit with the checkpointed layers' inputs in pinned CPU memory (`--offload-activations`),
   replayed from the CUDA graph like moekit.
 The other moekit-... variants run eagerly (no CUDA graph), to compare with moekit-eager.
@@ -173,7 +174,11 @@ def run_path(args) -> dict:
     captured = None
     if args.path == "moekit-lora-apart":  # what folding LoRA into the frozen GEMM buys
         ExpertBlock.fold_lora = False
-    if args.path in ("moekit", "moekit-offload", "moekit-lora-apart") and device.type == "cuda":
+    if args.path == "moekit-unfused-norms":  # what the fused RMSNorm kernels buy
+        from moekit.finetune import rmsnorm_kernel
+
+        rmsnorm_kernel.use_triton_kernel = False
+    if args.path in ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms") and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep
         from moekit.finetune.offload import CheckpointInputOffload
         from moekit.finetune.quantize import enable_checkpointing

@@ -24,6 +24,7 @@ from moekit.errors import TargetError, TrainingError
 from moekit.finetune.experts import ExpertBlock
 from moekit.finetune.options import TrainingOptions
 from moekit.finetune.quantize import prepare_for_training
+from moekit.finetune.rmsnorm_kernel import fuse_rms_norms
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -213,6 +214,7 @@ def apply_targets(model: nn.Module, options: TrainingOptions):
             routers.append(layer.router)
 
     prepare_for_training(_base_model(model), options.gradient_checkpointing)
+    fuse_rms_norms(_base_model(model))  # one Triton launch each way on CUDA
     wrapped = model
     if lora_modules:
         from peft import LoraConfig, get_peft_model
