@@ -71,24 +71,25 @@ def _launch_config(columns: int) -> tuple[int, int]:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, eps):
-        columns = hidden.shape[-1]
-        x = hidden.reshape(-1, columns).contiguous()  # (rows, columns); a view of `hidden` when it is contiguous
+        # kept in its own shape (the input itself when contiguous): saved-tensor hooks such as --offload-activations'
+        # recognise (batch, seq, hidden) activations by their shape
+        x = hidden.contiguous()
+        columns, rows = x.shape[-1], x.numel() // x.shape[-1]
         out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, hidden.dtype), device=x.device)
-        rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block, warps = _launch_config(columns)
-        forward_kernel[(x.shape[0],)](x, weight, out, rstd, columns, eps, BLOCK=block, num_warps=warps)
+        forward_kernel[(rows,)](x, weight, out, rstd, columns, eps, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.input_shape = hidden.shape
-        return out.view(hidden.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, rstd = ctx.saved_tensors
-        grad_out = grad_out.reshape(x.shape).contiguous()
+        grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
-        block, warps = _launch_config(x.shape[1])
-        backward_kernel[(x.shape[0],)](grad_out, x, weight, rstd, grad_x, x.shape[1], BLOCK=block, num_warps=warps)
-        return grad_x.view(ctx.input_shape), None, None
+        block, warps = _launch_config(x.shape[-1])
+        backward_kernel[(rstd.shape[0],)](grad_out, x, weight, rstd, grad_x, x.shape[-1], BLOCK=block, num_warps=warps)
+        return grad_x, None, None
 
 
 def _fusable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
