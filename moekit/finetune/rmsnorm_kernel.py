@@ -34,7 +34,7 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
-    def forward_kernel(x_ptr, weight_ptr, out_ptr, rstd_ptr, columns, eps, BLOCK: tl.constexpr):
+    def rms_norm_forward_kernel(x_ptr, weight_ptr, out_ptr, rstd_ptr, columns, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offsets = tl.arange(0, BLOCK)  # (BLOCK,) columns of one row
         mask = offsets < columns
@@ -47,7 +47,7 @@ if triton is not None:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def backward_kernel(grad_out_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_ptr, columns, BLOCK: tl.constexpr):
+    def rms_norm_backward_kernel(grad_out_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_ptr, columns, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offsets = tl.arange(0, BLOCK)
         mask = offsets < columns
@@ -78,7 +78,7 @@ class _RMSNorm(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, hidden.dtype), device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block, warps = _launch_config(columns)
-        forward_kernel[(rows,)](x, weight, out, rstd, columns, eps, BLOCK=block, num_warps=warps)
+        rms_norm_forward_kernel[(rows,)](x, weight, out, rstd, columns, eps, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
@@ -88,7 +88,7 @@ class _RMSNorm(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x)
         block, warps = _launch_config(x.shape[-1])
-        backward_kernel[(rstd.shape[0],)](grad_out, x, weight, rstd, grad_x, x.shape[-1], BLOCK=block, num_warps=warps)
+        rms_norm_backward_kernel[(rstd.shape[0],)](grad_out, x, weight, rstd, grad_x, x.shape[-1], BLOCK=block, num_warps=warps)
         return grad_x, None, None
 
 
