@@ -14,6 +14,8 @@ slice is ever held in 16 bits.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 BYTES_PER_PROGRAM = 2048  # 4,096 weights per program
@@ -25,13 +27,22 @@ try:  # module-level kernels: torch.compile re-compiles user Triton kernels and 
 except ImportError:
     triton = None
 
-if triton is not None:
+if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
+
+    @triton.jit
+    def _mul_rn(a, b):
+        return a * b  # Triton's CPU interpreter (the CI's kernel tests) computes with numpy, which never contracts
+
+elif triton is not None:
 
     @triton.jit
     def _mul_rn(a, b):
         # an explicit round-to-nearest product: the compiler may not contract it with the following add into an
         # FMA, which would round differently from bitsandbytes' separate kernels
         return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+
+if triton is not None:
 
     @triton.jit
     def dequantize_nf4_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
