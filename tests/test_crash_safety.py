@@ -424,18 +424,39 @@ def test_kill_mid_checkpoint_resumes_from_the_newest_complete_one(moe, chat_data
     assert not partial_dir(out).exists()
 
 
+# In the child: each training step waits until the file named by argv[2] exists, so that the run holds
+# OUT for as long as the test needs, however slowly the other process starts.
+HELD_IN_TRAINING = """
+import json, os, sys, time
+from moekit.finetune import trainer
+from moekit.cli import main
+
+real = trainer.MoeSFTTrainer.training_step
+def training_step(self, *args, **kwargs):
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    return real(self, *args, **kwargs)
+trainer.MoeSFTTrainer.training_step = training_step
+main(json.loads(sys.argv[1]))
+"""
+
+
 def test_two_fine_tunes_started_together_into_one_out(moe, chat_data, tmp_path):
     """Both start at once: one trains, the other is refused naming it; the log holds one run's steps in order."""
-    out = tmp_path / "run"
-    args = finetune_args(moe, chat_data, out, steps=3, save_steps=100)
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "moekit", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
-    ]
-    results = [(process.pid, *finish(process, timeout=300)) for process in processes]
-    codes = sorted(code for _, code, _ in results)
-    assert codes[0] == 0 and codes[1] != 0, results
-    (winner, _, _), (loser, _, refusal) = sorted(results, key=lambda result: result[1])
-    assert f"another moekit process (PID {winner})" in refusal and "Traceback" not in refusal, refusal
+    out, go_on = tmp_path / "run", tmp_path / "go-on"
+    args = json.dumps(finetune_args(moe, chat_data, out, steps=3, save_steps=100))
+    processes = [spawn(HELD_IN_TRAINING, args, str(go_on)) for _ in range(2)]
+    deadline = time.monotonic() + 300
+    while all(process.poll() is None for process in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ended = [process for process in processes if process.poll() is not None]
+    assert len(ended) == 1, "neither run ended while the other waited in training"
+    loser, winner = ended[0], next(process for process in processes if process is not ended[0])
+    code, refusal = finish(loser)
+    assert code != 0 and f"another moekit process (PID {winner.pid})" in refusal and "Traceback" not in refusal, refusal
+    go_on.touch()
+    code, stderr = finish(winner, timeout=300)
+    assert code == 0, stderr[-3000:]
     assert [r["step"] for r in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2, 3]
 
 
