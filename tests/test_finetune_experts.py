@@ -91,7 +91,7 @@ def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dty
     if sliced:  # every quantized projection dequantized 64 rows at a time
         monkeypatch.setattr(experts_module, "DEQUANTIZED_SLICE_BYTES", 1)
     folded = []  # projections that ran as one GEMM with their LoRA
-    monkeypatch.setattr(experts_module._FoldedLoRAExpertLinear, "forward", _recording(experts_module._FoldedLoRAExpertLinear.forward, folded))
+    monkeypatch.setattr(experts_module._FrozenExpertLinear, "forward", _recording(experts_module._FrozenExpertLinear.forward, folded))
     torch.manual_seed(0)
     block = make_block(family, bits, device, dtype, experts=[0, 2, 3])
     block.fold_lora = fold
@@ -127,9 +127,10 @@ def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dty
 
 
 def _recording(forward, calls: list):
-    def recorded(ctx, *args):
-        calls.append(args[-2])  # the storage
-        return forward(ctx, *args)
+    def recorded(ctx, inputs, offsets, storage, grouped, hidden=None, scaled_b=None):
+        if hidden is not None:  # LoRA folded in
+            calls.append(storage)
+        return forward(ctx, inputs, offsets, storage, grouped, hidden, scaled_b)
 
     return staticmethod(recorded)
 
@@ -288,7 +289,7 @@ def test_the_fused_nf4_kernel_writes_the_first_columns_of_a_wider_tensor_bit_for
     torch.manual_seed(0)
     shape = (3, 200, 4096 + 64)
     storage = NF4Storage(torch.randn(shape), torch.bfloat16, torch.uint8, "cuda")
-    assert storage.dequantizes_into_strided(storage.weight.device)
+    assert storage.dequantizes_into_strided()
     expected = storage.dequantize(rows=rows)
     wide = torch.full((3, expected.shape[1], shape[2] + 16), 7.0, dtype=torch.bfloat16, device="cuda")
     storage.dequantize_into(wide[:, :, : shape[2]], rows=rows)

@@ -47,7 +47,7 @@ class ExpertStorage(nn.Module):
         """Write `dequantize(out.dtype, rows)` into `out`, which may be the first columns of a wider tensor."""
         out.copy_(self.dequantize(out.dtype, rows))
 
-    def dequantizes_into_strided(self, device: torch.device) -> bool:
+    def dequantizes_into_strided(self) -> bool:
         """Whether `dequantize_into` writes a wider tensor's columns directly (else it dequantizes, then copies)."""
         return False
 
@@ -116,13 +116,12 @@ class NF4Storage(ExpertStorage):
             nested_blocksize=self.nested_blocksize, shape=self.shape, rows=rows, dtype=dtype, out=out,
         )  # fmt: skip
 
-    def dequantizes_into_strided(self, device):
-        return self.use_triton_kernel and device.type == "cuda" and nf4_kernel.triton is not None
+    def dequantizes_into_strided(self):  # where the fused kernel runs
+        return self.use_triton_kernel and nf4_kernel.available(self.weight)
 
     def dequantize_into(self, out, rows=None):
-        packed = self._packed()
-        if self.use_triton_kernel and nf4_kernel.available(packed):
-            self._kernel(packed, rows, out.dtype, out)  # straight into the strided rows, no copy
+        if self.dequantizes_into_strided():
+            self._kernel(self._packed(), rows, out.dtype, out)  # straight into the strided rows, no copy
         else:
             super().dequantize_into(out, rows)
 
@@ -131,7 +130,7 @@ class NF4Storage(ExpertStorage):
 
         dtype = dtype or self.compute_dtype
         packed = self._packed()
-        if self.use_triton_kernel and nf4_kernel.available(packed):
+        if self.dequantizes_into_strided():  # the fused kernel
             return self._kernel(packed, rows, dtype)
         # flat: bitsandbytes 0.50's CPU kernel reads a 2-D/3-D shape whose last dimension is not a multiple of the
         # block size wrongly (the packed bytes are the same either way); a row range is cut from the whole

@@ -81,36 +81,6 @@ def _is_silu(act_fn: nn.Module) -> bool:
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
 
 
-class _FrozenExpertLinear(torch.autograd.Function):
-    """inputs @ W_e^T per expert group, W frozen: dequantized again in the backward pass instead of kept, in row
-    slices (`row_slices`) where the whole projection would be large."""
-
-    @staticmethod
-    def forward(ctx, inputs, offsets, storage: ExpertStorage, grouped: bool):
-        ctx.storage, ctx.grouped = storage, grouped
-        ctx.save_for_backward(offsets)
-        slices = ctx.slices = row_slices(storage, inputs.dtype)
-        if len(slices) == 1:
-            return _grouped_mm(inputs, storage.dequantize(inputs.dtype).transpose(1, 2), offsets, grouped)
-        outputs = inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out)
-        for start, end in slices:
-            weight = storage.dequantize(inputs.dtype, rows=(start, end))  # (experts, end - start, in)
-            outputs[:, start:end] = _grouped_mm(inputs, weight.transpose(1, 2), offsets, grouped)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (offsets,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad_input = None
-        for start, end in ctx.slices:  # d inputs = sum over row slices of grad_output[:, slice] @ W[:, slice]
-            weight = ctx.storage.dequantize(grad_output.dtype, rows=None if len(ctx.slices) == 1 else (start, end))
-            part = _grouped_mm(grad_output[:, start:end].contiguous(), weight, offsets, ctx.grouped)
-            grad_input = part if grad_input is None else grad_input.add_(part)
-        return grad_input, None, None, None
-
-
 def _grouped_weight_grad(grad_output: torch.Tensor, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
     """(experts, out, in): per expert e, grad_output_e^T @ inputs_e, the gradient of W_e in inputs @ W_e^T."""
     if grouped:
@@ -122,47 +92,56 @@ def _grouped_weight_grad(grad_output: torch.Tensor, inputs: torch.Tensor, offset
     return torch.stack(grads)
 
 
-def _folded_weight(storage: ExpertStorage, scaled_b: torch.Tensor, rows: tuple[int, int], whole: bool) -> torch.Tensor:
-    """[W_e | s B_e] for rows [start, end) of every expert: (experts, end - start, in + r)."""
+def _frozen_weight(storage: ExpertStorage, scaled_b: torch.Tensor | None, rows: tuple[int, int], whole: bool, dtype: torch.dtype) -> torch.Tensor:
+    """W for rows [start, end) of every expert, (experts, end - start, in); with `scaled_b`, [W_e | s B_e]
+    (experts, end - start, in + r), W dequantized straight into the first columns."""
+    if scaled_b is None:
+        return storage.dequantize(dtype, rows=None if whole else rows)
     experts, _, in_features = storage.shape
     start, end = rows
-    weight = scaled_b.new_empty(experts, end - start, in_features + scaled_b.shape[-1])
+    weight = torch.empty(experts, end - start, in_features + scaled_b.shape[-1], dtype=dtype, device=scaled_b.device)
     storage.dequantize_into(weight[:, :, :in_features], rows=None if whole else rows)
     weight[:, :, in_features:] = scaled_b[:, start:end]
     return weight
 
 
-class _FoldedLoRAExpertLinear(torch.autograd.Function):
-    """x W_e^T + h (s B_e)^T per expert group, as one grouped GEMM [x | h] @ [W_e | s B_e]^T, with h = x A_e^T (computed
-    by the caller). The separate LoRA product would write a (rows, out) tensor and add it to the frozen one; this
-    copies the (rows, in) input instead, so it pays where out > in (gate_up, fc1). W frozen, dequantized again in the
-    backward pass, in row slices as `_FrozenExpertLinear`."""
+class _FrozenExpertLinear(torch.autograd.Function):
+    """inputs @ W_e^T per expert group, W frozen: dequantized again in the backward pass instead of kept, in row
+    slices (`row_slices`) where the whole projection would be large.
+
+    With `hidden` = x A_e^T and `scaled_b` = alpha / r * B_e, the LoRA up-projection is folded in: one grouped GEMM
+    [x | h] @ [W_e | s B_e]^T. The separate LoRA product would write a (rows, out) tensor and add it to the frozen
+    one; this copies the (rows, in) input instead, so it pays where out > in (gate_up, fc1)."""
 
     @staticmethod
-    def forward(ctx, inputs, hidden, scaled_b, offsets, storage: ExpertStorage, grouped: bool):
-        # inputs (rows, in); hidden (rows, r); scaled_b (experts, out, r) = alpha / r * B in the compute dtype
+    def forward(ctx, inputs, offsets, storage: ExpertStorage, grouped: bool, hidden=None, scaled_b=None):
+        # inputs (rows, in); hidden (rows, r); scaled_b (experts, out, r) in the compute dtype
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets, hidden, scaled_b)
         slices = ctx.slices = row_slices(storage, inputs.dtype)
-        stacked = torch.cat([inputs, hidden], dim=1)  # (rows, in + r)
+        stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
         if len(slices) == 1:
-            return _grouped_mm(stacked, _folded_weight(storage, scaled_b, slices[0], True).transpose(1, 2), offsets, grouped)
+            return _grouped_mm(stacked, _frozen_weight(storage, scaled_b, slices[0], True, inputs.dtype).transpose(1, 2), offsets, grouped)
         outputs = inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out)
         for rows in slices:
-            outputs[:, rows[0] : rows[1]] = _grouped_mm(stacked, _folded_weight(storage, scaled_b, rows, False).transpose(1, 2), offsets, grouped)
+            weight = _frozen_weight(storage, scaled_b, rows, False, inputs.dtype)  # (experts, end - start, in [+ r])
+            outputs[:, rows[0] : rows[1]] = _grouped_mm(stacked, weight.transpose(1, 2), offsets, grouped)
         return outputs
 
     @staticmethod
     def backward(ctx, grad_output):
         offsets, hidden, scaled_b = ctx.saved_tensors
+        grad_stacked = None  # (rows, in [+ r]): d inputs (and d hidden) = sum over row slices of grad_output[:, slice] @ W[:, slice]
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+            for start, end in ctx.slices:
+                weight = _frozen_weight(ctx.storage, scaled_b, (start, end), len(ctx.slices) == 1, grad_output.dtype)
+                part = _grouped_mm(grad_output[:, start:end].contiguous(), weight, offsets, ctx.grouped)
+                grad_stacked = part if grad_stacked is None else grad_stacked.add_(part)
+        if hidden is None:
+            return grad_stacked, None, None, None, None, None
+        grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped) if ctx.needs_input_grad[5] else None
         in_features = ctx.storage.shape[2]
-        grad_stacked = None  # (rows, in + r): d inputs and d hidden in one GEMM per row slice
-        for start, end in ctx.slices:
-            weight = _folded_weight(ctx.storage, scaled_b, (start, end), len(ctx.slices) == 1)
-            part = _grouped_mm(grad_output[:, start:end].contiguous(), weight, offsets, ctx.grouped)
-            grad_stacked = part if grad_stacked is None else grad_stacked.add_(part)
-        grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped) if ctx.needs_input_grad[2] else None
-        return grad_stacked[:, :in_features], grad_stacked[:, in_features:].contiguous(), grad_scaled_b, None, None, None
+        return grad_stacked[:, :in_features], None, None, None, grad_stacked[:, in_features:].contiguous(), grad_scaled_b
 
 
 class ExpertBlock(nn.Module):
@@ -170,7 +149,7 @@ class ExpertBlock(nn.Module):
 
     # None: the grouped path wherever torch has a grouped kernel for the tensors; True / False force one path
     grouped: bool | None = None
-    # None: LoRA folded into the frozen GEMM (`_FoldedLoRAExpertLinear`) where that pays; True / False force it
+    # None: LoRA folded into the frozen GEMM (`_FrozenExpertLinear` with hidden, scaled_b) where that pays; True / False force it
     fold_lora: bool | None = None
 
     def __init__(self, family: str, storages: dict[str, ExpertStorage], biases: dict[str, torch.Tensor], act_fn: nn.Module):
@@ -296,7 +275,7 @@ class ExpertBlock(nn.Module):
         # where the (rows, in) input copy is smaller than the (rows, out) product it saves, and the dequantization
         # writes straight into the wider weight
         _, out_features, in_features = storage.shape
-        return out_features > in_features and storage.dequantizes_into_strided(storage.weight.device)
+        return out_features > in_features and storage.dequantizes_into_strided()
 
     def _project(self, name: str, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool, row_experts) -> torch.Tensor:
         storage = self.storage(name)
@@ -313,7 +292,7 @@ class ExpertBlock(nn.Module):
             lora_inputs = F.dropout(inputs, self.lora_dropout) if self.training and self.lora_dropout > 0 else inputs
             hidden = _grouped_mm(lora_inputs, lora_a.transpose(1, 2), offsets, grouped)  # (rows, r)
         if self.has_lora and self._folds_lora(storage):
-            outputs = _FoldedLoRAExpertLinear.apply(inputs, hidden, lora_b, offsets, storage, grouped)  # (rows, out)
+            outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped, hidden, lora_b)  # (rows, out)
         else:
             outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped)  # (rows, out)
             if self.has_lora:

@@ -93,7 +93,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: to
         raise ValueError(f"rows {start}:{end} of {shape} do not start on a block of {blocksize} weights")
     if out is None:
         out = torch.empty((experts, end - start, in_features), dtype=dtype, device=packed.device)
-    elif out.shape != (experts, end - start, in_features) or out.stride()[1:] != (out.stride(1), 1) or out.stride(0) != (end - start) * out.stride(1):
+    elif out.shape != (experts, end - start, in_features) or out.stride(2) != 1 or out.stride(0) != (end - start) * out.stride(1):
         raise ValueError(f"out {tuple(out.shape)} with strides {out.stride()} is not (experts, rows, in) rows of a (experts, rows, any) tensor")
     strided = out.stride(1) != in_features
     if rows is None:  # all of it: one slice of one expert
