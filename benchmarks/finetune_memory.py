@@ -27,6 +27,8 @@ attention + all experts with gradient checkpointing and bf16 autocast:
 - moekit-lora-apart (--paths): moekit (replayed) with every expert LoRA product computed and added apart, instead of
   folded into the frozen GEMM where that pays (`ExpertBlock.fold_lora`);
 - moekit-unfused-norms (--paths): moekit (replayed) with transformers' own RMSNorm instead of the fused Triton kernels;
+- moekit-nf4-gemm (--paths): moekit (replayed) with grouped GEMMs that read the NF4 expert weights themselves
+  (`nf4_grouped_mm`) instead of dequantizing each projection and calling torch's grouped GEMM (LoRA then apart);
 - moekit-offload (--paths): moekit with the checkpointed layers' inputs in pinned CPU memory (`--offload-activations`),
   replayed from the CUDA graph like moekit.
 The other moekit-... variants run eagerly (no CUDA graph), to compare with moekit-eager.
@@ -178,7 +180,11 @@ def run_path(args) -> dict:
         from moekit.finetune import rmsnorm_kernel
 
         rmsnorm_kernel.use_triton_kernel = False
-    if args.path in ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms") and device.type == "cuda":
+    if args.path == "moekit-nf4-gemm":  # no dequantized expert weight: the GEMM reads the 4-bit bytes
+        from moekit.finetune.expert_storage import NF4Storage
+
+        NF4Storage.use_grouped_mm_kernel = True
+    if args.path in ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms", "moekit-nf4-gemm") and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep
         from moekit.finetune.offload import CheckpointInputOffload
         from moekit.finetune.quantize import enable_checkpointing

@@ -73,3 +73,83 @@ def rms_norm() -> None:
         torch.testing.assert_close(fused, eager, rtol=2 * eps, atol=1e-6)
         scale = eager_grad.abs().max()
         torch.testing.assert_close(fused_grad / scale, eager_grad / scale, rtol=4 * eps, atol=4 * eps)
+
+
+def nf4_grouped_mm() -> None:
+    """The grouped GEMM that reads NF4 weights itself equals bitsandbytes' dequantized weights times the rows of each
+    expert, both ways (x @ W_e^T and dy @ W_e); an expert without rows and row tiles that end mid-expert included."""
+    from moekit.finetune.expert_storage import NF4Storage
+    from moekit.finetune.nf4_grouped_mm import TileConfig, nf4_grouped_mm
+
+    torch.manual_seed(0)
+    config = TileConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2)
+    for shape, counts, dtype in [((3, 128, 192), [21, 0, 16], torch.float32), ((2, 192, 64), [5, 40], torch.float16)]:
+        storage = NF4Storage(torch.randn(shape) * torch.rand(shape[0], 1, 1) * 3, torch.float32, torch.uint8, "cpu")
+        weight = storage.dequantize(torch.float32)  # (experts, out, in), bitsandbytes
+        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        starts = [0, *offsets.tolist()[:-1]]
+        for transposed in (False, True):
+            reduced = shape[1] if transposed else shape[2]
+            inputs = torch.randn(sum(counts), reduced).to(dtype)
+            got = nf4_grouped_mm(inputs, storage, offsets, transposed=transposed, config=config)
+            expected = torch.cat([inputs[s:e].float() @ (weight[i] if transposed else weight[i].T) for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
+            assert got.dtype == dtype, (got.dtype, dtype)
+            tolerance = max(2 * torch.finfo(dtype).eps, 1e-5)  # float32: the sums' order; float16: the output's rounding
+            torch.testing.assert_close(
+                got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item(), msg=f"{shape} transposed={transposed}"
+            )
+
+
+def nf4_grouped_mm_in_the_expert_block() -> None:
+    """An NF4 expert block whose GEMMs read the quantized weights themselves gives the loss and gradients (input,
+    router, LoRA) of the same block that dequantizes first, Mixtral and Phixtral, with LoRA on a subset of experts."""
+    from torch import nn
+
+    from moekit.finetune import nf4_grouped_mm as module
+    from moekit.finetune.expert_storage import NF4Storage
+    from moekit.finetune.experts import build_expert_block
+
+    module.CONFIGS = dict.fromkeys((False, True), module.TileConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2))
+    calls = []
+    kernel = module.nf4_grouped_mm
+    module.nf4_grouped_mm = lambda *args, **kwargs: calls.append(kwargs.get("transposed", args[3] if len(args) > 3 else False)) or kernel(*args, **kwargs)
+    experts, hidden_size, inter, top_k, tokens = 4, 64, 128, 2, 40
+    for family in ("mixtral", "phixtral"):
+        generator = torch.Generator().manual_seed(0)
+        shapes = (
+            {"gate_up_proj": (experts, 2 * inter, hidden_size), "down_proj": (experts, hidden_size, inter)}
+            if family == "mixtral"
+            else {
+                "fc1.weight": (experts, inter, hidden_size),
+                "fc1.bias": (experts, inter),
+                "fc2.weight": (experts, hidden_size, inter),
+                "fc2.bias": (experts, hidden_size),
+            }
+        )
+        tensors = {name: torch.randn(*shape, generator=generator) * 0.2 for name, shape in shapes.items()}
+        act_fn = nn.SiLU() if family == "mixtral" else nn.GELU(approximate="tanh")
+        block = build_expert_block(family, tensors, bits=4, compute_dtype=torch.float32, device="cpu", act_fn=act_fn)
+        block.add_lora(8, 16, experts=[0, 2, 3])
+        with torch.no_grad():
+            for name in block.projections:
+                getattr(block, f"lora_B_{name}").normal_(0, 0.1, generator=generator)
+        hidden = torch.randn(tokens, hidden_size, generator=generator)
+        router = torch.randn(hidden_size, experts, generator=generator)
+        results = []
+        for in_kernel in (False, True):
+            NF4Storage.use_grouped_mm_kernel = in_kernel
+            calls.clear()
+            inputs = hidden.clone().requires_grad_(True)
+            probs = torch.softmax(inputs @ router, dim=-1)
+            top_k_weights, top_k_index = torch.topk(probs, top_k, dim=-1)
+            loss = (block(inputs, top_k_index, top_k_weights) ** 2).mean()
+            lora = [p for n, p in block.named_parameters() if "lora_" in n]
+            grads = torch.autograd.grad(loss, [inputs, *lora])
+            assert sorted(calls) == ([False, False, True, True] if in_kernel else []), (family, in_kernel, calls)
+            assert block.path_counts["grouped"] > 0 and block.path_counts["per_expert"] == 0
+            results.append((loss, grads))
+        (loss, grads), (kernel_loss, kernel_grads) = results
+        torch.testing.assert_close(kernel_loss, loss, rtol=1e-5, atol=0, msg=family)
+        for grad, kernel_grad in zip(grads, kernel_grads):
+            scale = grad.abs().max()
+            torch.testing.assert_close(kernel_grad / scale, grad / scale, rtol=1e-5, atol=1e-5, msg=family)

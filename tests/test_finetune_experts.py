@@ -315,3 +315,71 @@ def test_the_fused_swiglu_equals_eager_torch_forward_and_backward(dtype):
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for fused_tensor, eager_tensor in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(fused_tensor, eager_tensor, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("transposed", [False, True], ids=["x@W^T", "dy@W"])
+def test_the_nf4_grouped_gemm_equals_dequantize_then_grouped_mm(transposed):
+    """The grouped GEMM that reads NF4 bytes itself, compiled, in bf16 with the default tiles: an expert without
+    rows, row tiles that end mid-expert."""
+    from moekit.finetune.expert_storage import NF4Storage
+    from moekit.finetune.nf4_grouped_mm import nf4_grouped_mm, supports
+
+    torch.manual_seed(0)
+    shape = (4, 512, 256)
+    storage = NF4Storage(torch.randn(shape), torch.bfloat16, torch.uint8, "cuda")
+    assert supports(shape, torch.bfloat16, torch.device("cuda"))
+    offsets = torch.tensor([200, 200, 329, 700], dtype=torch.int32, device="cuda")
+    inputs = torch.randn(700, shape[1] if transposed else shape[2], device="cuda", dtype=torch.bfloat16)
+    weight = storage.dequantize()
+    expected = F.grouped_mm(inputs, weight if transposed else weight.transpose(1, 2), offs=offsets)
+    got = nf4_grouped_mm(inputs, storage, offsets, transposed)
+    scale = expected.float().abs().max()
+    torch.testing.assert_close(got.float() / scale, expected.float() / scale, rtol=1e-2, atol=4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["mixtral", "phixtral"])
+def test_an_expert_block_whose_gemms_read_nf4_equals_the_dequantizing_one(family, monkeypatch):
+    """Loss and gradients of a bf16 training step: the GEMMs reading the 4-bit weights, against dequantize + grouped_mm."""
+    from moekit.finetune import nf4_grouped_mm
+    from moekit.finetune.expert_storage import NF4Storage
+
+    calls = []
+    monkeypatch.setattr(nf4_grouped_mm, "nf4_grouped_mm", _recording_kernel(nf4_grouped_mm.nf4_grouped_mm, calls))
+    torch.manual_seed(0)
+    act_fn = nn.SiLU() if family == "mixtral" else nn.GELU(approximate="tanh")
+    hidden_size, inter = 256, 512
+    if family == "mixtral":
+        tensors = {"gate_up_proj": torch.randn(EXPERTS, 2 * inter, hidden_size) * 0.1, "down_proj": torch.randn(EXPERTS, hidden_size, inter) * 0.1}
+    else:
+        tensors = {"fc1.weight": torch.randn(EXPERTS, inter, hidden_size) * 0.1, "fc1.bias": torch.randn(EXPERTS, inter) * 0.1}
+        tensors |= {"fc2.weight": torch.randn(EXPERTS, hidden_size, inter) * 0.1, "fc2.bias": torch.randn(EXPERTS, hidden_size) * 0.1}
+    block = build_expert_block(family, tensors, bits=4, compute_dtype=torch.bfloat16, device="cuda", act_fn=act_fn)
+    block.add_lora(16, 32)
+    with torch.no_grad():
+        for name in block.projections:
+            getattr(block, f"lora_B_{name}").normal_(0, 0.05)
+    router = nn.Linear(hidden_size, EXPERTS, bias=False, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(300, hidden_size, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for in_kernel in (False, True):
+        monkeypatch.setattr(NF4Storage, "use_grouped_mm_kernel", in_kernel)
+        calls.clear()
+        results[in_kernel] = run(block, router, hidden, lambda b, *args: b(*args))
+        assert sorted(calls) == ([False, False, True, True] if in_kernel else [])
+    (loss, grads), (kernel_loss, kernel_grads) = results[False], results[True]
+    torch.testing.assert_close(kernel_loss, loss, rtol=1e-2, atol=0)
+    for grad, kernel_grad in zip(grads, kernel_grads):
+        scale = grad.float().abs().max()
+        torch.testing.assert_close(kernel_grad.float() / scale, grad.float() / scale, rtol=3e-2, atol=2e-2)
+
+
+def _recording_kernel(kernel, calls: list):
+    def recorded(inputs, storage, offsets, transposed=False, config=None):
+        calls.append(transposed)
+        return kernel(inputs, storage, offsets, transposed, config)
+
+    return recorded

@@ -1,5 +1,5 @@
-"""moekit's Triton kernels (NF4 dequantization, SiLU(gate) * up, RMSNorm) checked on the CPU through Triton's
-interpreter, so that CI, which has no GPU, tests their indexing and arithmetic on every commit. Each check runs in a
+"""moekit's Triton kernels (NF4 dequantization, the grouped GEMM reading NF4, SiLU(gate) * up, RMSNorm) checked on
+the CPU through Triton's interpreter, so that CI, which has no GPU, tests their indexing and arithmetic on every commit. Each check runs in a
 fresh process: Triton decides at import whether kernels are interpreted. The checks are in tests/kernel_checks.py;
 the GPU tests (`pytest -m gpu`) check the same kernels compiled, bfloat16 rounding included."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.parametrize("check", ["nf4", "swiglu", "rms_norm"])
+@pytest.mark.parametrize("check", ["nf4", "nf4_grouped_mm", "nf4_grouped_mm_in_the_expert_block", "swiglu", "rms_norm"])
 def test_kernel_matches_its_reference_in_the_triton_interpreter(check):
     import triton  # a test dependency (pyproject's `test` extra): a missing one fails here, never skips
 

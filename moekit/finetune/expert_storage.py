@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from moekit.finetune import nf4_kernel
+from moekit.finetune import nf4_grouped_mm, nf4_kernel
 
 NF4_BLOCKSIZE = 64
 
@@ -50,6 +50,15 @@ class ExpertStorage(nn.Module):
     def dequantizes_into_strided(self) -> bool:
         """Whether `dequantize_into` writes a wider tensor's columns directly (else it dequantizes, then copies)."""
         return False
+
+    def multiplies_grouped(self, inputs: torch.Tensor) -> bool:
+        """Whether `grouped_matmul` runs for `inputs` (a GEMM that reads the stored weight itself); else the caller
+        dequantizes and uses a grouped GEMM."""
+        return False
+
+    def grouped_matmul(self, inputs: torch.Tensor, offsets: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+        """Rows of expert e (grouped by `offsets`, cumulative int32) @ W_e^T, or @ W_e if `transposed`."""
+        raise NotImplementedError
 
     @property
     def numel(self) -> int:
@@ -79,6 +88,9 @@ class NF4Storage(ExpertStorage):
     bits = 4
     # on CUDA with Triton installed: one fused launch per dequantization (`nf4_kernel`), bit-identical to bitsandbytes
     use_triton_kernel = True
+    # the grouped GEMM reads the packed weight itself (`nf4_grouped_mm`): no dequantized projection is written. Off
+    # until measured against dequantize + torch's grouped GEMM (`benchmarks/finetune_memory.py --paths moekit-nf4-gemm`)
+    use_grouped_mm_kernel = False
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, quant_storage: torch.dtype, device):
         import bitsandbytes as bnb
@@ -118,6 +130,12 @@ class NF4Storage(ExpertStorage):
 
     def dequantizes_into_strided(self):  # where the fused kernel runs
         return self.use_triton_kernel and nf4_kernel.available(self.weight)
+
+    def multiplies_grouped(self, inputs):
+        return self.use_grouped_mm_kernel and nf4_grouped_mm.supports(self.shape, inputs.dtype, inputs.device)
+
+    def grouped_matmul(self, inputs, offsets, transposed=False):
+        return nf4_grouped_mm.nf4_grouped_mm(inputs, self, offsets, transposed)
 
     def dequantize_into(self, out, rows=None):
         if self.dequantizes_into_strided():

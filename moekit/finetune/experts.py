@@ -11,7 +11,8 @@ gate and up as one GEMM and `down_proj` (E, H, I); Phixtral `fc1` (E, I, H) and 
 A forward sorts the (token, slot) pairs by expert once and runs each projection as one grouped GEMM over the
 per-expert row offsets (`torch.nn.functional.grouped_mm`). Counts and offsets stay on the device, so nothing
 waits for the host. A projection's weight is dequantized once for all experts (in row slices of at most
-`DEQUANTIZED_SLICE_BYTES` where it is larger) and again in the backward pass instead of being kept. SiLU(gate) * up
+`DEQUANTIZED_SLICE_BYTES` where it is larger) and again in the backward pass instead of being kept; with
+`NF4Storage.use_grouped_mm_kernel` the GEMMs read the 4-bit bytes themselves (`nf4_grouped_mm`). SiLU(gate) * up
 runs as one kernel each way on CUDA (`swiglu_kernel`). Where torch has no grouped kernel for the tensors at hand
 (CUDA before sm80 or not bf16, CPU torch < 2.11) the same math runs expert by expert. `path_counts` says which path ran: under FSDP the storage
 is read through plain tensor views, and the path does not depend on any parameter class.
@@ -118,6 +119,9 @@ class _FrozenExpertLinear(torch.autograd.Function):
         # inputs (rows, in); hidden (rows, r); scaled_b (experts, out, r) in the compute dtype
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets, hidden, scaled_b)
+        ctx.in_kernel = hidden is None and grouped and storage.multiplies_grouped(inputs)
+        if ctx.in_kernel:  # the GEMM reads the quantized weight itself
+            return storage.grouped_matmul(inputs, offsets)
         slices = ctx.slices = row_slices(storage, inputs.dtype)
         stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
         if len(slices) == 1:
@@ -131,6 +135,9 @@ class _FrozenExpertLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         offsets, hidden, scaled_b = ctx.saved_tensors
+        if ctx.in_kernel:
+            grad_inputs = ctx.storage.grouped_matmul(grad_output.contiguous(), offsets, transposed=True) if ctx.needs_input_grad[0] else None
+            return grad_inputs, None, None, None, None, None
         grad_stacked = None  # (rows, in [+ r]): d inputs (and d hidden) = sum over row slices of grad_output[:, slice] @ W[:, slice]
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
             for start, end in ctx.slices:
@@ -269,13 +276,14 @@ class ExpertBlock(nn.Module):
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_index, expert_outputs.to(final.dtype))
 
-    def _folds_lora(self, storage: ExpertStorage) -> bool:
+    def _folds_lora(self, storage: ExpertStorage, inputs: torch.Tensor, grouped: bool) -> bool:
         if self.fold_lora is not None:
             return self.fold_lora
         # where the (rows, in) input copy is smaller than the (rows, out) product it saves, and the dequantization
-        # writes straight into the wider weight
+        # writes straight into the wider weight; not where the GEMM reads the quantized weight itself
         _, out_features, in_features = storage.shape
-        return out_features > in_features and storage.dequantizes_into_strided()
+        in_kernel = grouped and storage.multiplies_grouped(inputs)
+        return out_features > in_features and storage.dequantizes_into_strided() and not in_kernel
 
     def _project(self, name: str, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool, row_experts) -> torch.Tensor:
         storage = self.storage(name)
@@ -291,7 +299,7 @@ class ExpertBlock(nn.Module):
                 lora_a, lora_b = F.pad(lora_a, (0, 0, 0, pad)), F.pad(lora_b, (0, pad))
             lora_inputs = F.dropout(inputs, self.lora_dropout) if self.training and self.lora_dropout > 0 else inputs
             hidden = _grouped_mm(lora_inputs, lora_a.transpose(1, 2), offsets, grouped)  # (rows, r)
-        if self.has_lora and self._folds_lora(storage):
+        if self.has_lora and self._folds_lora(storage, inputs, grouped):
             outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped, hidden, lora_b)  # (rows, out)
         else:
             outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped)  # (rows, out)
