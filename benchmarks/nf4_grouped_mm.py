@@ -7,7 +7,7 @@ its recomputation, dy @ W in the backward), every tile configuration in TILES: G
 Routing is uniform (rows = tokens * top-k, the same count per expert). Prints a table and writes JSON with --out.
 
     python benchmarks/nf4_grouped_mm.py                       # one H100/H200, about 3 minutes
-    python benchmarks/nf4_grouped_mm.py --shapes 4x7b-gate_up --tiles 128,128,64,8,4
+    python benchmarks/nf4_grouped_mm.py --shapes 4x7b-gate_up --tiles 128,128,64,8,4 --tiles 128,128,64,8,4,0
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ SHAPES = {
     "8x7b-gate_up": ((8, 28672, 4096), 4096),
     "phixtral-fc1": ((4, 10240, 2560), 4096),
 }
-# block_m, block_n, block_k, num_warps, num_stages
+# block_m, block_n, block_k, num_warps, num_stages[, pair_lookup (default 1)]
 TILES = [
     (128, 128, 64, 8, 4),
+    (128, 128, 64, 8, 4, 0),
     (128, 128, 64, 4, 4),
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
@@ -39,7 +40,7 @@ TILES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--tiles", action="append", help="block_m,block_n,block_k,warps,stages (repeatable; default: TILES)")
+    parser.add_argument("--tiles", action="append", help="block_m,block_n,block_k,warps,stages[,pair_lookup] (repeatable; default: TILES)")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     args = parser.parse_args()
 
@@ -48,9 +49,9 @@ def main() -> None:
     import triton.testing
 
     from moekit.finetune.expert_storage import NF4Storage
-    from moekit.finetune.nf4_grouped_mm import TileConfig, fits, nf4_grouped_mm
+    from moekit.finetune.nf4_grouped_mm import KernelConfig, fits, nf4_grouped_mm
 
-    tiles = [TileConfig(*map(int, t.split(","))) for t in args.tiles] if args.tiles else [TileConfig(*t) for t in TILES]
+    tiles = [KernelConfig(*map(int, t.split(","))) for t in args.tiles] if args.tiles else [KernelConfig(*t) for t in TILES]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     results = []
     for name in args.shapes.split(","):
@@ -72,7 +73,7 @@ def main() -> None:
             candidates = [("dequantize + grouped_mm", dequantize_then_gemm)]
             for t in tiles:
                 if fits(storage.shape, transposed, t):
-                    label = f"in-kernel {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+                    label = f"in-kernel {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}{'' if t.pair_lookup else ' codes'}"
                     candidates.append((label, lambda t=t, inputs=inputs, transposed=transposed: nf4_grouped_mm(inputs, storage, offsets, transposed, t)))
             for label, fn in candidates:
                 start = time.perf_counter()

@@ -77,27 +77,33 @@ def rms_norm() -> None:
 
 def nf4_grouped_mm() -> None:
     """The grouped GEMM that reads NF4 weights itself equals bitsandbytes' dequantized weights times the rows of each
-    expert, both ways (x @ W_e^T and dy @ W_e); an expert without rows and row tiles that end mid-expert included."""
+    expert, both ways (x @ W_e^T and dy @ W_e), with both code lookups, and with a LoRA term added (rank padded);
+    an expert without rows and row tiles that end mid-expert included."""
     from moekit.finetune.expert_storage import NF4Storage
-    from moekit.finetune.nf4_grouped_mm import TileConfig, nf4_grouped_mm
+    from moekit.finetune.nf4_grouped_mm import KernelConfig, nf4_grouped_mm
 
     torch.manual_seed(0)
-    config = TileConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2)
     for shape, counts, dtype in [((3, 128, 192), [21, 0, 16], torch.float32), ((2, 192, 64), [5, 40], torch.float16)]:
         storage = NF4Storage(torch.randn(shape) * torch.rand(shape[0], 1, 1) * 3, torch.float32, torch.uint8, "cpu")
         weight = storage.dequantize(torch.float32)  # (experts, out, in), bitsandbytes
         offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        starts = [0, *offsets.tolist()[:-1]]
-        for transposed in (False, True):
-            reduced = shape[1] if transposed else shape[2]
-            inputs = torch.randn(sum(counts), reduced).to(dtype)
-            got = nf4_grouped_mm(inputs, storage, offsets, transposed=transposed, config=config)
-            expected = torch.cat([inputs[s:e].float() @ (weight[i] if transposed else weight[i].T) for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
-            assert got.dtype == dtype, (got.dtype, dtype)
-            tolerance = max(2 * torch.finfo(dtype).eps, 1e-5)  # float32: the sums' order; float16: the output's rounding
-            torch.testing.assert_close(
-                got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item(), msg=f"{shape} transposed={transposed}"
-            )
+        groups = list(enumerate(zip([0, *offsets.tolist()[:-1]], offsets.tolist())))
+        hidden = torch.randn(sum(counts), 12).to(dtype)
+        scaled_b = torch.randn(shape[0], shape[1], 12).to(dtype)
+        tolerance = max(2 * torch.finfo(dtype).eps, 1e-5)  # float32: the sums' order; float16: the output's rounding
+        for pair_lookup in (True, False):
+            config = KernelConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2, pair_lookup=pair_lookup)
+            for transposed, lora in [(False, False), (True, False), (False, True)]:
+                inputs = torch.randn(sum(counts), shape[1] if transposed else shape[2]).to(dtype)
+                extra = {"hidden": hidden, "scaled_b": scaled_b} if lora else {}
+                got = nf4_grouped_mm(inputs, storage, offsets, transposed=transposed, config=config, **extra)
+                expected = torch.cat([inputs[s:e].float() @ (weight[i] if transposed else weight[i].T) for i, (s, e) in groups])
+                if lora:
+                    expected += torch.cat([hidden[s:e].float() @ scaled_b[i].float().T for i, (s, e) in groups])
+                assert got.dtype == dtype, (got.dtype, dtype)
+                atol = tolerance * expected.abs().max().item()
+                message = f"{shape} {transposed=} {lora=} {pair_lookup=}"
+                torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=atol, msg=message)
 
 
 def nf4_grouped_mm_in_the_expert_block() -> None:
@@ -109,7 +115,7 @@ def nf4_grouped_mm_in_the_expert_block() -> None:
     from moekit.finetune.expert_storage import NF4Storage
     from moekit.finetune.experts import build_expert_block
 
-    module.CONFIGS = dict.fromkeys((False, True), module.TileConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2))
+    module.CONFIGS = dict.fromkeys((False, True), module.KernelConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2))
     calls = []
     kernel = module.nf4_grouped_mm
     module.nf4_grouped_mm = lambda *args, **kwargs: calls.append(kwargs.get("transposed", args[3] if len(args) > 3 else False)) or kernel(*args, **kwargs)

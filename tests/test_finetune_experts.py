@@ -378,8 +378,8 @@ def test_an_expert_block_whose_gemms_read_nf4_equals_the_dequantizing_one(family
 
 
 def _recording_kernel(kernel, calls: list):
-    def recorded(inputs, storage, offsets, transposed=False, config=None):
+    def recorded(inputs, storage, offsets, transposed=False, config=None, hidden=None, scaled_b=None):
         calls.append(transposed)
-        return kernel(inputs, storage, offsets, transposed, config)
+        return kernel(inputs, storage, offsets, transposed, config, hidden=hidden, scaled_b=scaled_b)
 
     return recorded

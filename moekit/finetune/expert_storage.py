@@ -56,8 +56,9 @@ class ExpertStorage(nn.Module):
         dequantizes and uses a grouped GEMM."""
         return False
 
-    def grouped_matmul(self, inputs: torch.Tensor, offsets: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """Rows of expert e (grouped by `offsets`, cumulative int32) @ W_e^T, or @ W_e if `transposed`."""
+    def grouped_matmul(self, inputs: torch.Tensor, offsets: torch.Tensor, transposed: bool = False, hidden=None, scaled_b=None) -> torch.Tensor:
+        """Rows of expert e (grouped by `offsets`, cumulative int32) @ W_e^T, or @ W_e if `transposed`; plus the LoRA
+        term hidden_e @ scaled_b_e^T where given ((rows, r) and (experts, out, r))."""
         raise NotImplementedError
 
     @property
@@ -134,8 +135,8 @@ class NF4Storage(ExpertStorage):
     def multiplies_grouped(self, inputs):
         return self.use_grouped_mm_kernel and nf4_grouped_mm.supports(self.shape, inputs.dtype, inputs.device)
 
-    def grouped_matmul(self, inputs, offsets, transposed=False):
-        return nf4_grouped_mm.nf4_grouped_mm(inputs, self, offsets, transposed)
+    def grouped_matmul(self, inputs, offsets, transposed=False, hidden=None, scaled_b=None):
+        return nf4_grouped_mm.nf4_grouped_mm(inputs, self, offsets, transposed, hidden=hidden, scaled_b=scaled_b)
 
     def dequantize_into(self, out, rows=None):
         if self.dequantizes_into_strided():

@@ -119,9 +119,9 @@ class _FrozenExpertLinear(torch.autograd.Function):
         # inputs (rows, in); hidden (rows, r); scaled_b (experts, out, r) in the compute dtype
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets, hidden, scaled_b)
-        ctx.in_kernel = hidden is None and grouped and storage.multiplies_grouped(inputs)
-        if ctx.in_kernel:  # the GEMM reads the quantized weight itself
-            return storage.grouped_matmul(inputs, offsets)
+        ctx.in_kernel = grouped and storage.multiplies_grouped(inputs)
+        if ctx.in_kernel:  # the GEMM reads the quantized weight itself, and adds h (s B_e)^T to its tiles
+            return storage.grouped_matmul(inputs, offsets, hidden=hidden, scaled_b=scaled_b)
         slices = ctx.slices = row_slices(storage, inputs.dtype)
         stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
         if len(slices) == 1:
@@ -137,7 +137,11 @@ class _FrozenExpertLinear(torch.autograd.Function):
         offsets, hidden, scaled_b = ctx.saved_tensors
         if ctx.in_kernel:
             grad_inputs = ctx.storage.grouped_matmul(grad_output.contiguous(), offsets, transposed=True) if ctx.needs_input_grad[0] else None
-            return grad_inputs, None, None, None, None, None
+            if hidden is None:
+                return grad_inputs, None, None, None, None, None
+            grad_hidden = _grouped_mm(grad_output, scaled_b, offsets, ctx.grouped) if ctx.needs_input_grad[4] else None  # (rows, r)
+            grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped) if ctx.needs_input_grad[5] else None
+            return grad_inputs, None, None, None, grad_hidden, grad_scaled_b
         grad_stacked = None  # (rows, in [+ r]): d inputs (and d hidden) = sum over row slices of grad_output[:, slice] @ W[:, slice]
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
             for start, end in ctx.slices:
@@ -279,11 +283,12 @@ class ExpertBlock(nn.Module):
     def _folds_lora(self, storage: ExpertStorage, inputs: torch.Tensor, grouped: bool) -> bool:
         if self.fold_lora is not None:
             return self.fold_lora
+        if grouped and storage.multiplies_grouped(inputs):
+            return True  # the GEMM that reads the quantized weight adds the LoRA term to its tiles: nothing is copied
         # where the (rows, in) input copy is smaller than the (rows, out) product it saves, and the dequantization
-        # writes straight into the wider weight; not where the GEMM reads the quantized weight itself
+        # writes straight into the wider weight
         _, out_features, in_features = storage.shape
-        in_kernel = grouped and storage.multiplies_grouped(inputs)
-        return out_features > in_features and storage.dequantizes_into_strided() and not in_kernel
+        return out_features > in_features and storage.dequantizes_into_strided()
 
     def _project(self, name: str, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool, row_experts) -> torch.Tensor:
         storage = self.storage(name)

@@ -1,13 +1,15 @@
 """A grouped GEMM that reads the experts' NF4 weights itself (Triton): no dequantized copy of a projection is written.
 
     outputs = nf4_grouped_mm(inputs, storage, offsets)                    # (rows, out): rows of expert e @ W_e^T
+    outputs = nf4_grouped_mm(inputs, storage, offsets, hidden=h, scaled_b=sb)     # + h_e @ sB_e^T (LoRA, folded in)
     grad_inputs = nf4_grouped_mm(grad_outputs, storage, offsets, transposed=True)  # (rows, in): rows of e @ W_e
 
 The dequantize-then-GEMM path writes each (experts, out, in) projection in 16 bits three times a step (forward,
 recomputation, backward) and reads it back in the GEMM: about 50 ms of a 4x7B step, and up to a GiB held while it
 runs. Here each program computes one (BLOCK_M, BLOCK_N) tile of one expert's rows: it loads the packed bytes of the
 weight tiles it needs, dequantizes them in registers with bitsandbytes' products (the same weights, bit for bit, as
-`nf4_kernel`), and accumulates in float32 on the tensor cores.
+`nf4_kernel`), and accumulates in float32 on the tensor cores. A LoRA up-projection is one more step of the same
+accumulation (h = x A_e^T (rows, r) against alpha / r * B_e (out, r)), so its (rows, out) product is never written.
 
 Rows are grouped by expert as for `torch.nn.functional.grouped_mm`: `offsets` holds each expert's cumulative end
 row (int32, on the device). The launch grid has a fixed size (every expert's tiles fit in cdiv(rows, BLOCK_M) +
@@ -31,18 +33,21 @@ if triton is not None:
 
 
 @dataclass(frozen=True)
-class TileConfig:
+class KernelConfig:
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    # look the two weights of a packed byte up as one 8-byte pair (a 256-entry table) rather than two 4-byte codes:
+    # half the gathers from the cache, the same values
+    pair_lookup: bool = True
 
 
 # per direction; benchmarks/nf4_grouped_mm.py sweeps the alternatives on a GPU
 CONFIGS = {
-    False: TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),  # x @ W^T
-    True: TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),  # dy @ W
+    False: KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),  # x @ W^T
+    True: KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),  # dy @ W
 }
 NF4_BLOCKSIZE = 64  # weights per absmax; the kernel reads whole blocks along `in`
 
@@ -51,24 +56,33 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight, rows, col_start,
-                         ROWS: tl.constexpr, COLS: tl.constexpr, IN_FEATURES: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
+                         ROWS: tl.constexpr, COLS: tl.constexpr, IN_FEATURES: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                         PAIR_LOOKUP: tl.constexpr):  # fmt: skip
         # weights [rows, col_start : col_start + COLS) of one expert's (out, in) matrix, `first_weight` its flat
         # index: (ROWS, COLS) float32. COLS is whole absmax blocks of 64 weights = 32 bytes, col_start on one
         start = first_weight + rows.to(tl.int64)[:, None] * IN_FEATURES + col_start  # (ROWS, 1) first weight of each row
-        byte_index = tl.reshape(start // 2 + tl.arange(0, COLS // 2)[None, :], [ROWS, COLS // 64, 32])
-        packed = tl.load(packed_ptr + byte_index).to(tl.int32)  # (ROWS, COLS / 64, 32)
+        row_bytes = start // 2 + tl.arange(0, COLS // 2)[None, :]  # (ROWS, COLS / 2), contiguous: vector loads
+        packed = tl.reshape(tl.load(packed_ptr + row_bytes), [ROWS, COLS // 64, 32]).to(tl.int32)  # (ROWS, COLS / 64, 32)
         block = start // 64 + tl.arange(0, COLS // 64)[None, :]  # (ROWS, COLS / 64)
         absmax = _mul_rn(tl.load(nested_code_ptr + tl.load(absmax_ptr + block).to(tl.int32)), tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE))
         absmax = tl.broadcast_to(tl.reshape(absmax + offset, [ROWS, COLS // 64, 1]), [ROWS, COLS // 64, 32])
-        high = _mul_rn(tl.load(code_ptr + (packed >> 4)), absmax)  # the first weight of a byte is its high nibble
-        low = _mul_rn(tl.load(code_ptr + (packed & 15)), absmax)
+        if PAIR_LOOKUP:  # code_ptr: int64 per byte value, the high nibble's code in its low 32 bits
+            pair = tl.load(code_ptr + packed)
+            high_code = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            low_code = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        else:  # code_ptr: the 16 float32 codes
+            high_code = tl.load(code_ptr + (packed >> 4))  # the first weight of a byte is its high nibble
+            low_code = tl.load(code_ptr + (packed & 15))
+        high = _mul_rn(high_code, absmax)
+        low = _mul_rn(low_code, absmax)
         return tl.reshape(tl.join(high, low), [ROWS, COLS])  # high, low, high, low, ... along each row
 
     @triton.jit
     def nf4_grouped_mm_kernel(inputs_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offsets_ptr,
-                              out_ptr, inputs_row_stride, out_row_stride,
+                              hidden_ptr, scaled_b_ptr, out_ptr, inputs_row_stride, hidden_row_stride, out_row_stride,
                               EXPERTS: tl.constexpr, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, TRANSPOSED: tl.constexpr,
-                              NESTED_BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                              LORA_RANK: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, PAIR_LOOKUP: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         # not TRANSPOSED: out = inputs @ W_e^T, reducing over IN_FEATURES; TRANSPOSED: out = inputs @ W_e, over OUT_FEATURES
         tile_n = tl.program_id(0)
         tile_m = tl.program_id(1)
@@ -99,12 +113,17 @@ if triton is not None:
             inputs = tl.load(inputs_ptr + rows.to(tl.int64)[:, None] * inputs_row_stride + ks[None, :], mask=row_mask[:, None], other=0.0)
             if TRANSPOSED:  # weight rows ks (out), columns of this tile (in): (BLOCK_K, BLOCK_N)
                 weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight, ks,
-                                          tile_n * BLOCK_N, BLOCK_K, BLOCK_N, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
+                                          tile_n * BLOCK_N, BLOCK_K, BLOCK_N, IN_FEATURES, NESTED_BLOCKSIZE, PAIR_LOOKUP)  # fmt: skip
                 accumulator = tl.dot(inputs, weight.to(inputs.dtype), accumulator)
             else:  # weight rows of this tile (out), columns ks (in): (BLOCK_N, BLOCK_K)
                 weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight,
-                                          columns, k, BLOCK_N, BLOCK_K, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
+                                          columns, k, BLOCK_N, BLOCK_K, IN_FEATURES, NESTED_BLOCKSIZE, PAIR_LOOKUP)  # fmt: skip
                 accumulator = tl.dot(inputs, tl.trans(weight.to(inputs.dtype)), accumulator)
+        if LORA_RANK > 0:  # + h_e @ (s B_e)^T: hidden (rows, r), scaled_b (experts, out, r)
+            ranks = tl.arange(0, LORA_RANK)
+            hidden = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * hidden_row_stride + ranks[None, :], mask=row_mask[:, None], other=0.0)
+            scaled_b = tl.load(scaled_b_ptr + (expert.to(tl.int64) * OUT_FEATURES + columns)[:, None] * LORA_RANK + ranks[None, :])
+            accumulator = tl.dot(hidden, tl.trans(scaled_b), accumulator)  # (BLOCK_M, BLOCK_N)
         out = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + columns[None, :]
         tl.store(out, accumulator.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (columns < produced)[None, :])
 
@@ -119,7 +138,7 @@ def supports(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.devi
     return all(fits(shape, transposed, config) for transposed, config in CONFIGS.items())
 
 
-def fits(shape: tuple[int, int, int], transposed: bool, config: TileConfig) -> bool:
+def fits(shape: tuple[int, int, int], transposed: bool, config: KernelConfig) -> bool:
     """Whether `config` tiles the projection without tails: the reduction in whole BLOCK_K steps, the output in
     whole BLOCK_N columns, and the weight tiles (BLOCK_K or BLOCK_N along `in`) in whole absmax blocks."""
     _, out_features, in_features = shape
@@ -128,22 +147,45 @@ def fits(shape: tuple[int, int, int], transposed: bool, config: TileConfig) -> b
     return reduced % config.block_k == 0 and produced % config.block_n == 0 and along_in % NF4_BLOCKSIZE == 0
 
 
-def nf4_grouped_mm(inputs: torch.Tensor, storage, offsets: torch.Tensor, transposed: bool = False, config: TileConfig | None = None) -> torch.Tensor:
-    """(rows, in) -> (rows, out) = rows of expert e @ W_e^T; `transposed`: (rows, out) -> (rows, in) = rows of e @ W_e.
-    `storage` is an `NF4Storage` (experts, out, in); rows beyond offsets[-1] are left unwritten."""
+def nf4_grouped_mm(inputs: torch.Tensor, storage, offsets: torch.Tensor, transposed: bool = False, config: KernelConfig | None = None,
+                   hidden: torch.Tensor | None = None, scaled_b: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """(rows, in) -> (rows, out) = rows of expert e @ W_e^T [+ hidden rows of e @ scaled_b_e^T, with hidden (rows, r)
+    and scaled_b (experts, out, r)]; `transposed`: (rows, out) -> (rows, in) = rows of e @ W_e. `storage` is an
+    `NF4Storage` (experts, out, in); rows beyond offsets[-1] are left unwritten."""
     experts, out_features, in_features = storage.shape
     config = config or CONFIGS[transposed]
     rows = inputs.shape[0]
     reduced, produced = (out_features, in_features) if transposed else (in_features, out_features)
     if inputs.shape[1] != reduced or inputs.stride(1) != 1 or not fits(storage.shape, transposed, config):
         raise ValueError(f"inputs {tuple(inputs.shape)} or tiles {config} do not fit the projection {storage.shape} (transposed={transposed})")
+    rank = 0
+    if hidden is not None:
+        if transposed:
+            raise ValueError("the LoRA term is added to x @ W^T only")
+        # a power of two of at least 16 (tl.dot's smallest reduction), zero ranks added
+        rank = max(16, triton.next_power_of_2(hidden.shape[1]))
+        hidden = torch.nn.functional.pad(hidden, (0, rank - hidden.shape[1])) if rank != hidden.shape[1] else hidden.contiguous()
+        scaled_b = torch.nn.functional.pad(scaled_b, (0, rank - scaled_b.shape[2])) if rank != scaled_b.shape[2] else scaled_b.contiguous()
     out = inputs.new_empty(rows, produced)
     grid = (triton.cdiv(produced, config.block_n), triton.cdiv(rows, config.block_m) + experts)
+    code = _code_pairs(storage) if config.pair_lookup else storage.code
     nf4_grouped_mm_kernel[grid](
-        inputs, storage._packed(), storage.absmax, storage.nested_absmax, storage.nested_code, storage.offset.reshape(1).float(), storage.code,
-        offsets, out, inputs.stride(0), out.stride(0),
-        EXPERTS=experts, OUT_FEATURES=out_features, IN_FEATURES=in_features, TRANSPOSED=transposed,
-        NESTED_BLOCKSIZE=storage.nested_blocksize, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        inputs, storage._packed(), storage.absmax, storage.nested_absmax, storage.nested_code, storage.offset.reshape(1).float(), code,
+        offsets, hidden if hidden is not None else inputs, scaled_b if scaled_b is not None else inputs, out,
+        inputs.stride(0), hidden.stride(0) if hidden is not None else 0, out.stride(0),
+        EXPERTS=experts, OUT_FEATURES=out_features, IN_FEATURES=in_features, TRANSPOSED=transposed, LORA_RANK=rank,
+        NESTED_BLOCKSIZE=storage.nested_blocksize, PAIR_LOOKUP=config.pair_lookup,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
+
+
+def _code_pairs(storage) -> torch.Tensor:
+    """(256,) int64: for each byte value, the float32 codes of its high and low nibble (high in the low 32 bits),
+    made once per storage and device."""
+    pairs = getattr(storage, "_nf4_code_pairs", None)
+    if pairs is None or pairs.device != storage.code.device:
+        byte = torch.arange(256, device=storage.code.device)
+        pairs = torch.stack([storage.code[byte >> 4], storage.code[byte & 15]], dim=1).float().contiguous().view(torch.int64).reshape(256)
+        storage._nf4_code_pairs = pairs
+    return pairs
