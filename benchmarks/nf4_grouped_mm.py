@@ -7,7 +7,7 @@ its recomputation, dy @ W in the backward), every tile configuration in TILES: G
 Routing is uniform (rows = tokens * top-k, the same count per expert). Prints a table and writes JSON with --out.
 
     python benchmarks/nf4_grouped_mm.py                       # one H100/H200, about 3 minutes
-    python benchmarks/nf4_grouped_mm.py --shapes 4x7b-gate_up --tiles 128,128,64,8,4 --tiles 128,128,64,8,4,0
+    python benchmarks/nf4_grouped_mm.py --shapes 4x7b-gate_up --tiles 128,128,64,8,4 --tiles 256,128,64,8,3
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ SHAPES = {
     "8x7b-gate_up": ((8, 28672, 4096), 4096),
     "phixtral-fc1": ((4, 10240, 2560), 4096),
 }
-# block_m, block_n, block_k, num_warps, num_stages[, pair_lookup (default 1)]
+# block_m, block_n, block_k, num_warps, num_stages
 TILES = [
     (128, 128, 64, 8, 4),
-    (128, 128, 64, 8, 4, 0),
     (128, 128, 64, 4, 4),
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
@@ -40,7 +39,7 @@ TILES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--tiles", action="append", help="block_m,block_n,block_k,warps,stages[,pair_lookup] (repeatable; default: TILES)")
+    parser.add_argument("--tiles", action="append", help="block_m,block_n,block_k,warps,stages (repeatable; default: TILES)")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     args = parser.parse_args()
 
@@ -73,7 +72,7 @@ def main() -> None:
             candidates = [("dequantize + grouped_mm", dequantize_then_gemm)]
             for t in tiles:
                 if fits(storage.shape, transposed, t):
-                    label = f"in-kernel {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}{'' if t.pair_lookup else ' codes'}"
+                    label = f"in-kernel {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
                     candidates.append((label, lambda t=t, inputs=inputs, transposed=transposed: nf4_grouped_mm(inputs, storage, offsets, transposed, t)))
             for label, fn in candidates:
                 start = time.perf_counter()

@@ -19,12 +19,12 @@ def compile_grouped_mm(capability: int, transposed: bool, lora_rank: int, config
     from moekit.finetune.nf4_grouped_mm import nf4_grouped_mm_kernel
 
     pointers = ["inputs", "packed", "absmax", "nested_absmax", "nested_code", "offset", "code", "offsets", "hidden", "scaled_b", "out"]
-    types = ["*bf16", "*u8", "*u8", "*fp32", "*fp32", "*fp32", "*i64" if config.pair_lookup else "*fp32", "*i32", "*bf16", "*bf16", "*bf16"]
+    types = ["*bf16", "*u8", "*u8", "*fp32", "*fp32", "*fp32", "*fp32", "*i32", "*bf16", "*bf16", "*bf16"]
     signature = {f"{name}_ptr": kind for name, kind in zip(pointers, types)}
     signature |= dict.fromkeys(["inputs_row_stride", "hidden_row_stride", "out_row_stride"], "i32")
     constants = dict(
         EXPERTS=SHAPE[0], OUT_FEATURES=SHAPE[1], IN_FEATURES=SHAPE[2], TRANSPOSED=transposed, LORA_RANK=lora_rank, NESTED_BLOCKSIZE=256,
-        PAIR_LOOKUP=config.pair_lookup, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
     )  # fmt: skip
     signature |= dict.fromkeys(constants, "constexpr")
     attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(signature) if name.endswith(("_ptr", "_stride"))}

@@ -39,9 +39,6 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    # look the two weights of a packed byte up as one 8-byte pair (a 256-entry table) rather than two 4-byte codes:
-    # half the gathers from the cache, the same values
-    pair_lookup: bool = True
 
 
 # per direction; benchmarks/nf4_grouped_mm.py sweeps the alternatives on a GPU
@@ -56,8 +53,7 @@ if triton is not None:
 
     @triton.jit
     def _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight, rows, col_start,
-                         ROWS: tl.constexpr, COLS: tl.constexpr, IN_FEATURES: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                         PAIR_LOOKUP: tl.constexpr):  # fmt: skip
+                         ROWS: tl.constexpr, COLS: tl.constexpr, IN_FEATURES: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
         # weights [rows, col_start : col_start + COLS) of one expert's (out, in) matrix, `first_weight` its flat
         # index: (ROWS, COLS) float32. COLS is whole absmax blocks of 64 weights = 32 bytes, col_start on one
         start = first_weight + rows.to(tl.int64)[:, None] * IN_FEATURES + col_start  # (ROWS, 1) first weight of each row
@@ -66,22 +62,17 @@ if triton is not None:
         block = start // 64 + tl.arange(0, COLS // 64)[None, :]  # (ROWS, COLS / 64)
         absmax = _mul_rn(tl.load(nested_code_ptr + tl.load(absmax_ptr + block).to(tl.int32)), tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE))
         absmax = tl.broadcast_to(tl.reshape(absmax + offset, [ROWS, COLS // 64, 1]), [ROWS, COLS // 64, 32])
-        if PAIR_LOOKUP:  # code_ptr: int64 per byte value, the high nibble's code in its low 32 bits
-            pair = tl.load(code_ptr + packed)
-            high_code = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            low_code = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        else:  # code_ptr: the 16 float32 codes
-            high_code = tl.load(code_ptr + (packed >> 4))  # the first weight of a byte is its high nibble
-            low_code = tl.load(code_ptr + (packed & 15))
-        high = _mul_rn(high_code, absmax)
-        low = _mul_rn(low_code, absmax)
+        # the 16 float32 codes are 64 bytes, one cache line: a warp's 32 lookups are served at once (a 256-entry
+        # table of byte pairs would halve the lookups but spread each warp's over about 16 lines)
+        high = _mul_rn(tl.load(code_ptr + (packed >> 4)), absmax)  # the first weight of a byte is its high nibble
+        low = _mul_rn(tl.load(code_ptr + (packed & 15)), absmax)
         return tl.reshape(tl.join(high, low), [ROWS, COLS])  # high, low, high, low, ... along each row
 
     @triton.jit
     def nf4_grouped_mm_kernel(inputs_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offsets_ptr,
                               hidden_ptr, scaled_b_ptr, out_ptr, inputs_row_stride, hidden_row_stride, out_row_stride,
                               EXPERTS: tl.constexpr, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, TRANSPOSED: tl.constexpr,
-                              LORA_RANK: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, PAIR_LOOKUP: tl.constexpr,
+                              LORA_RANK: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         # not TRANSPOSED: out = inputs @ W_e^T, reducing over IN_FEATURES; TRANSPOSED: out = inputs @ W_e, over OUT_FEATURES
         tile_n = tl.program_id(0)
@@ -113,11 +104,11 @@ if triton is not None:
             inputs = tl.load(inputs_ptr + rows.to(tl.int64)[:, None] * inputs_row_stride + ks[None, :], mask=row_mask[:, None], other=0.0)
             if TRANSPOSED:  # weight rows ks (out), columns of this tile (in): (BLOCK_K, BLOCK_N)
                 weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight, ks,
-                                          tile_n * BLOCK_N, BLOCK_K, BLOCK_N, IN_FEATURES, NESTED_BLOCKSIZE, PAIR_LOOKUP)  # fmt: skip
+                                          tile_n * BLOCK_N, BLOCK_K, BLOCK_N, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
                 accumulator = tl.dot(inputs, weight.to(inputs.dtype), accumulator)
             else:  # weight rows of this tile (out), columns ks (in): (BLOCK_N, BLOCK_K)
                 weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight,
-                                          columns, k, BLOCK_N, BLOCK_K, IN_FEATURES, NESTED_BLOCKSIZE, PAIR_LOOKUP)  # fmt: skip
+                                          columns, k, BLOCK_N, BLOCK_K, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
                 accumulator = tl.dot(inputs, tl.trans(weight.to(inputs.dtype)), accumulator)
         if LORA_RANK > 0:  # + h_e @ (s B_e)^T: hidden (rows, r), scaled_b (experts, out, r)
             ranks = tl.arange(0, LORA_RANK)
@@ -168,24 +159,12 @@ def nf4_grouped_mm(inputs: torch.Tensor, storage, offsets: torch.Tensor, transpo
         scaled_b = torch.nn.functional.pad(scaled_b, (0, rank - scaled_b.shape[2])) if rank != scaled_b.shape[2] else scaled_b.contiguous()
     out = inputs.new_empty(rows, produced)
     grid = (triton.cdiv(produced, config.block_n), triton.cdiv(rows, config.block_m) + experts)
-    code = _code_pairs(storage) if config.pair_lookup else storage.code
     nf4_grouped_mm_kernel[grid](
-        inputs, storage._packed(), storage.absmax, storage.nested_absmax, storage.nested_code, storage.offset.reshape(1).float(), code,
+        inputs, storage._packed(), storage.absmax, storage.nested_absmax, storage.nested_code, storage.offset.reshape(1).float(), storage.code,
         offsets, hidden if hidden is not None else inputs, scaled_b if scaled_b is not None else inputs, out,
         inputs.stride(0), hidden.stride(0) if hidden is not None else 0, out.stride(0),
         EXPERTS=experts, OUT_FEATURES=out_features, IN_FEATURES=in_features, TRANSPOSED=transposed, LORA_RANK=rank,
-        NESTED_BLOCKSIZE=storage.nested_blocksize, PAIR_LOOKUP=config.pair_lookup,
+        NESTED_BLOCKSIZE=storage.nested_blocksize,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
-
-
-def _code_pairs(storage) -> torch.Tensor:
-    """(256,) int64: for each byte value, the float32 codes of its high and low nibble (high in the low 32 bits),
-    made once per storage and device."""
-    pairs = getattr(storage, "_nf4_code_pairs", None)
-    if pairs is None or pairs.device != storage.code.device:
-        byte = torch.arange(256, device=storage.code.device)
-        pairs = torch.stack([storage.code[byte >> 4], storage.code[byte & 15]], dim=1).float().contiguous().view(torch.int64).reshape(256)
-        storage._nf4_code_pairs = pairs
-    return pairs
