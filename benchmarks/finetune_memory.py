@@ -206,6 +206,9 @@ def run_path(args) -> dict:
             step_times.append(time.perf_counter() - t0)
     timed = sum(step_times)
     paths = path_counts(peft_model)
+    from moekit.finetune import nf4_grouped_mm
+
+    nf4_gemm_launches = dict(nf4_grouped_mm.launches)  # the moekit-nf4-gemm path: proof that the kernel ran
     compiled = None
     if args.path == "moekit-compiled":
         from torch._dynamo.utils import counters
@@ -220,7 +223,7 @@ def run_path(args) -> dict:
         "peak_gb": _memory(torch, device), "phase_peaks_gb": dict(PHASE_PEAKS),
         "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
         "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, "compiled": compiled,
-        "graph_replays": captured.replays if captured else None, **busy,
+        "graph_replays": captured.replays if captured else None, "nf4_gemm_launches": nf4_gemm_launches, **busy,
     }  # fmt: skip
 
 

@@ -20,6 +20,7 @@ expert's tiles returns at once.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,8 @@ CONFIGS = {
     True: KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),  # dy @ W
 }
 NF4_BLOCKSIZE = 64  # weights per absmax; the kernel reads whole blocks along `in`
+# calls per direction from Python (a replayed CUDA graph repeats its launches without counting them): which GEMMs ran
+launches: Counter = Counter()
 
 
 if triton is not None:
@@ -158,6 +161,7 @@ def nf4_grouped_mm(inputs: torch.Tensor, storage, offsets: torch.Tensor, transpo
         hidden = torch.nn.functional.pad(hidden, (0, rank - hidden.shape[1])) if rank != hidden.shape[1] else hidden.contiguous()
         scaled_b = torch.nn.functional.pad(scaled_b, (0, rank - scaled_b.shape[2])) if rank != scaled_b.shape[2] else scaled_b.contiguous()
     out = inputs.new_empty(rows, produced)
+    launches["dy @ W" if transposed else "x @ W^T"] += 1
     grid = (triton.cdiv(produced, config.block_n), triton.cdiv(rows, config.block_m) + experts)
     nf4_grouped_mm_kernel[grid](
         inputs, storage._packed(), storage.absmax, storage.nested_absmax, storage.nested_code, storage.offset.reshape(1).float(), storage.code,
