@@ -7,7 +7,7 @@ its recomputation, dy @ W in the backward), every tile configuration in TILES: G
 Routing is uniform (rows = tokens * top-k, the same count per expert). Prints a table and writes JSON with --out.
 
     python benchmarks/nf4_grouped_mm.py                       # one H100/H200, about 3 minutes
-    python benchmarks/nf4_grouped_mm.py --shapes 4x7b-gate_up --tiles 128,128,64,8,4 --tiles 256,128,64,8,3
+    python benchmarks/nf4_grouped_mm.py --shapes 4x7b-gate_up --tiles 256,128,64,8,3 --tiles 128,128,64,8,4
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ SHAPES = {
 }
 # block_m, block_n, block_k, num_warps, num_stages
 TILES = [
+    (256, 128, 64, 8, 3),  # the default (nf4_grouped_mm.CONFIGS)
+    (256, 128, 64, 8, 4),
     (128, 128, 64, 8, 4),
-    (128, 128, 64, 4, 4),
     (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
+    (256, 128, 128, 8, 2),
+    (128, 128, 64, 4, 4),
     (64, 256, 64, 4, 3),
-    (128, 128, 128, 8, 3),
-    (128, 64, 64, 4, 5),
 ]
 
 

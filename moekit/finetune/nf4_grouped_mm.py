@@ -42,10 +42,13 @@ class KernelConfig:
     num_stages: int
 
 
-# per direction; benchmarks/nf4_grouped_mm.py sweeps the alternatives on a GPU
+# per direction; benchmarks/nf4_grouped_mm.py sweeps the alternatives on a GPU. Chosen without one, from the
+# compiled loop for sm90: per 64-wide step a 128 x 128 tile issues about 2,500 warp instructions (dequantization,
+# lookups, copies) against 512 cycles of tensor-core work, more than the 4 schedulers issue in that time; 256 x 128
+# issues about 2,800 against 1,024 cycles, so the tensor cores, not the issue slots, set its pace
 CONFIGS = {
-    False: KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),  # x @ W^T
-    True: KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),  # dy @ W
+    False: KernelConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),  # x @ W^T
+    True: KernelConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),  # dy @ W
 }
 NF4_BLOCKSIZE = 64  # weights per absmax; the kernel reads whole blocks along `in`
 # calls per direction from Python (a replayed CUDA graph repeats its launches without counting them): which GEMMs ran
@@ -55,7 +58,7 @@ launches: Counter = Counter()
 if triton is not None:
 
     @triton.jit
-    def _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight, rows, col_start,
+    def _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codes, first_weight, rows, col_start,
                          ROWS: tl.constexpr, COLS: tl.constexpr, IN_FEATURES: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
         # weights [rows, col_start : col_start + COLS) of one expert's (out, in) matrix, `first_weight` its flat
         # index: (ROWS, COLS) float32. COLS is whole absmax blocks of 64 weights = 32 bytes, col_start on one
@@ -65,10 +68,11 @@ if triton is not None:
         block = start // 64 + tl.arange(0, COLS // 64)[None, :]  # (ROWS, COLS / 64)
         absmax = _mul_rn(tl.load(nested_code_ptr + tl.load(absmax_ptr + block).to(tl.int32)), tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE))
         absmax = tl.broadcast_to(tl.reshape(absmax + offset, [ROWS, COLS // 64, 1]), [ROWS, COLS // 64, 32])
-        # the 16 float32 codes are 64 bytes, one cache line: a warp's 32 lookups are served at once (a 256-entry
-        # table of byte pairs would halve the lookups but spread each warp's over about 16 lines)
-        high = _mul_rn(tl.load(code_ptr + (packed >> 4)), absmax)  # the first weight of a byte is its high nibble
-        low = _mul_rn(tl.load(code_ptr + (packed & 15)), absmax)
+        # codes: the 16 float32 NF4 values in registers; tl.gather looks them up through shared memory (one load per
+        # weight; a gather from global memory took three instructions: address, async copy, shared load)
+        flat = tl.reshape(packed, [ROWS * COLS // 2])
+        high = _mul_rn(tl.reshape(tl.gather(codes, flat >> 4, 0), [ROWS, COLS // 64, 32]), absmax)
+        low = _mul_rn(tl.reshape(tl.gather(codes, flat & 15, 0), [ROWS, COLS // 64, 32]), absmax)
         return tl.reshape(tl.join(high, low), [ROWS, COLS])  # high, low, high, low, ... along each row
 
     @triton.jit
@@ -98,6 +102,7 @@ if triton is not None:
         produced: tl.constexpr = IN_FEATURES if TRANSPOSED else OUT_FEATURES
         first_weight = expert.to(tl.int64) * OUT_FEATURES * IN_FEATURES
         offset = tl.load(offset_ptr)
+        codes = tl.load(code_ptr + tl.arange(0, 16))  # (16,) the NF4 code book
         rows = row_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_mask = rows < row_end
         columns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) of the output
@@ -106,11 +111,11 @@ if triton is not None:
             ks = k + tl.arange(0, BLOCK_K)
             inputs = tl.load(inputs_ptr + rows.to(tl.int64)[:, None] * inputs_row_stride + ks[None, :], mask=row_mask[:, None], other=0.0)
             if TRANSPOSED:  # weight rows ks (out), columns of this tile (in): (BLOCK_K, BLOCK_N)
-                weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight, ks,
+                weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codes, first_weight, ks,
                                           tile_n * BLOCK_N, BLOCK_K, BLOCK_N, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
                 accumulator = tl.dot(inputs, weight.to(inputs.dtype), accumulator)
             else:  # weight rows of this tile (out), columns ks (in): (BLOCK_N, BLOCK_K)
-                weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, code_ptr, first_weight,
+                weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codes, first_weight,
                                           columns, k, BLOCK_N, BLOCK_K, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
                 accumulator = tl.dot(inputs, tl.trans(weight.to(inputs.dtype)), accumulator)
         if LORA_RANK > 0:  # + h_e @ (s B_e)^T: hidden (rows, r), scaled_b (experts, out, r)
