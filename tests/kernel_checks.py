@@ -102,6 +102,8 @@ def nf4_grouped_mm() -> None:
             assert got.dtype == dtype, (got.dtype, dtype)
             atol = tolerance * expected.abs().max().item()
             torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=atol, msg=f"{shape} {transposed=} {lora=}")
+            strided = inputs.T.contiguous().T  # the same rows, column-major
+            assert torch.equal(nf4_grouped_mm(strided, storage, offsets, transposed=transposed, config=config, **extra), got)
 
 
 def nf4_grouped_mm_in_the_expert_block() -> None:

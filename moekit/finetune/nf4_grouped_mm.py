@@ -155,7 +155,8 @@ def nf4_grouped_mm(inputs: torch.Tensor, storage, offsets: torch.Tensor, transpo
     config = config or CONFIGS[transposed]
     rows = inputs.shape[0]
     reduced, produced = (out_features, in_features) if transposed else (in_features, out_features)
-    if inputs.shape[1] != reduced or inputs.stride(1) != 1 or not fits(storage.shape, transposed, config):
+    inputs = inputs if inputs.stride(1) == 1 else inputs.contiguous()  # rows may be apart; their elements may not
+    if inputs.shape[1] != reduced or not fits(storage.shape, transposed, config):
         raise ValueError(f"inputs {tuple(inputs.shape)} or tiles {config} do not fit the projection {storage.shape} (transposed={transposed})")
     rank = 0
     if hidden is not None:
