@@ -59,7 +59,7 @@ def worker(args) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from moekit.finetune import quantize
+    from moekit.finetune import nf4_grouped_mm, quantize
     from moekit.finetune.experts import path_counts
     from moekit.finetune.options import FinetuneOptions
     from moekit.finetune.trainer import _make_trainer
@@ -77,6 +77,10 @@ def worker(args) -> None:
         from moekit.finetune import experts
 
         experts.DEQUANTIZED_SLICE_BYTES = args.slice_mib * 2**20
+    if args.nf4_gemm:  # grouped GEMMs that read the NF4 experts themselves: no dequantization passes per step
+        from moekit.finetune.expert_storage import NF4Storage
+
+        NF4Storage.use_grouped_mm_kernel = True
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     config = make_config("mixtral", SHAPES[args.shape])
     started = time.time()
@@ -145,7 +149,7 @@ def worker(args) -> None:
         "step_s": step_s, "tokens_per_s": per_device * world * args.seq / step_s,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][:6],
         "expert_paths": path_counts(trainer.model_wrapped), "checkpoint_round_trip": round_trip, "cuda_graphs": trainer.cuda_graph_summary(),
-        **timing.get("busy", {}),
+        "nf4_gemm_launches": dict(nf4_grouped_mm.launches), **timing.get("busy", {}),
     }  # fmt: skip
     Path(args.out, f"{args.worker}-rank{rank}.json").write_text(json.dumps(result, indent=1))
 
@@ -263,6 +267,8 @@ def run_mode(mode: str, args, timeout: float) -> list[dict]:
         common += ["--slice-mib", str(args.slice_mib)]
     if not args.cuda_graphs:
         common.append("--no-cuda-graphs")
+    if args.nf4_gemm:
+        common.append("--nf4-gemm")
     gpus = visible_gpus()
     env = {
         **os.environ,
@@ -389,6 +395,7 @@ def main() -> None:
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="moekit finetune's --cuda-graphs (single and ddp modes) [default: on]."
     )
+    parser.add_argument("--nf4-gemm", action="store_true", help="Grouped GEMMs that read the NF4 experts themselves (NF4Storage.use_grouped_mm_kernel).")
     parser.add_argument("--budget-s", type=float, default=510, help="Seconds for all modes; modes that would start past it are skipped.")
     parser.add_argument("--tiny", action="store_true", help="Tiny shape for a CPU smoke test.")
     parser.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
@@ -428,7 +435,8 @@ def main() -> None:
 def write_results(args, rows: list[dict]) -> str:
     summarized = summary(rows)
     results = {"shape": args.shape, "config": SHAPES[args.shape], "seq": args.seq, "global_batch": args.batch, "warmup": args.warmup,
-               "steps": args.steps, "slice_mib": args.slice_mib, "cuda_graphs": args.cuda_graphs, "rows": rows, "summary": summarized}  # fmt: skip
+               "steps": args.steps, "slice_mib": args.slice_mib, "cuda_graphs": args.cuda_graphs, "nf4_gemm": args.nf4_gemm,
+               "rows": rows, "summary": summarized}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(summarized)
     (args.out / "results.md").write_text(table + "\n")
