@@ -112,7 +112,10 @@ class _FrozenExpertLinear(torch.autograd.Function):
 
     With `hidden` = x A_e^T and `scaled_b` = alpha / r * B_e, the LoRA up-projection is folded in: one grouped GEMM
     [x | h] @ [W_e | s B_e]^T. The separate LoRA product would write a (rows, out) tensor and add it to the frozen
-    one; this copies the (rows, in) input instead, so it pays where out > in (gate_up, fc1)."""
+    one; this copies the (rows, in) input instead, so it pays where out > in (gate_up, fc1).
+
+    Where the storage multiplies by itself (`multiplies_grouped`: the NF4 GEMM of `nf4_grouped_mm`), no weight is
+    dequantized at all, and h (s B_e)^T is one more step of that GEMM's accumulation."""
 
     @staticmethod
     def forward(ctx, inputs, offsets, storage: ExpertStorage, grouped: bool, hidden=None, scaled_b=None):
