@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from moekit.finetune import nf4_grouped_mm, nf4_kernel
-
-NF4_BLOCKSIZE = 64
+from moekit.finetune.nf4_kernel import NF4_BLOCKSIZE
 
 
 class ExpertStorage(nn.Module):

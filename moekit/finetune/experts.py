@@ -93,15 +93,16 @@ def _grouped_weight_grad(grad_output: torch.Tensor, inputs: torch.Tensor, offset
     return torch.stack(grads)
 
 
-def _frozen_weight(storage: ExpertStorage, scaled_b: torch.Tensor | None, rows: tuple[int, int], whole: bool, dtype: torch.dtype) -> torch.Tensor:
+def _frozen_weight(storage: ExpertStorage, scaled_b: torch.Tensor | None, rows: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """W for rows [start, end) of every expert, (experts, end - start, in); with `scaled_b`, [W_e | s B_e]
     (experts, end - start, in + r), W dequantized straight into the first columns."""
-    if scaled_b is None:
-        return storage.dequantize(dtype, rows=None if whole else rows)
-    experts, _, in_features = storage.shape
+    experts, out_features, in_features = storage.shape
     start, end = rows
+    rows_or_all = None if (start, end) == (0, out_features) else rows
+    if scaled_b is None:
+        return storage.dequantize(dtype, rows=rows_or_all)
     weight = torch.empty(experts, end - start, in_features + scaled_b.shape[-1], dtype=dtype, device=scaled_b.device)
-    storage.dequantize_into(weight[:, :, :in_features], rows=None if whole else rows)
+    storage.dequantize_into(weight[:, :, :in_features], rows=rows_or_all)
     weight[:, :, in_features:] = scaled_b[:, start:end]
     return weight
 
@@ -128,34 +129,36 @@ class _FrozenExpertLinear(torch.autograd.Function):
         slices = ctx.slices = row_slices(storage, inputs.dtype)
         stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
         if len(slices) == 1:
-            return _grouped_mm(stacked, _frozen_weight(storage, scaled_b, slices[0], True, inputs.dtype).transpose(1, 2), offsets, grouped)
+            return _grouped_mm(stacked, _frozen_weight(storage, scaled_b, slices[0], inputs.dtype).transpose(1, 2), offsets, grouped)
         outputs = inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out)
         for rows in slices:
-            weight = _frozen_weight(storage, scaled_b, rows, False, inputs.dtype)  # (experts, end - start, in [+ r])
+            weight = _frozen_weight(storage, scaled_b, rows, inputs.dtype)  # (experts, end - start, in [+ r])
             outputs[:, rows[0] : rows[1]] = _grouped_mm(stacked, weight.transpose(1, 2), offsets, grouped)
         return outputs
 
     @staticmethod
     def backward(ctx, grad_output):
         offsets, hidden, scaled_b = ctx.saved_tensors
+        needs = (*ctx.needs_input_grad, False, False)  # called without hidden, scaled_b: 4 inputs
+        needs_inputs, needs_hidden, needs_scaled_b = needs[0], needs[4], needs[5]
+        grad_inputs = grad_hidden = grad_scaled_b = None
         if ctx.in_kernel:
-            grad_inputs = ctx.storage.grouped_matmul(grad_output.contiguous(), offsets, transposed=True) if ctx.needs_input_grad[0] else None
-            if hidden is None:
-                return grad_inputs, None, None, None, None, None
-            grad_hidden = _grouped_mm(grad_output, scaled_b, offsets, ctx.grouped) if ctx.needs_input_grad[4] else None  # (rows, r)
-            grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped) if ctx.needs_input_grad[5] else None
-            return grad_inputs, None, None, None, grad_hidden, grad_scaled_b
-        grad_stacked = None  # (rows, in [+ r]): d inputs (and d hidden) = sum over row slices of grad_output[:, slice] @ W[:, slice]
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+            if needs_inputs:
+                grad_inputs = ctx.storage.grouped_matmul(grad_output.contiguous(), offsets, transposed=True)  # (rows, in)
+            if needs_hidden:
+                grad_hidden = _grouped_mm(grad_output, scaled_b, offsets, ctx.grouped)  # (rows, r)
+        elif needs_inputs or needs_hidden:
+            grad_stacked = None  # (rows, in [+ r]): sum over row slices of grad_output[:, slice] @ [W | s B][:, slice]
             for start, end in ctx.slices:
-                weight = _frozen_weight(ctx.storage, scaled_b, (start, end), len(ctx.slices) == 1, grad_output.dtype)
+                weight = _frozen_weight(ctx.storage, scaled_b, (start, end), grad_output.dtype)
                 part = _grouped_mm(grad_output[:, start:end].contiguous(), weight, offsets, ctx.grouped)
                 grad_stacked = part if grad_stacked is None else grad_stacked.add_(part)
-        if hidden is None:
-            return grad_stacked, None, None, None, None, None
-        grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped) if ctx.needs_input_grad[5] else None
-        in_features = ctx.storage.shape[2]
-        return grad_stacked[:, :in_features], None, None, None, grad_stacked[:, in_features:].contiguous(), grad_scaled_b
+            in_features = ctx.storage.shape[2]
+            grad_inputs = grad_stacked[:, :in_features]
+            grad_hidden = grad_stacked[:, in_features:].contiguous() if hidden is not None else None
+        if needs_scaled_b:
+            grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped)  # (experts, out, r)
+        return grad_inputs, None, None, None, grad_hidden, grad_scaled_b
 
 
 class ExpertBlock(nn.Module):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.finetune.nf4_kernel import triton
+from moekit.finetune.nf4_kernel import NF4_BLOCKSIZE, triton
 
 if triton is not None:
     import triton.language as tl
@@ -50,7 +50,6 @@ CONFIGS = {
     False: KernelConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),  # x @ W^T
     True: KernelConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),  # dy @ W
 }
-NF4_BLOCKSIZE = 64  # weights per absmax; the kernel reads whole blocks along `in`
 # calls per direction from Python (a replayed CUDA graph repeats its launches without counting them): which GEMMs ran
 launches: Counter = Counter()
 

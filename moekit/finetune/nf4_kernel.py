@@ -18,6 +18,7 @@ import os
 
 import torch
 
+NF4_BLOCKSIZE = 64  # weights per absmax, as moekit quantizes them
 BYTES_PER_PROGRAM = 2048  # 4,096 weights per program
 
 
