@@ -28,9 +28,9 @@ attention + all experts with gradient checkpointing and bf16 autocast:
   folded into the frozen GEMM where that pays (`ExpertBlock.fold_lora`);
 - moekit-unfused-norms (--paths): moekit (replayed) with transformers' own RMSNorm instead of the fused Triton kernels;
 - moekit-nf4-gemm (--paths): moekit (replayed) with grouped GEMMs that read the NF4 expert weights themselves
-  (`nf4_grouped_mm`) instead of dequantizing each projection and calling torch's grouped GEMM (LoRA then apart);
+  (`nf4_grouped_mm`, LoRA folded in) instead of dequantizing each projection and calling torch's grouped GEMM;
 - moekit-offload (--paths): moekit with the checkpointed layers' inputs in pinned CPU memory (`--offload-activations`),
-  replayed from the CUDA graph like moekit.
+  replayed from the CUDA graph like moekit; moekit-nf4-gemm-offload: both.
 The other moekit-... variants run eagerly (no CUDA graph), to compare with moekit-eager.
 LoRA dropout is 0 everywhere (PEFT's fused-parameter LoRA refuses any other value; moekit's default).
 
@@ -180,17 +180,18 @@ def run_path(args) -> dict:
         from moekit.finetune import rmsnorm_kernel
 
         rmsnorm_kernel.use_triton_kernel = False
-    if args.path == "moekit-nf4-gemm":  # no dequantized expert weight: the GEMM reads the 4-bit bytes
+    if args.path.startswith("moekit-nf4-gemm"):  # no dequantized expert weight: the GEMM reads the 4-bit bytes
         from moekit.finetune.expert_storage import NF4Storage
 
         NF4Storage.use_grouped_mm_kernel = True
-    if args.path in ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms", "moekit-nf4-gemm") and device.type == "cuda":
+    replayed = ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms", "moekit-nf4-gemm", "moekit-nf4-gemm-offload")
+    if args.path in replayed and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep
         from moekit.finetune.offload import CheckpointInputOffload
         from moekit.finetune.quantize import enable_checkpointing
 
         enable_checkpointing(peft_model, preserve_rng_state=False)
-        offload = CheckpointInputOffload() if args.path == "moekit-offload" else None
+        offload = CheckpointInputOffload() if args.path.endswith("-offload") else None
 
         def step_fn(batch):
             with offload.hooks(config.hidden_size) if offload is not None else nullcontext():

@@ -31,7 +31,8 @@ def check(compiled, capability: int) -> None:
 
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("transposed, lora_rank", [(False, 0), (False, 16), (True, 0)], ids=["x@W^T", "x@W^T+LoRA", "dy@W"])
-def test_the_nf4_grouped_gemm_compiles_without_spills_within_shared_memory(capability, transposed, lora_rank):
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["x-first", "weight-first"])
+def test_the_nf4_grouped_gemm_compiles_without_spills_within_shared_memory(capability, transposed, lora_rank, swap_ab):
     from moekit.finetune.nf4_grouped_mm import CONFIGS, nf4_grouped_mm_kernel
 
     pointers = ["inputs", "packed", "absmax", "nested_absmax", "nested_code", "offset", "code", "offsets", "hidden", "scaled_b", "out"]
@@ -41,7 +42,7 @@ def test_the_nf4_grouped_gemm_compiles_without_spills_within_shared_memory(capab
     config = CONFIGS[transposed]
     constants = dict(
         EXPERTS=SHAPE[0], OUT_FEATURES=SHAPE[1], IN_FEATURES=SHAPE[2], TRANSPOSED=transposed, LORA_RANK=lora_rank, NESTED_BLOCKSIZE=256,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=swap_ab,
     )  # fmt: skip
     compiled = compile_kernel(nf4_grouped_mm_kernel, signature, constants, capability, config.num_warps, config.num_stages)
     check(compiled, capability)

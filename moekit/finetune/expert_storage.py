@@ -88,8 +88,9 @@ class NF4Storage(ExpertStorage):
     bits = 4
     # on CUDA with Triton installed: one fused launch per dequantization (`nf4_kernel`), bit-identical to bitsandbytes
     use_triton_kernel = True
-    # the grouped GEMM reads the packed weight itself (`nf4_grouped_mm`): no dequantized projection is written. Off
-    # until measured against dequantize + torch's grouped GEMM (`benchmarks/finetune_memory.py --paths moekit-nf4-gemm`)
+    # the grouped GEMM reads the packed weight itself (`nf4_grouped_mm`): no dequantized projection is written. Off by
+    # default: about 440 TFLOP/s against torch's grouped GEMM's 610 on dequantized weights (H200), so it trades speed
+    # for memory; `moekit finetune --nf4-gemm` turns it on per storage (`read_nf4_in_gemms`)
     use_grouped_mm_kernel = False
 
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, quant_storage: torch.dtype, device):
@@ -178,6 +179,15 @@ class Int8Storage(ExpertStorage):
         scales = (self.row_absmax.view(experts, out_features)[:, start:end] / 127)[..., None]  # (experts, rows, 1)
         weight = codes.to(dtype or self.compute_dtype)
         return weight.mul_(scales.to(weight.dtype))
+
+
+def read_nf4_in_gemms(model: nn.Module) -> int:
+    """Makes every NF4 expert projection of `model` multiply through `nf4_grouped_mm` where the kernel runs (CUDA,
+    dimensions in whole tiles); returns how many projections were switched."""
+    storages = [module for module in model.modules() if isinstance(module, NF4Storage)]
+    for storage in storages:
+        storage.use_grouped_mm_kernel = True
+    return len(storages)
 
 
 def quantize_tensor(weight: torch.Tensor, *, bits: int, compute_dtype: torch.dtype, quant_storage: torch.dtype, device) -> ExpertStorage:

@@ -40,15 +40,18 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    # compute out^T = W @ x^T: the dequantized weight is the tensor cores' first operand, which sm90 reads from
+    # registers, instead of the second, which it reads from shared memory
+    swap_ab: bool = False
 
 
-# per direction; benchmarks/nf4_grouped_mm.py sweeps the alternatives on a GPU. Chosen without one, from the
-# compiled loop for sm90: per 64-wide step a 128 x 128 tile issues about 2,500 warp instructions (dequantization,
-# lookups, copies) against 512 cycles of tensor-core work, more than the 4 schedulers issue in that time; 256 x 128
-# issues about 2,800 against 1,024 cycles, so the tensor cores, not the issue slots, set its pace
+# per direction, the fastest of benchmarks/nf4_grouped_mm.py's sweep on an H200 (4x7B projections, 4,096 rows). The
+# weight goes first in both: sm90 then reads the dequantized tile from registers rather than from shared memory
+# (x @ W^T: 435 against 339 TFLOP/s). For dy @ W a 64-row weight tile on 4 warps leaves room for two programs per SM,
+# one dequantizing while the other multiplies (331 against 304 TFLOP/s for the best weight-second tile)
 CONFIGS = {
-    False: KernelConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),  # x @ W^T
-    True: KernelConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),  # dy @ W
+    False: KernelConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, swap_ab=True),  # x @ W^T
+    True: KernelConfig(block_m=256, block_n=64, block_k=64, num_warps=4, num_stages=3, swap_ab=True),  # dy @ W
 }
 # calls per direction from Python (a replayed CUDA graph repeats its launches without counting them): which GEMMs ran
 launches: Counter = Counter()
@@ -79,7 +82,7 @@ if triton is not None:
                               hidden_ptr, scaled_b_ptr, out_ptr, inputs_row_stride, hidden_row_stride, out_row_stride,
                               EXPERTS: tl.constexpr, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, TRANSPOSED: tl.constexpr,
                               LORA_RANK: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):  # fmt: skip
         # not TRANSPOSED: out = inputs @ W_e^T, reducing over IN_FEATURES; TRANSPOSED: out = inputs @ W_e, over OUT_FEATURES
         tile_n = tl.program_id(0)
         tile_m = tl.program_id(1)
@@ -105,25 +108,36 @@ if triton is not None:
         rows = row_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         row_mask = rows < row_end
         columns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) of the output
-        accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # (BLOCK_M, BLOCK_N), or its transpose with SWAP_AB
+        accumulator = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, reduced, BLOCK_K):
             ks = k + tl.arange(0, BLOCK_K)
             inputs = tl.load(inputs_ptr + rows.to(tl.int64)[:, None] * inputs_row_stride + ks[None, :], mask=row_mask[:, None], other=0.0)
             if TRANSPOSED:  # weight rows ks (out), columns of this tile (in): (BLOCK_K, BLOCK_N)
                 weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codes, first_weight, ks,
                                           tile_n * BLOCK_N, BLOCK_K, BLOCK_N, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
-                accumulator = tl.dot(inputs, weight.to(inputs.dtype), accumulator)
+                weight_t = tl.trans(weight.to(inputs.dtype))  # (BLOCK_N, BLOCK_K)
             else:  # weight rows of this tile (out), columns ks (in): (BLOCK_N, BLOCK_K)
-                weight = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codes, first_weight,
-                                          columns, k, BLOCK_N, BLOCK_K, IN_FEATURES, NESTED_BLOCKSIZE)  # fmt: skip
-                accumulator = tl.dot(inputs, tl.trans(weight.to(inputs.dtype)), accumulator)
+                weight_t = _dequantize_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, codes, first_weight,
+                                            columns, k, BLOCK_N, BLOCK_K, IN_FEATURES, NESTED_BLOCKSIZE).to(inputs.dtype)  # fmt: skip
+            if SWAP_AB:
+                accumulator = tl.dot(weight_t, tl.trans(inputs), accumulator)
+            else:
+                accumulator = tl.dot(inputs, tl.trans(weight_t), accumulator)
         if LORA_RANK > 0:  # + h_e @ (s B_e)^T: hidden (rows, r), scaled_b (experts, out, r)
             ranks = tl.arange(0, LORA_RANK)
             hidden = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * hidden_row_stride + ranks[None, :], mask=row_mask[:, None], other=0.0)
             scaled_b = tl.load(scaled_b_ptr + (expert.to(tl.int64) * OUT_FEATURES + columns)[:, None] * LORA_RANK + ranks[None, :])
-            accumulator = tl.dot(hidden, tl.trans(scaled_b), accumulator)  # (BLOCK_M, BLOCK_N)
+            if SWAP_AB:
+                accumulator = tl.dot(scaled_b, tl.trans(hidden), accumulator)  # (BLOCK_N, BLOCK_M)
+            else:
+                accumulator = tl.dot(hidden, tl.trans(scaled_b), accumulator)  # (BLOCK_M, BLOCK_N)
+        mask = row_mask[:, None] & (columns < produced)[None, :]
         out = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + columns[None, :]
-        tl.store(out, accumulator.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (columns < produced)[None, :])
+        if SWAP_AB:
+            tl.store(tl.trans(out), accumulator.to(out_ptr.dtype.element_ty), mask=tl.trans(mask))
+        else:
+            tl.store(out, accumulator.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def supports(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> bool:
@@ -173,7 +187,7 @@ def nf4_grouped_mm(inputs: torch.Tensor, storage, offsets: torch.Tensor, transpo
         offsets, hidden if hidden is not None else inputs, scaled_b if scaled_b is not None else inputs, out,
         inputs.stride(0), hidden.stride(0) if hidden is not None else 0, out.stride(0),
         EXPERTS=experts, OUT_FEATURES=out_features, IN_FEATURES=in_features, TRANSPOSED=transposed, LORA_RANK=rank,
-        NESTED_BLOCKSIZE=storage.nested_blocksize,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        NESTED_BLOCKSIZE=storage.nested_blocksize, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SWAP_AB=config.swap_ab, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

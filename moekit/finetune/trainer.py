@@ -131,6 +131,14 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     set_seed(options.seed)  # LoRA initialisation draws from the global generator
     peft_model, table = apply_targets(base, options)
     echo(table.render())
+    if options.nf4_gemm:
+        from moekit.finetune.expert_storage import read_nf4_in_gemms
+
+        switched = read_nf4_in_gemms(peft_model)
+        if device.type != "cuda":
+            echo("--nf4-gemm: its kernel needs a CUDA GPU; the expert projections are dequantized as usual")
+        elif not switched:
+            echo("--nf4-gemm: this model has no NF4 expert blocks; nothing changes")
     teacher = _load_teacher(teacher_path, compute_dtype, device_map, options) if teacher_path is not None else None
     snapshot = snapshot_trainable(peft_model)
 
@@ -916,10 +924,13 @@ class ExpertPathCallback(TrainerCallback):
         if state.global_step != 1:
             return
         from moekit.finetune.experts import path_counts
+        from moekit.finetune.nf4_grouped_mm import launches
 
         counts = path_counts(self.model)
         if counts["grouped"] or counts["per_expert"]:
-            self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step)")
+            reading = sum(launches.values())  # --nf4-gemm: proof that its kernel ran
+            nf4 = f"; {reading} GEMMs read the NF4 weights" if reading else ""
+            self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step{nf4})")
 
 
 class JsonlLogCallback(TrainerCallback):

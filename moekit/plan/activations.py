@@ -52,6 +52,15 @@ def grouped_experts(shape: ModelShape) -> bool:
     return runs_grouped(dims, COMPUTE_BYTES, "cuda", bf16=True, cuda_capability=GROUPED_CUDA_CAPABILITY)
 
 
+# dimensions that the NF4 grouped GEMM tiles whole in both directions (`nf4_grouped_mm.fits` with its CONFIGS)
+NF4_GEMM_TILE = 128
+
+
+def reads_nf4_in_gemms(shape: ModelShape) -> bool:
+    """Whether --nf4-gemm's kernel runs for every expert projection: all their dimensions in whole tiles."""
+    return all(size % NF4_GEMM_TILE == 0 for lin in shape.expert_mlp for size in (lin.out_features, lin.in_features))
+
+
 def activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: int, targets: Trainable) -> dict[str, int]:
     tokens = batch * seq
     h = shape.hidden
@@ -73,7 +82,10 @@ def activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: in
     # gradients of all routed tokens together; otherwise one linear layer and one expert at a time.
     largest = max(lin.weight_numel for lin in shape.attention + shape.expert_mlp)
     if grouped_experts(shape):  # bf16 expert weights are used as they are
-        weights_at_once, rows_at_once = (shape.experts * largest if options.bits < 16 else 0), tokens * shape.top_k
+        dequantized = shape.experts * largest
+        if options.nf4_gemm and reads_nf4_in_gemms(shape):  # only attention's linears are dequantized, one at a time
+            dequantized = max(lin.weight_numel for lin in shape.attention)
+        weights_at_once, rows_at_once = (dequantized if options.bits < 16 else 0), tokens * shape.top_k
     else:
         weights_at_once = largest if options.bits < 16 else 0  # bf16 weights are used as they are
         rows_at_once = -(-tokens * shape.top_k // max(shape.experts, 1))
