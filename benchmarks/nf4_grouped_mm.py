@@ -24,23 +24,23 @@ SHAPES = {
     "8x7b-gate_up": ((8, 28672, 4096), 4096),
     "phixtral-fc1": ((4, 10240, 2560), 4096),
 }
-# block_m, block_n, block_k, num_warps, num_stages, swap_ab (1: the weight is the first operand, out^T = W @ x^T)
+# block_m, block_n, block_k, num_warps, num_stages, swap_ab (1: the weight is the first operand, out^T = W @ x^T),
+# rows_first (1: the row tiles of one output column are launched together)
 TILES = [
-    (256, 128, 64, 8, 3, 1),  # nf4_grouped_mm.CONFIGS[False]
-    (256, 64, 64, 4, 3, 1),  # nf4_grouped_mm.CONFIGS[True]
-    (256, 128, 64, 8, 3, 0),
-    (256, 128, 128, 8, 2, 0),
-    (256, 64, 64, 4, 2, 1),
-    (128, 64, 64, 4, 3, 1),
-    (128, 128, 64, 4, 3, 1),
-    (128, 64, 128, 4, 2, 1),
+    (256, 128, 64, 8, 3, 1, 0),  # nf4_grouped_mm.CONFIGS[False]
+    (256, 64, 64, 4, 3, 1, 0),  # nf4_grouped_mm.CONFIGS[True]
+    (256, 128, 64, 8, 3, 0, 0),
+    (256, 128, 64, 8, 3, 1, 1),
+    (256, 64, 64, 4, 3, 1, 1),
+    (256, 64, 64, 4, 2, 1, 1),
+    (256, 128, 64, 8, 4, 1, 1),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
-    parser.add_argument("--tiles", action="append", help="block_m,block_n,block_k,warps,stages[,swap_ab] (repeatable; default: TILES)")
+    parser.add_argument("--tiles", action="append", help="block_m,block_n,block_k,warps,stages[,swap_ab[,rows_first]] (repeatable; default: TILES)")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     args = parser.parse_args()
 
@@ -52,7 +52,7 @@ def main() -> None:
     from moekit.finetune.nf4_grouped_mm import KernelConfig, fits, nf4_grouped_mm
 
     tiles = [tuple(map(int, t.split(","))) for t in args.tiles] if args.tiles else TILES
-    tiles = [KernelConfig(*t[:5], swap_ab=bool(t[5:] and t[5])) for t in tiles]
+    tiles = [KernelConfig(*t[:5], *map(bool, t[5:])) for t in tiles]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     results = []
     for name in args.shapes.split(","):
@@ -74,7 +74,8 @@ def main() -> None:
             candidates = [("dequantize + grouped_mm", dequantize_then_gemm)]
             for t in tiles:
                 if fits(storage.shape, transposed, t):
-                    label = f"in-kernel {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}" + (" W-first" if t.swap_ab else "")
+                    label = f"in-kernel {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+                    label += (" W-first" if t.swap_ab else "") + (" rows-first" if t.rows_first else "")
                     candidates.append((label, lambda t=t, inputs=inputs, transposed=transposed: nf4_grouped_mm(inputs, storage, offsets, transposed, t)))
             for label, fn in candidates:
                 start = time.perf_counter()

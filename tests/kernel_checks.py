@@ -79,7 +79,7 @@ def rms_norm() -> None:
 def nf4_grouped_mm() -> None:
     """The grouped GEMM that reads NF4 weights itself equals bitsandbytes' dequantized weights times the rows of each
     expert, both ways (x @ W_e^T and dy @ W_e), and with a LoRA term added (rank padded), with the operands in either
-    order (`swap_ab`); an expert without rows and row tiles that end mid-expert included."""
+    order (`swap_ab`) and either launch order (`rows_first`); an expert without rows and row tiles that end mid-expert included."""
     from moekit.finetune.expert_storage import NF4Storage
     from moekit.finetune.nf4_grouped_mm import KernelConfig, nf4_grouped_mm
 
@@ -92,8 +92,8 @@ def nf4_grouped_mm() -> None:
         hidden = torch.randn(sum(counts), 12).to(dtype)
         scaled_b = torch.randn(shape[0], shape[1], 12).to(dtype)
         tolerance = max(2 * torch.finfo(dtype).eps, 1e-5)  # float32: the sums' order; float16: the output's rounding
-        for (transposed, lora), swap_ab in itertools.product([(False, False), (True, False), (False, True)], (False, True)):
-            config = KernelConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2, swap_ab=swap_ab)
+        for (transposed, lora), swap_ab, rows_first in itertools.product([(False, False), (True, False), (False, True)], (False, True), (False, True)):
+            config = KernelConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2, swap_ab=swap_ab, rows_first=rows_first)
             inputs = torch.randn(sum(counts), shape[1] if transposed else shape[2]).to(dtype)
             extra = {"hidden": hidden, "scaled_b": scaled_b} if lora else {}
             got = nf4_grouped_mm(inputs, storage, offsets, transposed=transposed, config=config, **extra)
@@ -102,7 +102,7 @@ def nf4_grouped_mm() -> None:
                 expected += torch.cat([hidden[s:e].float() @ scaled_b[i].float().T for i, (s, e) in groups])
             assert got.dtype == dtype, (got.dtype, dtype)
             atol = tolerance * expected.abs().max().item()
-            torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=atol, msg=f"{shape} {transposed=} {lora=} {swap_ab=}")
+            torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=atol, msg=f"{shape} {transposed=} {lora=} {swap_ab=} {rows_first=}")
             strided = inputs.T.contiguous().T  # the same rows, column-major
             assert torch.equal(nf4_grouped_mm(strided, storage, offsets, transposed=transposed, config=config, **extra), got)
 

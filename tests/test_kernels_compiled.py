@@ -42,7 +42,7 @@ def test_the_nf4_grouped_gemm_compiles_without_spills_within_shared_memory(capab
     config = CONFIGS[transposed]
     constants = dict(
         EXPERTS=SHAPE[0], OUT_FEATURES=SHAPE[1], IN_FEATURES=SHAPE[2], TRANSPOSED=transposed, LORA_RANK=lora_rank, NESTED_BLOCKSIZE=256,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=swap_ab,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWAP_AB=swap_ab, ROWS_FIRST=config.rows_first,
     )  # fmt: skip
     compiled = compile_kernel(nf4_grouped_mm_kernel, signature, constants, capability, config.num_warps, config.num_stages)
     check(compiled, capability)

@@ -31,7 +31,8 @@ def test_nf4_gemm_with_8_bits_is_one_message_through_the_cli(random_moe, tmp_pat
 def test_fsdp_with_nf4_gemm_is_refused(random_moe, tmp_path, capsys):
     from moekit.testing import run_cli
 
-    code, output = run_cli(["finetune", str(random_moe), "--data", "x.jsonl", "-o", str(tmp_path / "o"), "--fsdp", "--num-processes", "2", "--nf4-gemm"], capsys)
+    flags = ["--fsdp", "--num-processes", "2", "--nf4-gemm"]
+    code, output = run_cli(["finetune", str(random_moe), "--data", "x.jsonl", "-o", str(tmp_path / "o"), *flags], capsys)
     assert code != 0 and "--nf4-gemm is not verified under --fsdp" in output and "Traceback" not in output
 
 
@@ -41,8 +42,15 @@ def test_read_nf4_in_gemms_switches_every_nf4_projection_and_nothing_else():
 
     shapes = {"gate_up_proj": (4, 256, 128), "down_proj": (4, 128, 128)}
     blocks = torch.nn.ModuleList(
-        build_expert_block("mixtral", {name: torch.randn(shape) for name, shape in shapes.items()}, bits=bits, compute_dtype=torch.float32,
-                           quant_storage=torch.uint8, device="cpu", act_fn=torch.nn.SiLU())  # fmt: skip
+        build_expert_block(
+            "mixtral",
+            {name: torch.randn(shape) for name, shape in shapes.items()},
+            bits=bits,
+            compute_dtype=torch.float32,
+            quant_storage=torch.uint8,
+            device="cpu",
+            act_fn=torch.nn.SiLU(),
+        )  # fmt: skip
         for bits in (4, 4, 8, 16)
     )
     assert read_nf4_in_gemms(blocks) == 4  # two 4-bit blocks of two projections
@@ -112,7 +120,8 @@ def test_on_the_cpu_the_trainer_says_the_kernel_needs_a_gpu(random_moe, tmp_path
         pytest.skip("the CPU message")
     data = write_jsonl(tmp_path / "chat.jsonl", toy_conversations(8))
     lines: list[str] = []
-    options = FinetuneOptions(data=str(data), max_steps=2, warmup_ratio=0, learning_rate=5e-3, batch_size=4, max_seq_len=64, lora_r=4, nf4_gemm=True, target=["attn", "gate"])
+    options = FinetuneOptions(data=str(data), max_steps=2, warmup_ratio=0, learning_rate=5e-3, batch_size=4, max_seq_len=64, lora_r=4, nf4_gemm=True)
+    options.target = ["attn", "gate"]  # random routers may leave an expert without tokens in 2 steps
     finetune(random_moe, tmp_path / "out", options, echo=lines.append)
     assert any("--nf4-gemm: its kernel needs a CUDA GPU" in line for line in lines), lines
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

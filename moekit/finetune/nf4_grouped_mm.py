@@ -43,6 +43,9 @@ class KernelConfig:
     # compute out^T = W @ x^T: the dequantized weight is the tensor cores' first operand, which sm90 reads from
     # registers, instead of the second, which it reads from shared memory
     swap_ab: bool = False
+    # launch the row tiles of one column of the output next to each other, so that the programs running together
+    # share weight tiles (read once from memory, then from L2) instead of row tiles
+    rows_first: bool = False
 
 
 # per direction, the fastest of benchmarks/nf4_grouped_mm.py's sweep on an H200 (4x7B projections, 4,096 rows). The
@@ -81,11 +84,11 @@ if triton is not None:
     def nf4_grouped_mm_kernel(inputs_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offsets_ptr,
                               hidden_ptr, scaled_b_ptr, out_ptr, inputs_row_stride, hidden_row_stride, out_row_stride,
                               EXPERTS: tl.constexpr, OUT_FEATURES: tl.constexpr, IN_FEATURES: tl.constexpr, TRANSPOSED: tl.constexpr,
-                              LORA_RANK: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):  # fmt: skip
+                              LORA_RANK: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SWAP_AB: tl.constexpr, ROWS_FIRST: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         # not TRANSPOSED: out = inputs @ W_e^T, reducing over IN_FEATURES; TRANSPOSED: out = inputs @ W_e, over OUT_FEATURES
-        tile_n = tl.program_id(0)
-        tile_m = tl.program_id(1)
+        tile_n = tl.program_id(1 if ROWS_FIRST else 0)
+        tile_m = tl.program_id(0 if ROWS_FIRST else 1)
         # which expert's rows this row tile covers: experts' tiles follow each other, each expert's start on a tile
         expert, row_start, row_end = -1, 0, 0
         tiles_before, start = 0, 0
@@ -182,12 +185,13 @@ def nf4_grouped_mm(inputs: torch.Tensor, storage, offsets: torch.Tensor, transpo
     out = inputs.new_empty(rows, produced)
     launches["dy @ W" if transposed else "x @ W^T"] += 1
     grid = (triton.cdiv(produced, config.block_n), triton.cdiv(rows, config.block_m) + experts)
+    grid = grid[::-1] if config.rows_first else grid
     nf4_grouped_mm_kernel[grid](
         inputs, storage._packed(), storage.absmax, storage.nested_absmax, storage.nested_code, storage.offset.reshape(1).float(), storage.code,
         offsets, hidden if hidden is not None else inputs, scaled_b if scaled_b is not None else inputs, out,
         inputs.stride(0), hidden.stride(0) if hidden is not None else 0, out.stride(0),
         EXPERTS=experts, OUT_FEATURES=out_features, IN_FEATURES=in_features, TRANSPOSED=transposed, LORA_RANK=rank,
         NESTED_BLOCKSIZE=storage.nested_blocksize, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SWAP_AB=config.swap_ab, num_warps=config.num_warps, num_stages=config.num_stages,
+        SWAP_AB=config.swap_ab, ROWS_FIRST=config.rows_first, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
