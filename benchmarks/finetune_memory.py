@@ -7,7 +7,7 @@ Rows (each path of each row runs in its own subprocess, so peaks are clean):
 - 8x7b-16l: 8 experts, 16 layers (as benchmarks/fsdp_scaling.py), seq 1024, batch 2;
 - phixtral-4x2.8b: Phi-2-shaped Phixtral with 4 fc1/fc2 experts, seq 1024, batch 2;
 - cli (--cli): the real `moekit finetune` with its defaults (plus --packing) on a 4x7B-layer-shaped checkpoint
-  written to disk, and the same with --no-cuda-graphs.
+  written to disk, and the same with --no-cuda-graphs (--cli-paths: also moekit-nf4-gemm, with --nf4-gemm).
 
 Both paths build the same random-weight model on the device one layer at a time, then train LoRA r=16 on
 attention + all experts with gradient checkpointing and bf16 autocast:
@@ -340,8 +340,8 @@ def run_cli_row(args) -> dict:
     seq = 64 if args.tiny else 1024
     command = [sys.executable, "-m", "moekit", "finetune", str(checkpoint), "--data", str(data), "-o", str(work / "out"),
                "--max-steps", str(steps), "--max-seq-len", str(seq), "--packing", "--save-steps", "100000"]  # fmt: skip
-    if args.path == "moekit-eager":
-        command.append("--no-cuda-graphs")
+    flags = {"moekit-eager": ["--no-cuda-graphs"], "moekit-nf4-gemm": ["--nf4-gemm"]}.get(args.path, [])
+    command += flags
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -354,7 +354,7 @@ def run_cli_row(args) -> dict:
     runtime = summary.get("train_runtime")
     expert_line = next((line for line in proc.stdout.splitlines() if line.startswith("expert blocks:")), None)
     return {
-        "row": "cli", "path": "moekit finetune" + (" --no-cuda-graphs" if args.path == "moekit-eager" else ""),
+        "row": "cli", "path": " ".join(["moekit finetune", *flags]),
         "layers": shape["num_hidden_layers"], "steps": steps, "seq": seq, "batch": batch,
         "wall_s": wall, "train_runtime_s": runtime, "tokens_per_s": steps * batch * seq / runtime if runtime else None,
         "peak_gb": (metadata.get("peak_memory_bytes") or 0) / GB or None, "expert_paths": metadata.get("expert_paths"),
@@ -385,6 +385,7 @@ def main() -> None:
     parser.add_argument("--per-expert", action="store_true", help="also run moekit with the expert-by-expert fallback")
     parser.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True, help="the real `moekit finetune` row")
     parser.add_argument("--cli-layers", type=int, default=4, help="layers of the 4x7B-shaped checkpoint for the CLI row")
+    parser.add_argument("--cli-paths", default="moekit,moekit-eager", help="CLI rows: moekit (defaults), moekit-eager (--no-cuda-graphs), moekit-nf4-gemm")
     parser.add_argument("--cli-steps", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=2)
@@ -406,7 +407,7 @@ def main() -> None:
     paths = [path for path in args.paths.split(",") if path] + (["moekit-per-expert"] if args.per_expert else [])
     results = []
     rows = [row for row in args.rows.split(",") if row]  # --rows "" runs the CLI row alone
-    jobs = [(row, path) for row in rows for path in paths] + ([("cli", "moekit"), ("cli", "moekit-eager")] if args.cli else [])
+    jobs = [(row, path) for row in rows for path in paths] + ([("cli", path) for path in args.cli_paths.split(",")] if args.cli else [])
     for row, path in jobs:
         seq, batch = ((32, 2) if args.tiny else ROWS[row][2:]) if row in ROWS else (0, 0)  # the CLI row reports its own
         command = [sys.executable, __file__, "--child", "--row", row, "--path", path, "--seq", str(seq), "--batch", str(batch),

@@ -27,10 +27,10 @@ SHAPES = {
 # block_m, block_n, block_k, num_warps, num_stages, swap_ab (1: the weight is the first operand, out^T = W @ x^T),
 # rows_first (1: the row tiles of one output column are launched together)
 TILES = [
-    (256, 128, 64, 8, 3, 1, 0),  # nf4_grouped_mm.CONFIGS[False]
+    (256, 128, 64, 8, 3, 1, 1),  # nf4_grouped_mm.CONFIGS[False]
     (256, 64, 64, 4, 3, 1, 0),  # nf4_grouped_mm.CONFIGS[True]
     (256, 128, 64, 8, 3, 0, 0),
-    (256, 128, 64, 8, 3, 1, 1),
+    (256, 128, 64, 8, 3, 1, 0),
     (256, 64, 64, 4, 3, 1, 1),
     (256, 64, 64, 4, 2, 1, 1),
     (256, 128, 64, 8, 4, 1, 1),
