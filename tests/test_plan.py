@@ -190,6 +190,22 @@ def test_four_by_seven_b_shape_matches_the_measured_gpu_peak():
     assert abs(plan.peak_bytes - 16_681_171_968) / 16_681_171_968 < 0.10  # measured max_memory_allocated
 
 
+@pytest.mark.parametrize(
+    "changes, measured",
+    [({"nf4_gemm": True}, 15_723_740_672), ({"nf4_gemm": True, "optimizer": "adamw_8bit", "offload_activations": True}, 14_981_318_144)],
+    ids=["nf4-gemm", "nf4-gemm+8bit+offload"],
+)
+def test_four_by_seven_b_with_nf4_gemm_matches_the_measured_gpu_peak(changes, measured):
+    """benchmarks/finetune_memory.py's 4x7b row on an H200 (seventh session): --paths moekit-nf4-gemm, and
+    moekit-nf4-gemm-offload with --optimizer adamw_8bit (max_memory_allocated)."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                           vocab_size=32000, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    plan = estimate(config, opts(target=["attn", "experts"], batch_size=2, max_seq_len=1024, **changes))
+    assert abs(plan.peak_bytes - measured) / measured < 0.05
+
+
 # --- against the real quantized model and trainable table (CPU) ------------------------------------
 
 
