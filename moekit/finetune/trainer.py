@@ -132,9 +132,11 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
     peft_model, table = apply_targets(base, options)
     echo(table.render())
     if options.nf4_gemm:
+        from moekit.finetune import nf4_grouped_mm
         from moekit.finetune.expert_storage import read_nf4_in_gemms
 
         switched = read_nf4_in_gemms(peft_model)
+        nf4_grouped_mm.launches.clear()  # the first step's line counts this run's GEMMs
         if device.type != "cuda":
             echo("--nf4-gemm: its kernel needs a CUDA GPU; the expert projections are dequantized as usual")
         elif not switched:
