@@ -283,6 +283,24 @@ def test_fit_verdict_and_largest_settings(mixtral_config):
     assert not hopeless.fits and hopeless.largest_batch_size is None and hopeless.advice.startswith("no setting fits")
 
 
+def test_advice_adds_memory_only_changes_before_it_shortens_the_sequence():
+    """On a GPU that 8-bit states, offloading and --nf4-gemm together make fit at the requested batch and sequence,
+    that is the advice; a sequence cut below half is never offered alone."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                           vocab_size=32000, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32768)  # fmt: skip
+    options = TrainingOptions(target=["attn", "experts"], batch_size=2, max_seq_len=1024)
+    needed = estimate(config, options.model_copy(update={"optimizer": "adamw_8bit", "offload_activations": True, "nf4_gemm": True}))
+    plan = estimate(config, options, gpu_memory=needed.gpu_bytes_needed)
+    assert not plan.fits
+    assert plan.advice == "--optimizer adamw_8bit, then --offload-activations, then --nf4-gemm", plan.advice
+    for gpu_memory in range(needed.gpu_bytes_needed, estimate(config, options).gpu_bytes_needed, 200_000_000):
+        advice = estimate(config, options, gpu_memory=gpu_memory).advice
+        cut = [int(word) for word in advice.replace(",", " ").split() if word.isdigit()] if "--max-seq-len" in advice else []
+        assert not cut or cut[-1] >= 512, advice
+
+
 def test_render_and_to_dict(mixtral_config):
     plan = estimate(mixtral_config, opts(), gpu_memory=24 * 10**9)
     text = plan.render()

@@ -63,14 +63,16 @@ def _advice(plan: MemoryPlan, gpu_memory: int) -> str:
         candidates.append(("--bits 4 (NF4 weights, experts included)", {"bits": 4}))
     if options.lora_r > 8:
         candidates.append(("--lora-r 8", {"lora_r": 8}))
-    if plan.largest_seq_len:
+    if plan.largest_seq_len and plan.largest_seq_len >= options.max_seq_len // 2:  # shorter: first the changes below
         candidates.append((f"--max-seq-len {plan.largest_seq_len}", {"max_seq_len": plan.largest_seq_len}))
     for text, change in candidates:
         if _needed(shape, options, **change) <= gpu_memory:
             return text
-    # no single change is enough: add the memory-only changes one by one, then shrink the batch, then the sequence
+    # no single change is enough: add the memory-only changes one by one, each time with the largest batch that fits;
+    # only when all of them are not enough, shorten the sequence (which changes what is trained on)
     steps: list[str] = []
     changes: dict = {}
+    current = options
     for text, change in [("", {})] + candidates:
         if "batch_size" in change or "max_seq_len" in change:
             continue
@@ -81,7 +83,7 @@ def _advice(plan: MemoryPlan, gpu_memory: int) -> str:
         batch = _largest(lambda b, current=current: _needed(shape, current, batch_size=b) <= gpu_memory, 1, options.batch_size)
         if batch:
             return ", then ".join(steps + ([f"--batch-size {batch}"] if batch < options.batch_size else []))
-        seq = _largest(lambda s, current=current: _needed(shape, current, batch_size=1, max_seq_len=s) <= gpu_memory, 8, options.max_seq_len)
-        if seq:
-            return ", then ".join(steps + ["--batch-size 1", f"--max-seq-len {seq - seq % 64 if seq >= 64 else seq}"])
+    seq = _largest(lambda s: _needed(shape, current, batch_size=1, max_seq_len=s) <= gpu_memory, 8, options.max_seq_len)
+    if seq:
+        return ", then ".join(steps + ["--batch-size 1", f"--max-seq-len {seq - seq % 64 if seq >= 64 else seq}"])
     return "no setting fits, even batch 1 at 8 tokens with 8-bit optimizer states: use a larger GPU, or train fewer targets (--target gate, --layers)"
