@@ -181,9 +181,9 @@ def run_path(args) -> dict:
 
         rmsnorm_kernel.use_triton_kernel = False
     if args.path.startswith("moekit-nf4-gemm"):  # no dequantized expert weight: the GEMM reads the 4-bit bytes
-        from moekit.finetune.expert_storage import NF4Storage
+        from moekit.finetune.expert_storage import read_nf4_in_gemms
 
-        NF4Storage.use_grouped_mm_kernel = True
+        read_nf4_in_gemms(peft_model)  # as `moekit finetune --nf4-gemm`
     replayed = ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms", "moekit-nf4-gemm", "moekit-nf4-gemm-offload")
     if args.path in replayed and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep

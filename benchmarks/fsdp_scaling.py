@@ -77,10 +77,6 @@ def worker(args) -> None:
         from moekit.finetune import experts
 
         experts.DEQUANTIZED_SLICE_BYTES = args.slice_mib * 2**20
-    if args.nf4_gemm:  # grouped GEMMs that read the NF4 experts themselves: no dequantization passes per step
-        from moekit.finetune.expert_storage import NF4Storage
-
-        NF4Storage.use_grouped_mm_kernel = True
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     config = make_config("mixtral", SHAPES[args.shape])
     started = time.time()
@@ -105,6 +101,10 @@ def worker(args) -> None:
 
     torch.manual_seed(0)
     wrapped, _table = apply_targets(model, options)
+    if args.nf4_gemm:  # grouped GEMMs that read the NF4 experts themselves, as `moekit finetune --nf4-gemm`
+        from moekit.finetune.expert_storage import read_nf4_in_gemms
+
+        read_nf4_in_gemms(wrapped)
     tokenizer = make_tokenizer()
     ids = torch.randint(4, config.vocab_size, (total_steps * per_device * world, args.seq), generator=torch.Generator().manual_seed(1))
     data = type("Data", (), {"dataset": datasets.Dataset.from_dict({"input_ids": ids.tolist()}), "format": "tokens"})()
@@ -395,7 +395,7 @@ def main() -> None:
     parser.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="moekit finetune's --cuda-graphs (single and ddp modes) [default: on]."
     )
-    parser.add_argument("--nf4-gemm", action="store_true", help="Grouped GEMMs that read the NF4 experts themselves (NF4Storage.use_grouped_mm_kernel).")
+    parser.add_argument("--nf4-gemm", action="store_true", help="Grouped GEMMs that read the NF4 experts themselves (moekit finetune --nf4-gemm).")
     parser.add_argument("--budget-s", type=float, default=510, help="Seconds for all modes; modes that would start past it are skipped.")
     parser.add_argument("--tiny", action="store_true", help="Tiny shape for a CPU smoke test.")
     parser.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)

@@ -56,7 +56,7 @@ def grouped_experts(shape: ModelShape) -> bool:
 NF4_GEMM_TILE = 128
 
 
-def reads_nf4_in_gemms(shape: ModelShape) -> bool:
+def nf4_gemm_runs_for(shape: ModelShape) -> bool:
     """Whether --nf4-gemm's kernel runs for every expert projection: all their dimensions in whole tiles."""
     return all(size % NF4_GEMM_TILE == 0 for lin in shape.expert_mlp for size in (lin.out_features, lin.in_features))
 
@@ -83,7 +83,7 @@ def activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: in
     largest = max(lin.weight_numel for lin in shape.attention + shape.expert_mlp)
     if grouped_experts(shape):  # bf16 expert weights are used as they are
         dequantized = shape.experts * largest
-        if options.nf4_gemm and reads_nf4_in_gemms(shape):  # only attention's linears are dequantized, one at a time
+        if options.nf4_gemm and nf4_gemm_runs_for(shape):  # only attention's linears are dequantized, one at a time
             dequantized = max(lin.weight_numel for lin in shape.attention)
         weights_at_once, rows_at_once = (dequantized if options.bits < 16 else 0), tokens * shape.top_k
     else:

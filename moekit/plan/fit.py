@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moekit.finetune.options import TrainingOptions
-from moekit.plan.activations import grouped_experts, reads_nf4_in_gemms
+from moekit.plan.activations import grouped_experts, nf4_gemm_runs_for
 from moekit.plan.memory import MemoryPlan, plan_memory
 from moekit.plan.shape import ModelShape
 from moekit.units import format_size
@@ -57,7 +57,7 @@ def _advice(plan: MemoryPlan, gpu_memory: int) -> str:
         candidates.append(("--optimizer adamw_8bit (8-bit optimizer states)", {"optimizer": "adamw_8bit"}))
     if options.gradient_checkpointing and not options.offload_activations:
         candidates.append(("--offload-activations (checkpointed layer inputs in CPU memory)", {"offload_activations": True}))
-    if options.bits == 4 and not options.nf4_gemm and grouped_experts(shape) and reads_nf4_in_gemms(shape):
+    if options.bits == 4 and not options.nf4_gemm and grouped_experts(shape) and nf4_gemm_runs_for(shape):
         candidates.append(("--nf4-gemm (expert GEMMs read the 4-bit weights: no dequantized projection; slower steps)", {"nf4_gemm": True}))
     if options.bits > 4:
         candidates.append(("--bits 4 (NF4 weights, experts included)", {"bits": 4}))
