@@ -27,6 +27,8 @@ attention + all experts with gradient checkpointing and bf16 autocast:
 - moekit-lora-apart (--paths): moekit (replayed) with every expert LoRA product computed and added apart, instead of
   folded into the frozen GEMM where that pays (`ExpertBlock.fold_lora`);
 - moekit-unfused-norms (--paths): moekit (replayed) with transformers' own RMSNorm instead of the fused Triton kernels;
+- moekit-full-recompute (--paths): moekit (replayed) with checkpoint recomputations that compute down_proj too
+  (`ExpertBlock.skip_unsaved_recomputation`; by default they leave that unsaved GEMM out);
 - moekit-nf4-gemm (--paths): moekit (replayed) with grouped GEMMs that read the NF4 expert weights themselves
   (`nf4_grouped_mm`, LoRA folded in) instead of dequantizing each projection and calling torch's grouped GEMM;
 - moekit-offload (--paths): moekit with the checkpointed layers' inputs in pinned CPU memory (`--offload-activations`),
@@ -133,7 +135,7 @@ def wrap_lora(path: str, model, architecture: str, r: int):
 def run_path(args) -> dict:
     import torch
 
-    from moekit.finetune.experts import ExpertBlock, path_counts
+    from moekit.finetune.experts import ExpertBlock, path_counts, recomputations_skipped
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -176,6 +178,8 @@ def run_path(args) -> dict:
     captured = None
     if args.path == "moekit-lora-apart":  # what folding LoRA into the frozen GEMM buys
         ExpertBlock.fold_lora = False
+    if args.path == "moekit-full-recompute":  # what leaving the unsaved down_proj GEMM out of recomputations buys
+        ExpertBlock.skip_unsaved_recomputation = False
     if args.path == "moekit-unfused-norms":  # what the fused RMSNorm kernels buy
         from moekit.finetune import rmsnorm_kernel
 
@@ -184,7 +188,7 @@ def run_path(args) -> dict:
         from moekit.finetune.expert_storage import read_nf4_in_gemms
 
         read_nf4_in_gemms(peft_model)  # as `moekit finetune --nf4-gemm`
-    replayed = ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms", "moekit-nf4-gemm", "moekit-nf4-gemm-offload")
+    replayed = ("moekit", "moekit-offload", "moekit-lora-apart", "moekit-unfused-norms", "moekit-full-recompute", "moekit-nf4-gemm", "moekit-nf4-gemm-offload")
     if args.path in replayed and device.type == "cuda":
         from moekit.finetune.cuda_graph import CapturedStep
         from moekit.finetune.offload import CheckpointInputOffload
@@ -207,6 +211,7 @@ def run_path(args) -> dict:
             step_times.append(time.perf_counter() - t0)
     timed = sum(step_times)
     paths = path_counts(peft_model)
+    skipped = recomputations_skipped(peft_model)  # down_proj GEMMs left out of recomputations (Python runs, not replays)
     from moekit.finetune import nf4_grouped_mm
 
     nf4_gemm_launches = dict(nf4_grouped_mm.launches)  # the moekit-nf4-gemm path: proof that the kernel ran
@@ -223,7 +228,7 @@ def run_path(args) -> dict:
         "row": args.row, "path": args.path, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "peak_gb": _memory(torch, device), "phase_peaks_gb": dict(PHASE_PEAKS),
         "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
-        "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "losses": losses, "compiled": compiled,
+        "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "recomputations_skipped": skipped, "losses": losses, "compiled": compiled,
         "graph_replays": captured.replays if captured else None, "nf4_gemm_launches": nf4_gemm_launches, **busy,
     }  # fmt: skip
 

@@ -36,20 +36,22 @@ def nf4() -> None:
 
 
 def swiglu() -> None:
-    """SiLU(gate) * up and its gradient equal eager torch's."""
-    from moekit.finetune.swiglu_kernel import _SiluAndMul
+    """SiLU(gate) * up * routing weight and its gradients (gate_up and the weights) equal eager torch's."""
+    from moekit.finetune.swiglu_kernel import _WeightedSiluAndMul
 
     torch.manual_seed(0)
-    for rows, inter in [(37, 96), (5, 1000)]:
+    for rows, inter in [(37, 96), (5, 1000), (3, 2500)]:
         gate_up = (torch.randn(rows, 2 * inter) * 3).requires_grad_(True)
+        weights = torch.rand(rows).requires_grad_(True)
         grad = torch.randn(rows, inter)
-        fused = _SiluAndMul.apply(gate_up)
-        (fused_grad,) = torch.autograd.grad(fused, gate_up, grad)
+        fused = _WeightedSiluAndMul.apply(gate_up, weights)
+        fused_grads = torch.autograd.grad(fused, [gate_up, weights], grad)
         gate, up = gate_up.chunk(2, dim=-1)
-        eager = F.silu(gate) * up
-        (eager_grad,) = torch.autograd.grad(eager, gate_up, grad)
+        eager = F.silu(gate) * up * weights[:, None]
+        eager_grads = torch.autograd.grad(eager, [gate_up, weights], grad)
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-5, atol=1e-6)
+        for fused_grad, eager_grad in zip(fused_grads, eager_grads):
+            torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-5, atol=1e-5)
 
 
 def rms_norm() -> None:

@@ -127,10 +127,10 @@ def test_grouped_forward_and_backward_equal_the_per_expert_reference(device, dty
 
 
 def _recording(forward, calls: list):
-    def recorded(ctx, inputs, offsets, storage, grouped, hidden=None, scaled_b=None):
+    def recorded(ctx, inputs, offsets, storage, grouped, output_needed, hidden=None, scaled_b=None):
         if hidden is not None:  # LoRA folded in
             calls.append(storage)
-        return forward(ctx, inputs, offsets, storage, grouped, hidden, scaled_b)
+        return forward(ctx, inputs, offsets, storage, grouped, output_needed, hidden, scaled_b)
 
     return staticmethod(recorded)
 
@@ -301,20 +301,23 @@ def test_the_fused_nf4_kernel_writes_the_first_columns_of_a_wider_tensor_bit_for
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_fused_swiglu_equals_eager_torch_forward_and_backward(dtype):
-    from moekit.finetune.swiglu_kernel import silu_and_mul
+    from moekit.finetune.swiglu_kernel import weighted_silu_and_mul
 
     torch.manual_seed(0)
     gate_up = (torch.randn(300, 2 * 1000, device="cuda") * 3).to(dtype).requires_grad_(True)
+    weights = torch.rand(300, device="cuda").requires_grad_(True)  # float32, as transformers' routers give them
     grad = torch.randn(300, 1000, device="cuda", dtype=dtype)
     outputs = {}
     for fused in (True, False):
-        out = silu_and_mul(gate_up, fused=fused)
-        (grad_gate_up,) = torch.autograd.grad(out, gate_up, grad)
-        outputs[fused] = (out.float(), grad_gate_up.float())
+        out = weighted_silu_and_mul(gate_up, weights, fused=fused)
+        grad_gate_up, grad_weights = torch.autograd.grad(out, [gate_up, weights], grad)
+        assert out.dtype == dtype and grad_weights.dtype == torch.float32
+        outputs[fused] = (out.float(), grad_gate_up.float(), grad_weights)
     # float32 inside the fused kernel, one rounding at the end; eager bf16 rounds SiLU(gate) first
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for fused_tensor, eager_tensor in zip(outputs[True], outputs[False]):
-        torch.testing.assert_close(fused_tensor, eager_tensor, **tol)
+        scale = eager_tensor.abs().max()
+        torch.testing.assert_close(fused_tensor / scale, eager_tensor / scale, **tol)
 
 
 @pytest.mark.gpu
@@ -373,3 +376,60 @@ def test_an_expert_block_whose_gemms_read_nf4_equals_the_dequantizing_one(family
     for grad, kernel_grad in zip(grads, kernel_grads):
         scale = grad.float().abs().max()
         torch.testing.assert_close(kernel_grad.float() / scale, grad.float() / scale, rtol=3e-2, atol=2e-2)
+
+
+def _tiny_trainable(family: str, bits: int):
+    """A tiny 2-layer MoE with LoRA on attention and experts, trained routers and nonzero LoRA B, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.finetune.options import TrainingOptions
+    from moekit.finetune.quantize import quantize_moe
+    from moekit.finetune.targets import apply_targets
+    from moekit.testing import tiny_config
+
+    torch.manual_seed(0)
+    if family == "mixtral":
+        model = AutoModelForCausalLM.from_config(tiny_config("mixtral", 128), dtype=torch.float32)
+    else:
+        from moekit.models.phixtral.configuration_phixtral import PhixtralConfig
+        from moekit.models.phixtral.modeling_phixtral import PhixtralForCausalLM
+
+        config = PhixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5)
+        model = PhixtralForCausalLM(config)
+    model = quantize_moe(model, bits=bits, compute_dtype=torch.float32)
+    wrapped, _table = apply_targets(model, TrainingOptions(target=["attn", "experts", "gate"], gradient_checkpointing=False))
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return wrapped.train()
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+@pytest.mark.parametrize("family, skipped_per_step", [("mixtral", 2), ("phixtral", 0)])
+def test_a_recomputation_skips_the_unsaved_second_projection_and_changes_no_gradient(family, skipped_per_step, bits):
+    """Mixtral's routing weights are applied before down_proj, so a checkpoint's recomputation leaves that GEMM out
+    (one per layer); the loss and every gradient stay bit for bit those of a step without checkpointing. Phixtral
+    (GELU, weights after fc2, whose product they then need) recomputes everything."""
+    from moekit.finetune.experts import recomputations_skipped
+    from moekit.finetune.quantize import enable_checkpointing
+
+    model = _tiny_trainable(family, bits)
+    ids = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    plain_loss, plain_grads = step()
+    assert recomputations_skipped(model) == 0
+    enable_checkpointing(model)
+    checkpointed_loss, checkpointed_grads = step()
+    assert recomputations_skipped(model) == skipped_per_step
+    assert torch.equal(checkpointed_loss, plain_loss)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("router" in n or "gate.weight" in n for n in names) and any("lora_B_down_proj" in n or "lora_B_fc2" in n for n in names)
+    for name, grad, plain in zip(names, checkpointed_grads, plain_grads):
+        assert torch.count_nonzero(plain) > 0, name
+        assert torch.equal(grad, plain), name

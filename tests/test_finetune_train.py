@@ -169,6 +169,8 @@ def test_output_files_and_metadata(trained, moe, chat_data):
     assert metadata["trainable"]["by_expert"].keys() == {"0", "1", "2"}
     # the expert blocks ran grouped throughout, never the expert-by-expert fallback
     assert metadata["expert_paths"]["grouped"] > 0 and metadata["expert_paths"]["per_expert"] == 0
+    # with gradient checkpointing (the default), recomputations left the unsaved down_proj GEMM out
+    assert metadata["options"]["gradient_checkpointing"] and metadata["recomputations_skipped"] > 0
     assert metadata["adapter_format"] == "peft"
     assert metadata["losses"]["last"] == result.last_loss
 

@@ -68,9 +68,10 @@ def test_the_swiglu_kernels_compile(capability, direction):
     from moekit.finetune import swiglu_kernel
 
     if direction == "forward":
-        kernel, signature = swiglu_kernel.forward_kernel, {"gate_up_ptr": "*bf16", "out_ptr": "*bf16", "numel": "i32"}
+        kernel, signature = swiglu_kernel.forward_kernel, {"gate_up_ptr": "*bf16", "weights_ptr": "*fp32", "out_ptr": "*bf16"}
     else:
-        kernel, signature = swiglu_kernel.backward_kernel, {"gate_up_ptr": "*bf16", "grad_out_ptr": "*bf16", "grad_gate_up_ptr": "*bf16", "numel": "i32"}
+        pointers = ["gate_up_ptr", "weights_ptr", "grad_out_ptr", "grad_gate_up_ptr", "grad_weight_parts_ptr"]
+        kernel, signature = swiglu_kernel.backward_kernel, dict(zip(pointers, ["*bf16", "*fp32", "*bf16", "*bf16", "*fp32"]))
     constants = {"inter": SHAPE[1] // 2, "BLOCK": swiglu_kernel.BLOCK}
     check(compile_kernel(kernel, signature, constants, capability, num_warps=4), capability)
 

@@ -13,7 +13,9 @@ per-expert row offsets (`torch.nn.functional.grouped_mm`). Counts and offsets st
 waits for the host. A projection's weight is dequantized once for all experts (in row slices of at most
 `DEQUANTIZED_SLICE_BYTES` where it is larger) and again in the backward pass instead of being kept; with
 `NF4Storage.use_grouped_mm_kernel` the GEMMs read the 4-bit bytes themselves (`nf4_grouped_mm`). SiLU(gate) * up
-runs as one kernel each way on CUDA (`swiglu_kernel`). Where torch has no grouped kernel for the tensors at hand
+runs as one kernel each way on CUDA (`swiglu_kernel`), with the routing weights applied there, before the linear
+second projection, so that projection's output is never saved and a checkpoint's recomputation skips its GEMM
+(`_in_backward_pass`). Where torch has no grouped kernel for the tensors at hand
 (CUDA before sm80 or not bf16, CPU torch < 2.11) the same math runs expert by expert. `path_counts` says which path ran: under FSDP the storage
 is read through plain tensor views, and the path does not depend on any parameter class.
 
@@ -35,7 +37,7 @@ from torch import nn
 from moekit.errors import TrainingError
 from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, runs_grouped
 from moekit.finetune.expert_storage import ExpertStorage, quantize_tensor
-from moekit.finetune.swiglu_kernel import silu_and_mul
+from moekit.finetune.swiglu_kernel import weighted_silu_and_mul
 
 PATHS = ("grouped", "per_expert")
 
@@ -77,6 +79,14 @@ def row_slices(storage: ExpertStorage, dtype: torch.dtype, budget: int | None = 
     return [(start, min(start + step, out_features)) for start in range(0, out_features, step)]
 
 
+def _in_backward_pass() -> bool:
+    """True while autograd runs a backward pass. A forward then is a non-reentrant checkpoint's recomputation, which
+    replays a layer to rebuild its saved tensors and throws its outputs away. torch.utils.checkpoint tells its own
+    recomputations apart the same way; without that private call, never true (nothing is skipped)."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
 def _is_silu(act_fn: nn.Module) -> bool:
     # torch's module, or transformers' SiLUActivation (ACT2FN["silu"], a plain F.silu)
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
@@ -116,17 +126,24 @@ class _FrozenExpertLinear(torch.autograd.Function):
     one; this copies the (rows, in) input instead, so it pays where out > in (gate_up, fc1).
 
     Where the storage multiplies by itself (`multiplies_grouped`: the NF4 GEMM of `nf4_grouped_mm`), no weight is
-    dequantized at all, and h (s B_e)^T is one more step of that GEMM's accumulation."""
+    dequantized at all, and h (s B_e)^T is one more step of that GEMM's accumulation.
+
+    `output_needed` False (a checkpoint's recomputation of a product that nothing saves): the product is returned
+    uninitialised, without dequantizing or multiplying; what the backward pass needs (offsets, h, s B) is saved as
+    in the first forward."""
 
     @staticmethod
-    def forward(ctx, inputs, offsets, storage: ExpertStorage, grouped: bool, hidden=None, scaled_b=None):
+    def forward(ctx, inputs, offsets, storage: ExpertStorage, grouped: bool, output_needed: bool, hidden=None, scaled_b=None):
         # inputs (rows, in); hidden (rows, r); scaled_b (experts, out, r) in the compute dtype
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets, hidden, scaled_b)
         ctx.in_kernel = grouped and storage.multiplies_grouped(inputs)
+        ctx.slices = row_slices(storage, inputs.dtype)
+        if not output_needed:
+            return inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out), never read
         if ctx.in_kernel:  # the GEMM reads the quantized weight itself, and adds h (s B_e)^T to its tiles
             return storage.grouped_matmul(inputs, offsets, hidden=hidden, scaled_b=scaled_b)
-        slices = ctx.slices = row_slices(storage, inputs.dtype)
+        slices = ctx.slices
         stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
         if len(slices) == 1:
             return _grouped_mm(stacked, _frozen_weight(storage, scaled_b, slices[0], inputs.dtype).transpose(1, 2), offsets, grouped)
@@ -139,8 +156,8 @@ class _FrozenExpertLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         offsets, hidden, scaled_b = ctx.saved_tensors
-        needs = (*ctx.needs_input_grad, False, False)  # called without hidden, scaled_b: 4 inputs
-        needs_inputs, needs_hidden, needs_scaled_b = needs[0], needs[4], needs[5]
+        needs = (*ctx.needs_input_grad, False, False)  # called without hidden, scaled_b: 5 inputs
+        needs_inputs, needs_hidden, needs_scaled_b = needs[0], needs[5], needs[6]
         grad_inputs = grad_hidden = grad_scaled_b = None
         if ctx.in_kernel:
             if needs_inputs:
@@ -158,7 +175,7 @@ class _FrozenExpertLinear(torch.autograd.Function):
             grad_hidden = grad_stacked[:, in_features:].contiguous() if hidden is not None else None
         if needs_scaled_b:
             grad_scaled_b = _grouped_weight_grad(grad_output, hidden, offsets, ctx.grouped)  # (experts, out, r)
-        return grad_inputs, None, None, None, grad_hidden, grad_scaled_b
+        return grad_inputs, None, None, None, None, grad_hidden, grad_scaled_b
 
 
 class ExpertBlock(nn.Module):
@@ -168,6 +185,8 @@ class ExpertBlock(nn.Module):
     grouped: bool | None = None
     # None: LoRA folded into the frozen GEMM (`_FrozenExpertLinear` with hidden, scaled_b) where that pays; True / False force it
     fold_lora: bool | None = None
+    # False: a checkpoint's recomputation computes the second projection too (benchmarks measure what skipping it buys)
+    skip_unsaved_recomputation: bool = True
 
     def __init__(self, family: str, storages: dict[str, ExpertStorage], biases: dict[str, torch.Tensor], act_fn: nn.Module):
         super().__init__()
@@ -188,6 +207,7 @@ class ExpertBlock(nn.Module):
         self.lora_dropout = 0.0
         self.adapted_experts: list[int] | None = None  # None: no LoRA
         self.path_counts: Counter = Counter()
+        self.recomputations_skipped = 0  # second projections a checkpoint's recomputation did not compute
 
     # --- LoRA ------------------------------------------------------------------------------------
 
@@ -272,8 +292,11 @@ class ExpertBlock(nn.Module):
         first, second = self.projections
         expert_inputs = inputs[token_index]  # (rows, hidden)
         intermediate = self._project(first, expert_inputs, offsets, grouped, row_experts)  # (rows, 2I) or (rows, I)
-        if self.gated and _is_silu(self.act_fn):
-            intermediate = silu_and_mul(intermediate)  # (rows, I), one launch each way on CUDA
+        weighted = self.gated and _is_silu(self.act_fn)
+        if weighted:
+            # the routing weights before the linear second projection (one launch each way on CUDA): the router's
+            # gradient comes from this product, so the second projection's output is never saved
+            intermediate = weighted_silu_and_mul(intermediate, weights)  # (rows, I)
         elif self.gated:
             gate, up = intermediate.chunk(2, dim=-1)
             intermediate = self.act_fn(gate) * up  # (rows, I)
@@ -282,7 +305,13 @@ class ExpertBlock(nn.Module):
         # an activation that autocast runs in float32 (Phi-2's gelu_new calls pow) would put the second GEMM in float32,
         # off the bf16 grouped kernel and onto torch's fallback, which reads the offsets on the host
         intermediate = intermediate.to(inputs.dtype)
-        expert_outputs = self._project(second, intermediate, offsets, grouped, row_experts) * weights[:, None]  # (rows, hidden)
+        # recomputed for a checkpoint, the second product (never saved when weighted) is not needed: the decoder layer
+        # only adds it to its residual stream, and the recomputation's outputs are thrown away
+        skip_second = weighted and self.skip_unsaved_recomputation and _in_backward_pass()
+        self.recomputations_skipped += skip_second
+        expert_outputs = self._project(second, intermediate, offsets, grouped, row_experts, output_needed=not skip_second)  # (rows, hidden)
+        if not weighted:
+            expert_outputs = expert_outputs * weights[:, None]
         final = torch.zeros_like(hidden_states)
         return final.index_add_(0, token_index, expert_outputs.to(final.dtype))
 
@@ -296,7 +325,9 @@ class ExpertBlock(nn.Module):
         _, out_features, in_features = storage.shape
         return out_features > in_features and storage.dequantizes_into_strided()
 
-    def _project(self, name: str, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool, row_experts) -> torch.Tensor:
+    def _project(self, name: str, inputs: torch.Tensor, offsets: torch.Tensor, grouped: bool, row_experts, output_needed: bool = True) -> torch.Tensor:
+        """(rows, out) of projection `name` with its LoRA and bias; output_needed False: the frozen product is left
+        uninitialised (see `_FrozenExpertLinear`), everything the backward pass needs is computed and saved."""
         storage = self.storage(name)
         if self.has_lora:
             lora_a, lora_b = self.lora_factors(name)
@@ -311,9 +342,9 @@ class ExpertBlock(nn.Module):
             lora_inputs = F.dropout(inputs, self.lora_dropout) if self.training and self.lora_dropout > 0 else inputs
             hidden = _grouped_mm(lora_inputs, lora_a.transpose(1, 2), offsets, grouped)  # (rows, r)
         if self.has_lora and self._folds_lora(storage, inputs, grouped):
-            outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped, hidden, lora_b)  # (rows, out)
+            outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped, output_needed, hidden, lora_b)  # (rows, out)
         else:
-            outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped)  # (rows, out)
+            outputs = _FrozenExpertLinear.apply(inputs, offsets, storage, grouped, output_needed)  # (rows, out)
             if self.has_lora:
                 # in place: the frozen product is not saved for the backward pass
                 outputs = outputs.add_(_grouped_mm(hidden, lora_b.transpose(1, 2), offsets, grouped))
@@ -402,6 +433,11 @@ def build_expert_block(
 def expert_blocks(model: nn.Module) -> dict[str, ExpertBlock]:
     """{module name: block} of every expert block of `model` (any wrapping)."""
     return {name: module for name, module in model.named_modules() if isinstance(module, ExpertBlock)}
+
+
+def recomputations_skipped(model: nn.Module) -> int:
+    """How many second expert projections checkpoint recomputations left uncomputed, over all blocks of `model`."""
+    return sum(block.recomputations_skipped for block in expert_blocks(model).values())
 
 
 def path_counts(model: nn.Module) -> dict[str, int]:

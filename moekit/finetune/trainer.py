@@ -925,14 +925,16 @@ class ExpertPathCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step != 1:
             return
-        from moekit.finetune.experts import path_counts
+        from moekit.finetune.experts import path_counts, recomputations_skipped
         from moekit.finetune.nf4_grouped_mm import launches
 
         counts = path_counts(self.model)
         if counts["grouped"] or counts["per_expert"]:
             reading = sum(launches.values())  # --nf4-gemm: proof that its kernel ran
             nf4 = f"; {reading} GEMMs read the NF4 weights" if reading else ""
-            self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step{nf4})")
+            skipped = recomputations_skipped(self.model)
+            unsaved = f"; {skipped} recomputations left out the unsaved second projection" if skipped else ""
+            self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step{nf4}{unsaved})")
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -978,7 +980,7 @@ def _loss_summary(log: list[dict]) -> dict:
 def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_ref, model_path, data, table, losses, steps, peak, plan_peak) -> None:
     """`trained` is `model` itself, or under FSDP its gathered trainable parameters (`MoeSFTTrainer.trained_parameters`)."""
     from moekit.finetune.adapter import save_adapter
-    from moekit.finetune.experts import path_counts
+    from moekit.finetune.experts import path_counts, recomputations_skipped
     from moekit.finetune.targets import save_routers
 
     gathered = trained if isinstance(trained, dict) else None
@@ -1009,6 +1011,7 @@ def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_r
         "routers": ROUTERS_FILE if "gate" in options.target else None,
         "adapter_format": "peft" if trainer.adapter_layout is not None else None,
         "expert_paths": path_counts(model),
+        "recomputations_skipped": recomputations_skipped(model),  # down_proj GEMMs left out of checkpoint recomputations
         "cuda_graphs": trainer.cuda_graph_summary(),
     }
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
