@@ -405,28 +405,50 @@ def _tiny_trainable(family: str, bits: int):
     return wrapped.train()
 
 
+def _nan_when_skipped(forward):
+    """`_FrozenExpertLinear.forward` with a skipped product filled with NaN: anything that read it would show."""
+
+    def filled(ctx, inputs, offsets, storage, grouped, output_needed, hidden=None, scaled_b=None):
+        outputs = forward(ctx, inputs, offsets, storage, grouped, output_needed, hidden, scaled_b)
+        return outputs if output_needed else outputs.fill_(float("nan"))
+
+    return staticmethod(filled)
+
+
+@pytest.mark.parametrize("variant", ["grouped", "per-expert", "lora-folded", "no-early-stop"])
 @pytest.mark.parametrize("bits", [4, 16])
 @pytest.mark.parametrize("family, skipped_per_step", [("mixtral", 2), ("phixtral", 0)])
-def test_a_recomputation_skips_the_unsaved_second_projection_and_changes_no_gradient(family, skipped_per_step, bits):
-    """Mixtral's routing weights are applied before down_proj, so a checkpoint's recomputation leaves that GEMM out
-    (one per layer); the loss and every gradient stay bit for bit those of a step without checkpointing. Phixtral
-    (GELU, weights after fc2, whose product they then need) recomputes everything."""
+def test_a_recomputation_skips_the_unsaved_second_projection_and_changes_no_gradient(family, skipped_per_step, bits, variant, monkeypatch):
+    """Mixtral's routing weights are applied before down_proj, so a checkpoint's recomputation of transformers'
+    decoder layer leaves that GEMM out (one per layer); with the skipped product filled with NaN, the loss and every
+    gradient stay bit for bit those of a step without checkpointing, on either expert path, with the LoRA folded into
+    the frozen GEMM, and with torch's early stop of recomputations off. Phixtral (GELU, weights after fc2, whose
+    product they then need) recomputes everything."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
     from moekit.finetune.experts import recomputations_skipped
     from moekit.finetune.quantize import enable_checkpointing
 
+    monkeypatch.setattr(experts_module._FrozenExpertLinear, "forward", _nan_when_skipped(experts_module._FrozenExpertLinear.forward))
+    if variant == "per-expert":
+        monkeypatch.setattr(experts_module.ExpertBlock, "grouped", False)
+    if variant == "lora-folded":
+        monkeypatch.setattr(experts_module.ExpertBlock, "fold_lora", True)
     model = _tiny_trainable(family, bits)
     ids = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        return loss.detach(), torch.autograd.grad(loss, params)
+        with set_checkpoint_early_stop(variant != "no-early-stop"):
+            loss = model(input_ids=ids, labels=ids).loss
+            return loss.detach(), torch.autograd.grad(loss, params)
 
     plain_loss, plain_grads = step()
     assert recomputations_skipped(model) == 0
     enable_checkpointing(model)
     checkpointed_loss, checkpointed_grads = step()
     assert recomputations_skipped(model) == skipped_per_step
+    assert path_counts(model)["per_expert" if variant == "per-expert" else "grouped"] > 0
     assert torch.equal(checkpointed_loss, plain_loss)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("router" in n or "gate.weight" in n for n in names) and any("lora_B_down_proj" in n or "lora_B_fc2" in n for n in names)

@@ -80,9 +80,10 @@ def row_slices(storage: ExpertStorage, dtype: torch.dtype, budget: int | None = 
 
 
 def _in_backward_pass() -> bool:
-    """True while autograd runs a backward pass. A forward then is a non-reentrant checkpoint's recomputation, which
-    replays a layer to rebuild its saved tensors and throws its outputs away. torch.utils.checkpoint tells its own
-    recomputations apart the same way; without that private call, never true (nothing is skipped)."""
+    """True while autograd runs a backward pass. In moekit a forward then is a checkpoint's recomputation of one
+    decoder layer, which only rebuilds the layer's saved tensors (non-reentrant) or its graph (reentrant); its outputs'
+    values are not used. The same private call gives torch.utils.checkpoint the backward pass its recomputed tensors
+    belong to; without it, never true (nothing is skipped)."""
     graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
     return graph_task_id is not None and graph_task_id() != -1
 
@@ -305,8 +306,10 @@ class ExpertBlock(nn.Module):
         # an activation that autocast runs in float32 (Phi-2's gelu_new calls pow) would put the second GEMM in float32,
         # off the bf16 grouped kernel and onto torch's fallback, which reads the offsets on the host
         intermediate = intermediate.to(inputs.dtype)
-        # recomputed for a checkpoint, the second product (never saved when weighted) is not needed: the decoder layer
-        # only adds it to its residual stream, and the recomputation's outputs are thrown away
+        # recomputed for a checkpoint, the second product (never saved when weighted) is not needed, provided nothing
+        # after the block within the checkpointed unit saves it: moekit checkpoints one decoder layer, where Mixtral's
+        # layer only adds it to the residual stream (tests/test_finetune_experts.py checks transformers' layer with the
+        # skipped product filled with NaN: every gradient bit for bit that of a step without checkpointing)
         skip_second = weighted and self.skip_unsaved_recomputation and _in_backward_pass()
         self.recomputations_skipped += skip_second
         expert_outputs = self._project(second, intermediate, offsets, grouped, row_experts, output_needed=not skip_second)  # (rows, hidden)

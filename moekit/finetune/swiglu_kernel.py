@@ -10,7 +10,7 @@ projection's output is never saved, and a checkpoint's recomputation need not co
 In eager torch this is a SiLU and products over strided halves of (rows, 2I), a saved SiLU output, and in the
 backward several products, a SiLU backward, a row sum and a concatenation of the two halves' gradients: passes over
 (rows, I)-sized tensors in kernels that cannot vectorise the strided halves. Here the forward reads gate_up once and
-saves only it; the backward writes the gradient of gate_up in one (rows, 2I) tensor and per-block partial row sums
+saves only it and the weights; the backward writes the gradient of gate_up in one (rows, 2I) tensor and per-block partial row sums
 for the weights' gradient (summed in a fixed order: deterministic). In float32 throughout, rounded once at the end.
 Elsewhere (CPU, no Triton) the eager version runs.
 """
@@ -86,7 +86,8 @@ class _WeightedSiluAndMul(torch.autograd.Function):
         grad_gate_up = torch.empty_like(gate_up)
         grad_weight_parts = torch.empty(grid, dtype=torch.float32, device=gate_up.device)  # (rows, blocks)
         backward_kernel[grid](gate_up, weights, grad_out.contiguous(), grad_gate_up, grad_weight_parts, inter=double_inter // 2, BLOCK=BLOCK)
-        return grad_gate_up, grad_weight_parts.sum(dim=1).to(weights.dtype)
+        grad_weights = grad_weight_parts.sum(dim=1).to(weights.dtype) if ctx.needs_input_grad[1] else None
+        return grad_gate_up, grad_weights
 
 
 def weighted_silu_and_mul(gate_up: torch.Tensor, weights: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
