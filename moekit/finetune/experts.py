@@ -139,12 +139,11 @@ class _FrozenExpertLinear(torch.autograd.Function):
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets, hidden, scaled_b)
         ctx.in_kernel = grouped and storage.multiplies_grouped(inputs)
-        ctx.slices = row_slices(storage, inputs.dtype)
+        slices = ctx.slices = row_slices(storage, inputs.dtype)
         if not output_needed:
             return inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out), never read
         if ctx.in_kernel:  # the GEMM reads the quantized weight itself, and adds h (s B_e)^T to its tiles
             return storage.grouped_matmul(inputs, offsets, hidden=hidden, scaled_b=scaled_b)
-        slices = ctx.slices
         stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
         if len(slices) == 1:
             return _grouped_mm(stacked, _frozen_weight(storage, scaled_b, slices[0], inputs.dtype).transpose(1, 2), offsets, grouped)

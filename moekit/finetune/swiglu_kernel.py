@@ -10,9 +10,9 @@ projection's output is never saved, and a checkpoint's recomputation need not co
 In eager torch this is a SiLU and products over strided halves of (rows, 2I), a saved SiLU output, and in the
 backward several products, a SiLU backward, a row sum and a concatenation of the two halves' gradients: passes over
 (rows, I)-sized tensors in kernels that cannot vectorise the strided halves. Here the forward reads gate_up once and
-saves only it and the weights; the backward writes the gradient of gate_up in one (rows, 2I) tensor and per-block partial row sums
-for the weights' gradient (summed in a fixed order: deterministic). In float32 throughout, rounded once at the end.
-Elsewhere (CPU, no Triton) the eager version runs.
+saves only it and the weights; the backward writes the gradient of gate_up in one (rows, 2I) tensor, and per-block
+partial row sums for the weights' gradient (summed in a fixed order: deterministic). In float32 throughout, rounded
+once at the end. Elsewhere (CPU, no Triton) the eager version runs.
 """
 
 from __future__ import annotations
