@@ -121,7 +121,7 @@ def worker(args) -> None:
                     torch.cuda.reset_peak_memory_stats()
                 timing["start"] = time.perf_counter()
             elif state.global_step == args.warmup + args.steps and rank == 0:
-                timing["profile"] = _start_profiler(torch, cuda)
+                timing["profile"] = _start_profiler(torch, cuda, args.host_profile)
 
         def on_step_end(self, _args, state, *_rest, **_kwargs):
             if state.global_step == args.warmup + args.steps:
@@ -130,7 +130,10 @@ def worker(args) -> None:
                 timing["timed_s"] = time.perf_counter() - timing["start"]
                 timing["peak_gb"] = torch.cuda.max_memory_allocated() / GB if cuda else None
             elif state.global_step == total_steps and "profile" in timing:
+                profiler = timing["profile"][0]
                 timing["busy"] = _stop_profiler(torch, cuda, timing.pop("profile"), timing["timed_s"] / args.steps)
+                if args.host_profile:
+                    _write_host_profile(profiler, Path(args.out), args.worker)
 
     staging = Path(os.environ[STAGING_VARIABLE])  # one directory for every rank of the mode (run_mode makes it)
     trainer = _make_trainer(wrapped, tokenizer, data, staging, options, compute_dtype, None)
@@ -154,12 +157,14 @@ def worker(args) -> None:
     Path(args.out, f"{args.worker}-rank{rank}.json").write_text(json.dumps(result, indent=1))
 
 
-def _start_profiler(torch, cuda: bool):
+def _start_profiler(torch, cuda: bool, host: bool = False):
     from torch.profiler import ProfilerActivity, profile
 
     if cuda:
         torch.cuda.synchronize()
-    profiler = profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU])  # GPU only: less stretch
+    # GPU only unless asked: recording the host stretches the step
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if host and cuda else [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    profiler = profile(activities=activities, with_stack=host)
     profiler.__enter__()
     return profiler, time.perf_counter()
 
@@ -176,6 +181,36 @@ def _stop_profiler(torch, cuda: bool, started, timed_step_s: float | None) -> di
     step_s = timed_step_s or wall
     kernel_s, compute_s = kernel_seconds(profiler), kernel_seconds(profiler, skip="nccl")
     return {"profiled_step_s": wall, "gpu_busy": kernel_s / step_s, "gpu_busy_without_nccl": compute_s / step_s, "gpu_kernel_s": kernel_s}
+
+
+def _write_host_profile(profiler, out: Path, mode: str) -> None:
+    """Where the host spends the profiled step, and when the GPU waits: `{mode}-host.txt` (host operators by own
+    time, grouped by their Python call site; the GPU's idle gaps) and `{mode}-trace.json.gz` (chrome://tracing)."""
+    import gzip
+
+    events = profiler.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    gaps, reach = [], kernels[0][1] if kernels else 0
+    for begin, end in kernels[1:]:
+        if begin > reach:
+            gaps.append((begin - reach, reach))
+        reach = max(reach, end)
+    gaps.sort(reverse=True)
+    host_ops = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type.name == "CPU")
+
+    def running_at(moment: float) -> str:  # the innermost host operators running when a gap begins
+        return ", ".join(name for start, end, name in host_ops if start <= moment <= end)[-300:]
+
+    lines = [f"GPU idle between kernels: {sum(g for g, _ in gaps) / 1e3:.1f} ms in {len(gaps)} gaps "
+             f"({sum(g for g, _ in gaps if g > 100) / 1e3:.1f} ms in gaps over 100 us)", "largest gaps (us, host operators open at its start):"]  # fmt: skip
+    lines += [f"  {gap:9.0f}  {running_at(start)}" for gap, start in gaps[:25]]
+    table = profiler.key_averages(group_by_stack_n=4).table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    (out / f"{mode}-host.txt").write_text("\n".join(lines) + "\n\n" + table + "\n")
+    trace = out / f"{mode}-trace.json"
+    profiler.export_chrome_trace(str(trace))
+    with trace.open("rb") as source, gzip.open(f"{trace}.gz", "wb", compresslevel=6) as target:
+        shutil.copyfileobj(source, target)
+    trace.unlink()
 
 
 def _checkpoint_round_trip(trainer, folder: Path) -> dict:
@@ -269,6 +304,8 @@ def run_mode(mode: str, args, timeout: float) -> list[dict]:
         common.append("--no-cuda-graphs")
     if args.nf4_gemm:
         common.append("--nf4-gemm")
+    if args.host_profile:
+        common.append("--host-profile")
     gpus = visible_gpus()
     env = {
         **os.environ,
@@ -396,6 +433,9 @@ def main() -> None:
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="moekit finetune's --cuda-graphs (single and ddp modes) [default: on]."
     )
     parser.add_argument("--nf4-gemm", action="store_true", help="Grouped GEMMs that read the NF4 experts themselves (moekit finetune --nf4-gemm).")
+    parser.add_argument(
+        "--host-profile", action="store_true", help="Record the host too in the profiled step: {mode}-host.txt and {mode}-trace.json.gz per mode."
+    )
     parser.add_argument("--budget-s", type=float, default=510, help="Seconds for all modes; modes that would start past it are skipped.")
     parser.add_argument("--tiny", action="store_true", help="Tiny shape for a CPU smoke test.")
     parser.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
