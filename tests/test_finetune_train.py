@@ -232,6 +232,41 @@ def test_a_single_process_that_sees_several_gpus_trains_on_one(moe, chat_data, t
     assert train_on_one_gpu(SFTConfig(output_dir=str(tmp_path / "c2"), use_cpu=True, report_to=[])) is None
 
 
+@pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_8bit"])
+def test_the_host_work_of_a_step_matches_the_trainers_own(moe, chat_data, tmp_path, optimizer):
+    """moekit's cheaper bookkeeping around each step (clipping over the trainable parameters only, the parameter count
+    of the FLOP estimate taken once, torch's fused AdamW) gives what the Trainer's own would."""
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    from moekit.finetune.data import load_training_data
+    from moekit.finetune.loading import load_for_training
+    from moekit.finetune.targets import apply_targets
+    from moekit.finetune.trainer import _make_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(moe)
+    data = load_training_data(str(chat_data), tokenizer)
+    options = FinetuneOptions(data="unused", target="attn,experts,gate", max_steps=1, optimizer=optimizer, **QUICK)
+    model, _ = apply_targets(load_for_training(moe, bits=4, compute_dtype=torch.float32, device_map="cpu"), options)
+    trainer = _make_trainer(model, tokenizer, data, tmp_path, options, torch.float32, teacher=None)
+    trainer.args.max_grad_norm = 1e-3  # so that clipping scales every gradient
+    ids = torch.tensor([trainer.train_dataset[0]["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = [param for param in model.parameters() if param.grad is not None]
+    assert any("router" in name or "gate." in name for name, param in model.named_parameters() if param.grad is not None)
+    before = [param.grad.clone() for param in trained]
+    norm = trainer._clip_grad_norm(model)
+    ours = [param.grad.clone() for param in trained]
+    for param, grad in zip(trained, before, strict=True):
+        param.grad.copy_(grad)
+    assert torch.equal(norm, SFTTrainer._clip_grad_norm(trainer, model)) and norm > 1e-3
+    for param, grad in zip(trained, ours, strict=True):
+        assert torch.equal(param.grad, grad)
+    assert trainer.floating_point_ops({"input_ids": ids}) == SFTTrainer.floating_point_ops(trainer, {"input_ids": ids}) > 0
+    trainer.create_optimizer()
+    assert trainer.optimizer.defaults.get("fused", False) is (optimizer == "adamw_torch")
+
+
 def test_adapter_loads_with_stock_transformers_and_peft(trained, moe, tiny_tokenizer, tmp_path):
     """`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe), adapter)` in a process that never
     imports moekit reproduces load_finetuned: attention and expert LoRA, and the routers (modules_to_save)."""

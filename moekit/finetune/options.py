@@ -69,7 +69,8 @@ class TrainingOptions(BaseModel):
         "slower steps (about 1.4x). For GPUs that the default does not fit.",
     )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
-        default="adamw_torch", description="Optimizer; the 8-bit ones keep their states in 8 bits (bitsandbytes)."
+        default="adamw_torch",
+        description="Optimizer: adamw_torch is torch's fused AdamW (one kernel per step); the 8-bit ones keep their states in 8 bits (bitsandbytes).",
     )
     packing: bool = Field(default=False, description="Pack several short examples into each max-seq-len sequence.")
 
