@@ -158,6 +158,17 @@ def test_folded_lora_gives_an_expert_without_tokens_zero_gradients(grouped):
         torch.testing.assert_close(folded, apart, rtol=1e-4, atol=1e-6)
 
 
+def test_a_gradient_slice_reaches_the_grouped_gemm_without_a_copy_where_its_rows_are_aligned():
+    from moekit.finetune.experts import _aligned_or_copied
+
+    grad = torch.randn(8, 192, dtype=torch.bfloat16)
+    for start, end in [(0, 64), (64, 192)]:  # row slices start on 64 rows: 128-byte aligned columns
+        view = _aligned_or_copied(grad[:, start:end])
+        assert view.data_ptr() == grad[:, start:].data_ptr() and torch.equal(view, grad[:, start:end])
+    odd = _aligned_or_copied(grad[:, 3:67])  # 6 bytes in: copied, so the GEMM gets what it can read
+    assert odd.is_contiguous() and torch.equal(odd, grad[:, 3:67])
+
+
 def test_row_slices_cover_the_projection_in_aligned_pieces_within_the_budget():
     block = make_block("mixtral", 4, "cpu", torch.float32)
     storage = block.storage("gate_up_proj")  # (4, 192, 64): 1,024 bytes a row of all experts in float32

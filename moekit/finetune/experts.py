@@ -104,6 +104,13 @@ def _grouped_weight_grad(grad_output: torch.Tensor, inputs: torch.Tensor, offset
     return torch.stack(grads)
 
 
+def _aligned_or_copied(columns: torch.Tensor) -> torch.Tensor:
+    """A column slice of a row-major matrix, for a grouped GEMM's first operand: as it is where its rows start on
+    16-byte boundaries (torch's grouped GEMM takes such strides: no copy of the slice), else a contiguous copy."""
+    aligned = columns.stride(1) == 1 and (columns.stride(0) * columns.element_size()) % 16 == 0 and columns.data_ptr() % 16 == 0
+    return columns if aligned else columns.contiguous()
+
+
 def _frozen_weight(storage: ExpertStorage, scaled_b: torch.Tensor | None, rows: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """W for rows [start, end) of every expert, (experts, end - start, in); with `scaled_b`, [W_e | s B_e]
     (experts, end - start, in + r), W dequantized straight into the first columns."""
@@ -168,7 +175,7 @@ class _FrozenExpertLinear(torch.autograd.Function):
             grad_stacked = None  # (rows, in [+ r]): sum over row slices of grad_output[:, slice] @ [W | s B][:, slice]
             for start, end in ctx.slices:
                 weight = _frozen_weight(ctx.storage, scaled_b, (start, end), grad_output.dtype)
-                part = _grouped_mm(grad_output[:, start:end].contiguous(), weight, offsets, ctx.grouped)
+                part = _grouped_mm(_aligned_or_copied(grad_output[:, start:end]), weight, offsets, ctx.grouped)
                 grad_stacked = part if grad_stacked is None else grad_stacked.add_(part)
             in_features = ctx.storage.shape[2]
             grad_inputs = grad_stacked[:, :in_features]
