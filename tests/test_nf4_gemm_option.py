@@ -28,14 +28,6 @@ def test_nf4_gemm_with_8_bits_is_one_message_through_the_cli(random_moe, tmp_pat
     assert not (tmp_path / "o").exists()
 
 
-def test_fsdp_with_nf4_gemm_is_refused(random_moe, tmp_path, capsys):
-    from moekit.testing import run_cli
-
-    flags = ["--fsdp", "--num-processes", "2", "--nf4-gemm"]
-    code, output = run_cli(["finetune", str(random_moe), "--data", "x.jsonl", "-o", str(tmp_path / "o"), *flags], capsys)
-    assert code != 0 and "--nf4-gemm is not verified under --fsdp" in output and "Traceback" not in output
-
-
 def test_read_nf4_in_gemms_switches_every_nf4_projection_and_nothing_else():
     from moekit.finetune.expert_storage import NF4Storage, read_nf4_in_gemms
     from moekit.finetune.experts import build_expert_block
@@ -154,5 +146,38 @@ def test_finetune_with_nf4_gemm_runs_the_kernel_with_the_losses_of_the_dequantiz
         return [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
 
     for want, got in zip(logged(tmp_path / "dequantizing"), logged(tmp_path / "reading"), strict=True):
+        for key in ("loss", "lm_loss", "aux_loss"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_with_nf4_gemm_through_the_cli_has_the_losses_of_one_gpu(tiny_tokenizer, tmp_path):
+    """`moekit finetune --fsdp --nf4-gemm`: the kernel reads the NF4 bytes FSDP gathers (stored in bf16) on 2 GPUs,
+    with the loss curve of one GPU at the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from test_finetune_train import toy_conversations, write_jsonl
+
+    from moekit.finetune.trainer import finetune
+    from moekit.testing import make_dense_checkpoint
+
+    moe = make_dense_checkpoint(tmp_path / "moe", "mixtral", seed=3, tokenizer=tiny_tokenizer, hidden_size=128, intermediate_size=256)
+    data = write_jsonl(tmp_path / "chat.jsonl", toy_conversations(64))
+    options = FinetuneOptions(data=str(data), max_steps=5, packing=True, batch_size=4, max_seq_len=64, lora_r=8, learning_rate=5e-3, nf4_gemm=True)
+    finetune(moe, tmp_path / "one", options)
+    flags = ["--max-steps", "5", "--packing", "--batch-size", "2", "--max-seq-len", "64", "--lora-r", "8", "--learning-rate", "5e-3", "--nf4-gemm"]
+    command = [sys.executable, "-m", "moekit", "finetune", str(moe), "--data", str(data), "-o", str(tmp_path / "two"), "--fsdp", "--num-processes", "2"]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command + flags, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "GEMMs read the NF4 weights" in proc.stdout + proc.stderr
+
+    def logged(out):
+        return [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    for want, got in zip(logged(tmp_path / "one"), logged(tmp_path / "two"), strict=True):
         for key in ("loss", "lm_loss", "aux_loss"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)

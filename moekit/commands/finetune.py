@@ -54,8 +54,6 @@ def command(model: str, out: Path, push_to_hub: str | None, launch_kind: str | N
         raise click.UsageError("--fsdp needs --bits 4 or 16: bitsandbytes' 8-bit weights cannot be sharded by FSDP (use --ddp)")
     if launch_kind == "fsdp" and parsed.offload_activations:  # FSDP2 frees and gathers weights around the same hooks: untested
         raise click.UsageError("--offload-activations is not verified under --fsdp; drop it, or use --ddp")
-    if launch_kind == "fsdp" and parsed.nf4_gemm:  # the kernel reads FSDP's gathered bytes: not yet run on several GPUs
-        raise click.UsageError("--nf4-gemm is not verified under --fsdp; drop it, or use --ddp")
     with status("loading torch, transformers and TRL"):
         from moekit.build.arch.qwen2_moe import refuse_for
         from moekit.finetune.trainer import check_inputs, finetune
