@@ -215,8 +215,6 @@ def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) ->
         Row("training", "gradients", gradients, "same dtype as the parameters (LoRA fp32, routers bf16)"),
         Row("training", "optimizer states", states, options.optimizer + (f"; {format_size(paged)} more paged to CPU when short" if paged else "")),
     ]
-    # the optimizer step's temporaries: torch's foreach AdamW takes one sqrt(exp_avg_sq) per parameter
-    step_temporary = gradients if options.optimizer == "adamw_torch" else 0
     # autocast keeps a bf16 copy of every fp32 LoRA weight until the forward pass ends
     autocast_cache = sum(targets.lora_numels) * COMPUTE_BYTES
 
@@ -254,7 +252,7 @@ def plan_memory(shape: ModelShape, options: TrainingOptions, model_name: str) ->
         + act["routing"]
         + act["backward_transient"]
         + (kept + per_layer_grads + act["layer"] if options.gradient_checkpointing else kept + per_layer_grads),
-        "optimizer step": resident + gradients + step_temporary,
+        "optimizer step": resident + gradients,  # adamw_torch is torch's fused AdamW: no per-parameter temporaries
     }
     if options.gradient_checkpointing:
         # at the first layers, the checkpoints are gone but every gradient exists
