@@ -120,10 +120,12 @@ def test_third_party_noise_is_hidden_unless_verbose():
 
     from importlib.metadata import version
 
+    from bitsandbytes.functional import has_avx512bf16
     from packaging.version import Version
 
     loud = stderr("--verbose")
-    assert "kernels-community" in loud  # the noise is real, and --verbose shows it
+    if has_avx512bf16():  # bitsandbytes looks for its CPU kernels (and logs that it found none) only on such CPUs
+        assert "kernels-community" in loud  # the noise is real, and --verbose shows it
     if Version(version("transformers")) >= Version("5.23"):  # where transformers deprecated is_gradient_checkpointing
         assert "is_gradient_checkpointing" in loud
     quiet = stderr()
