@@ -42,7 +42,7 @@ from pathlib import Path
 
 # the model is built by the sibling benchmark's helpers
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_profile import kernel_seconds
+from gpu_profile import idle_gaps, kernel_seconds
 from plan_accuracy import EIGHT_BY_7B, TINY, build_quantized, make_config
 
 SHAPES = {"8x7b-16l": dict(EIGHT_BY_7B, num_hidden_layers=16), "8x7b": EIGHT_BY_7B, "tiny": TINY}
@@ -130,10 +130,10 @@ def worker(args) -> None:
                 timing["timed_s"] = time.perf_counter() - timing["start"]
                 timing["peak_gb"] = torch.cuda.max_memory_allocated() / GB if cuda else None
             elif state.global_step == total_steps and "profile" in timing:
-                profiler = timing["profile"][0]
-                timing["busy"] = _stop_profiler(torch, cuda, timing.pop("profile"), timing["timed_s"] / args.steps)
+                started = timing.pop("profile")
+                timing["busy"] = _stop_profiler(torch, cuda, started, timing["timed_s"] / args.steps)
                 if args.host_profile:
-                    _write_host_profile(profiler, Path(args.out), args.worker)
+                    _write_host_profile(started[0], Path(args.out), args.worker)
 
     staging = Path(os.environ[STAGING_VARIABLE])  # one directory for every rank of the mode (run_mode makes it)
     trainer = _make_trainer(wrapped, tokenizer, data, staging, options, compute_dtype, None)
@@ -188,15 +188,8 @@ def _write_host_profile(profiler, out: Path, mode: str) -> None:
     time, grouped by their Python call site; the GPU's idle gaps) and `{mode}-trace.json.gz` (chrome://tracing)."""
     import gzip
 
-    events = profiler.events()
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
-    gaps, reach = [], kernels[0][1] if kernels else 0
-    for begin, end in kernels[1:]:
-        if begin > reach:
-            gaps.append((begin - reach, reach))
-        reach = max(reach, end)
-    gaps.sort(reverse=True)
-    host_ops = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type.name == "CPU")
+    gaps = sorted(idle_gaps(profiler), reverse=True)
+    host_ops = [(e.time_range.start, e.time_range.end, e.name) for e in profiler.events() if e.device_type.name == "CPU"]
 
     def running_at(moment: float) -> str:  # the innermost host operators running when a gap begins
         return ", ".join(name for start, end, name in host_ops if start <= moment <= end)[-300:]
