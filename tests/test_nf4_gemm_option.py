@@ -4,8 +4,6 @@ kernel runs and the losses are those of the dequantizing path."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from pydantic import ValidationError
@@ -125,6 +123,7 @@ def test_on_the_cpu_the_trainer_says_the_kernel_needs_a_gpu(random_moe, tmp_path
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_finetune_with_nf4_gemm_runs_the_kernel_with_the_losses_of_the_dequantizing_path(tiny_tokenizer, tmp_path):
+    from test_finetune_graphs import logged
     from test_finetune_train import toy_conversations, write_jsonl
 
     from moekit.finetune import nf4_grouped_mm
@@ -142,9 +141,6 @@ def test_finetune_with_nf4_gemm_runs_the_kernel_with_the_losses_of_the_dequantiz
     assert nf4_grouped_mm.launches["x @ W^T"] > 0 and nf4_grouped_mm.launches["dy @ W"] > 0
     assert any("GEMMs read the NF4 weights" in line for line in lines), lines
 
-    def logged(out):
-        return [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
-
     for want, got in zip(logged(tmp_path / "dequantizing"), logged(tmp_path / "reading"), strict=True):
         for key in ("loss", "lm_loss", "aux_loss"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)
@@ -159,6 +155,7 @@ def test_fsdp_with_nf4_gemm_through_the_cli_has_the_losses_of_one_gpu(tiny_token
     import subprocess
     import sys
 
+    from test_finetune_graphs import logged
     from test_finetune_train import toy_conversations, write_jsonl
 
     from moekit.finetune.trainer import finetune
@@ -174,9 +171,6 @@ def test_fsdp_with_nf4_gemm_through_the_cli_has_the_losses_of_one_gpu(tiny_token
     proc = subprocess.run(command + flags, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "GEMMs read the NF4 weights" in proc.stdout + proc.stderr
-
-    def logged(out):
-        return [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines() if '"loss"' in line]
 
     for want, got in zip(logged(tmp_path / "one"), logged(tmp_path / "two"), strict=True):
         for key in ("loss", "lm_loss", "aux_loss"):
