@@ -158,6 +158,10 @@ def run_path(args) -> dict:
         from moekit.finetune import experts
 
         experts.DEQUANTIZED_SLICE_BYTES = (args.slice_mib or 256) * 2**20
+    if args.memory_limit_gb:  # as `moekit finetune --memory-limit`
+        from moekit.finetune import experts
+
+        experts.MEMORY_LIMIT_BYTES = int(args.memory_limit_gb * GB)
     if args.path == "moekit-eager-swiglu":  # what the fused SiLU(gate) * up kernel buys: eager torch instead
         from moekit.finetune import swiglu_kernel
 
@@ -202,6 +206,10 @@ def run_path(args) -> dict:
                 return _moekit_loss(torch, peft_model, batch, device)
 
         captured = CapturedStep(step_fn, params)
+    tracing = args.memory_trace is not None and device.type == "cuda" and args.warmup > 0
+    if tracing:  # the warm-up steps only (recording stacks slows the host): the first step, the capture, a replay
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)  # see memory_peak
+        baseline = torch.cuda.memory_allocated()
     step_times, losses = [], []
     for step in range(args.warmup + args.steps):
         input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
@@ -209,12 +217,23 @@ def run_path(args) -> dict:
         losses.append(_train_step(torch, loss_fn, optimizer, input_ids, device, captured))
         if step >= args.warmup:
             step_times.append(time.perf_counter() - t0)
+        if tracing and step == args.warmup - 1:
+            from memory_peak import peak_report
+
+            args.memory_trace.mkdir(parents=True, exist_ok=True)
+            report = peak_report(torch.cuda.memory._snapshot(), baseline)
+            variant = (f"-slice{args.slice_mib}" if args.slice_mib else "") + (f"-limit{args.memory_limit_gb}" if args.memory_limit_gb else "")
+            (args.memory_trace / f"{args.row}-{args.path}-{args.optimizer}{variant}.txt").write_text(report + "\n")
+            torch.cuda.memory._record_memory_history(enabled=None)
     timed = sum(step_times)
     paths = path_counts(peft_model)
     skipped = recomputations_skipped(peft_model)  # down_proj GEMMs left out of recomputations (Python runs, not replays)
     from moekit.finetune import nf4_grouped_mm
 
     nf4_gemm_launches = dict(nf4_grouped_mm.launches)  # the moekit-nf4-gemm path: proof that the kernel ran
+    from moekit.finetune.experts import limited_calls
+
+    dequantizations_under_limit = dict(limited_calls)  # --memory-limit-gb: calls that ran whole or sliced (Python calls, not replays)
     compiled = None
     if args.path == "moekit-compiled":
         from torch._dynamo.utils import counters
@@ -229,7 +248,8 @@ def run_path(args) -> dict:
         "peak_gb": _memory(torch, device), "phase_peaks_gb": dict(PHASE_PEAKS),
         "tokens_per_s": args.steps * args.batch * args.seq / timed, "step_s": timed / args.steps,
         "load_s": load_s, "trainable_params": trainable, "expert_paths": paths, "recomputations_skipped": skipped, "losses": losses, "compiled": compiled,
-        "graph_replays": captured.replays if captured else None, "nf4_gemm_launches": nf4_gemm_launches, **busy,
+        "graph_replays": captured.replays if captured else None, "nf4_gemm_launches": nf4_gemm_launches,
+        "dequantizations_under_limit": dequantizations_under_limit, **busy,
     }  # fmt: skip
 
 
@@ -345,7 +365,8 @@ def run_cli_row(args) -> dict:
     seq = 64 if args.tiny else 1024
     command = [sys.executable, "-m", "moekit", "finetune", str(checkpoint), "--data", str(data), "-o", str(work / "out"),
                "--max-steps", str(steps), "--max-seq-len", str(seq), "--packing", "--save-steps", "100000"]  # fmt: skip
-    flags = {"moekit-eager": ["--no-cuda-graphs"], "moekit-nf4-gemm": ["--nf4-gemm"]}.get(args.path, [])
+    # moekit-memory-limit: a limit under the 4-layer row's peak (3.85 GB), so that the real CLI slices
+    flags = {"moekit-eager": ["--no-cuda-graphs"], "moekit-nf4-gemm": ["--nf4-gemm"], "moekit-memory-limit": ["--memory-limit", "3.2GB"]}.get(args.path, [])
     command += flags
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -390,14 +411,20 @@ def main() -> None:
     parser.add_argument("--per-expert", action="store_true", help="also run moekit with the expert-by-expert fallback")
     parser.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True, help="the real `moekit finetune` row")
     parser.add_argument("--cli-layers", type=int, default=4, help="layers of the 4x7B-shaped checkpoint for the CLI row")
-    parser.add_argument("--cli-paths", default="moekit,moekit-eager", help="CLI rows: moekit (defaults), moekit-eager (--no-cuda-graphs), moekit-nf4-gemm")
+    parser.add_argument(
+        "--cli-paths",
+        default="moekit,moekit-eager",
+        help="CLI rows: moekit (defaults), moekit-eager (--no-cuda-graphs), moekit-nf4-gemm, moekit-memory-limit (3.2GB)",
+    )
     parser.add_argument("--cli-steps", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw", help="float32 AdamW (fused) or bitsandbytes' 8-bit AdamW")
     parser.add_argument("--slice-mib", type=int, help="dequantize expert projections in row slices of at most this many MiB [moekit's default: 1024]")
+    parser.add_argument("--memory-limit-gb", type=float, help="moekit paths: as `moekit finetune --memory-limit` (GB, 1e9 bytes)")
     parser.add_argument("--trace-dir", type=Path, help="write each path's profiled kernels, sorted by GPU time, here")
+    parser.add_argument("--memory-trace", type=Path, help="write what is allocated at each path's peak (warm-up steps), and where, here")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
@@ -422,6 +449,10 @@ def main() -> None:
             command += ["--trace-dir", str(args.trace_dir)]
         if args.slice_mib:
             command += ["--slice-mib", str(args.slice_mib)]
+        if args.memory_trace:
+            command += ["--memory-trace", str(args.memory_trace)]
+        if args.memory_limit_gb:
+            command += ["--memory-limit-gb", str(args.memory_limit_gb)]
         if args.tiny:
             command.append("--tiny")
         start = time.perf_counter()
