@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,6 +169,32 @@ def test_a_gradient_slice_reaches_the_grouped_gemm_without_a_copy_where_its_rows
         assert view.data_ptr() == grad[:, start:].data_ptr() and torch.equal(view, grad[:, start:end])
     odd = _aligned_or_copied(grad[:, 3:67])  # 6 bytes in: copied, so the GEMM gets what it can read
     assert odd.is_contiguous() and torch.equal(odd, grad[:, 3:67])
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["lora-folded", "lora-apart"])
+def test_a_sliced_projection_holds_one_dequantized_slice_at_a_time(fold, monkeypatch):
+    """Slices bound the memory of a dequantized projection only if each is freed before the next is dequantized
+    (a loop variable still holding the previous slice kept two alive: the 4x7B peak did not move)."""
+    monkeypatch.setattr(experts_module, "DEQUANTIZED_SLICE_BYTES", 1)
+    alive, alive_at_each_call = [], []
+    dequantize = experts_module._frozen_weight
+
+    def observed(*args):
+        alive[:] = [ref for ref in alive if ref() is not None]
+        alive_at_each_call.append(len(alive))
+        weight = dequantize(*args)
+        alive.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(experts_module, "_frozen_weight", observed)
+    torch.manual_seed(0)
+    block = make_block("mixtral", 4, "cpu", torch.float32)
+    block.fold_lora = fold
+    router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+    run(block, router, torch.randn(TOKENS, HIDDEN), lambda b, *args: b(*args))
+    # gate_up (192 rows) in 3 slices and down (64 rows) in 1, forward and backward
+    assert len(alive_at_each_call) == 8
+    assert alive_at_each_call == [0] * 8
 
 
 def test_row_slices_cover_the_projection_in_aligned_pieces_within_the_budget():
@@ -387,6 +415,34 @@ def test_an_expert_block_whose_gemms_read_nf4_equals_the_dequantizing_one(family
     for grad, kernel_grad in zip(grads, kernel_grads):
         scale = grad.float().abs().max()
         torch.testing.assert_close(kernel_grad.float() / scale, grad.float() / scale, rtol=3e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_memory_limit_slices_the_calls_that_would_go_over_it_and_keeps_the_step(monkeypatch):
+    """`--memory-limit`: with room for whole projections nothing is sliced; with none, every call dequantizes the
+    smallest slices, holds less at its peak, and gives the same loss and gradients (bf16 rounding aside)."""
+    torch.manual_seed(0)
+    block = make_block("mixtral", 4, "cuda", torch.bfloat16)
+    router = nn.Linear(HIDDEN, EXPERTS, bias=False, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    results, peaks = {}, {}
+    for name, limit in (("room", 10**15), ("none", 1)):
+        monkeypatch.setattr(experts_module, "MEMORY_LIMIT_BYTES", limit)
+        experts_module.limited_calls.clear()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        results[name] = run(block, router, hidden, lambda b, *args: b(*args))
+        peaks[name] = torch.cuda.max_memory_allocated() - start
+        # both projections, forward and backward
+        assert experts_module.limited_calls == ({"whole": 4} if name == "room" else {"sliced": 4}), name
+    assert peaks["none"] < peaks["room"], peaks
+    (loss, grads), (sliced_loss, sliced_grads) = results["room"], results["none"]
+    torch.testing.assert_close(sliced_loss, loss, rtol=1e-2, atol=0)
+    for grad, sliced_grad in zip(grads, sliced_grads):
+        scale = grad.float().abs().max()
+        torch.testing.assert_close(sliced_grad.float() / scale, grad.float() / scale, rtol=3e-2, atol=2e-2)
 
 
 def _tiny_trainable(family: str, bits: int):

@@ -11,6 +11,7 @@ import torch
 from moekit.errors import PlanError
 from moekit.finetune.options import TrainingOptions
 from moekit.plan import estimate, nf4_bytes
+from moekit.plan.memory import RESERVED_FACTOR
 from moekit.testing import tiny_config
 
 VOCAB = 384
@@ -284,17 +285,24 @@ def test_fit_verdict_and_largest_settings(mixtral_config):
 
 
 def test_advice_adds_memory_only_changes_before_it_shortens_the_sequence():
-    """On a GPU that 8-bit states, offloading and --nf4-gemm together make fit at the requested batch and sequence,
+    """On a GPU that 8-bit states, offloading and --memory-limit together make fit at the requested batch and sequence,
     that is the advice; a sequence cut below half is never offered alone."""
     from transformers import MixtralConfig
 
     config = MixtralConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                            vocab_size=32000, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32768)  # fmt: skip
     options = TrainingOptions(target=["attn", "experts"], batch_size=2, max_seq_len=1024)
-    needed = estimate(config, options.model_copy(update={"optimizer": "adamw_8bit", "offload_activations": True, "nf4_gemm": True}))
+    needed = estimate(config, options.model_copy(update={"optimizer": "adamw_8bit", "offload_activations": True, "memory_limit": "24GB"}))
     plan = estimate(config, options, gpu_memory=needed.gpu_bytes_needed)
     assert not plan.fits
-    assert plan.advice == "--optimizer adamw_8bit, then --offload-activations, then --nf4-gemm", plan.advice
+    limit = f"{needed.gpu_bytes_needed / 1e9:.2f}GB"
+    assert plan.advice == f"--optimizer adamw_8bit, then --offload-activations, then --memory-limit {limit}", plan.advice
+    # at the limit a projection is dequantized 64 rows of every expert at a time: the dequantized weight of the
+    # backward pass is then attention's largest (4096 x 4096), as with --nf4-gemm, instead of 4 experts' gate_up_proj
+    memory_only = options.model_copy(update={"optimizer": "adamw_8bit", "offload_activations": True})
+    whole = estimate(config, memory_only).gpu_bytes_needed
+    assert whole - needed.gpu_bytes_needed == int((4 * 2 * 14336 * 4096 - 4096 * 4096) * 2 * RESERVED_FACTOR)  # reserved by the allocator
+    assert estimate(config, memory_only.model_copy(update={"nf4_gemm": True})).gpu_bytes_needed == needed.gpu_bytes_needed
     for gpu_memory in range(needed.gpu_bytes_needed, estimate(config, options).gpu_bytes_needed, 200_000_000):
         advice = estimate(config, options, gpu_memory=gpu_memory).advice
         cut = [int(word) for word in advice.replace(",", " ").split() if word.isdigit()] if "--max-seq-len" in advice else []
@@ -368,3 +376,11 @@ def test_training_state_equals_a_real_adamw_step(mixtral_config):
     assert nbytes(param.grad for param in trainable) == plan.part("training", "gradients")
     states = [optimizer.state[param][key] for param in trainable for key in ("exp_avg", "exp_avg_sq")]
     assert nbytes(states) == plan.part("training", "optimizer states")
+
+
+def test_memory_limit_is_read_as_a_size_and_refused_when_not_positive():
+    assert TrainingOptions(memory_limit="15GB").memory_limit == 15 * 10**9
+    assert TrainingOptions(memory_limit="1.5GiB").memory_limit == int(1.5 * 2**30)
+    for bad in ("0GB", "lots"):
+        with pytest.raises(ValueError, match="memory_limit"):
+            TrainingOptions(memory_limit=bad)

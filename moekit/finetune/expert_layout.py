@@ -12,6 +12,9 @@ GATED = {"mixtral": True, "phixtral": False}
 BIASED = {"mixtral": False, "phixtral": True}  # Phixtral's fc1/fc2 have biases
 # grouped GEMMs (torch.nn.functional.grouped_mm) need rows aligned to 16 bytes
 GROUPED_ALIGNMENT_BYTES = 16
+# a projection dequantized in row slices: never fewer rows (of every expert) than this; slices start on whole NF4
+# blocks and on 16-byte aligned columns of the GEMMs
+SLICE_ROWS = 64
 # where torch has grouped GEMM kernels: CUDA for bf16 on sm80+, the CPU from torch 2.11
 GROUPED_CUDA_CAPABILITY = (8, 0)
 GROUPED_CPU_TORCH = (2, 11)

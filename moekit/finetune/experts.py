@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import TrainingError
-from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, runs_grouped
+from moekit.finetune.expert_layout import GATED, GROUPED_ALIGNMENT_BYTES, PROJECTIONS, SLICE_ROWS, runs_grouped
 from moekit.finetune.expert_storage import ExpertStorage, quantize_tensor
 from moekit.finetune.swiglu_kernel import weighted_silu_and_mul
 
@@ -61,18 +61,44 @@ def _grouped_mm(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
 
 
 # a quantized projection is dequantized in slices of at most this many bytes (the same rows of every expert), so a
-# training step holds at most one slice in 16 bits. Slices cost speed (copies into the output, narrower GEMMs):
-# on an H200, 256 MiB slices took 0.24 GB off the 4x7B peak and 10% off its speed, so the default only slices
-# projections over 1 GiB (8x7B's gate_up_proj is 1.9 GB; the 4x7B one, 0.94 GB, runs whole)
+# training step holds at most one slice in 16 bits. Slices cost speed (copies into the output columns, sums of the
+# backward's parts): on an H200, 256 MiB slices everywhere took 0.39 GB off the 4x7B peak (8-bit AdamW) and 9% off
+# its speed, so the default only slices projections over 1 GiB (8x7B's gate_up_proj is 1.9 GB; the 4x7B one,
+# 0.94 GB, runs whole), and MEMORY_LIMIT_BYTES slices the calls that need it
 DEQUANTIZED_SLICE_BYTES = 2**30
-SLICE_ROWS = 64  # slices start on whole NF4 blocks and on 16-byte aligned columns of the GEMMs
 
 
-def row_slices(storage: ExpertStorage, dtype: torch.dtype, budget: int | None = None) -> list[tuple[int, int]]:
-    """[(start, end)] rows of the (experts, out, in) projection dequantized at a time."""
+# `moekit finetune --memory-limit`: the bytes a step may have allocated on its GPU (None: no limit). Where a dequantized
+# projection would take the allocation over it, that call dequantizes in smaller row slices (down to SLICE_ROWS
+# rows), so only the calls made while memory is short pay for slicing: at 4x7B, the end of the backward pass, when
+# every LoRA gradient exists, or the last layers' forward, when every checkpointed input does
+MEMORY_LIMIT_BYTES: int | None = None
+limited_calls: Counter = Counter()  # under a limit: dequantizations that ran "whole" or "sliced" (Python calls, not replays)
+
+
+def _slices_within_limit(storage: ExpertStorage, reference: torch.Tensor, whole_bytes: int, sliced_bytes: int, extra_row_bytes: int = 0) -> list:
+    """Row slices of `storage` for a call that allocates, besides the dequantized weight, `whole_bytes` if it runs
+    whole, or `sliced_bytes` plus `extra_row_bytes` per row of a slice if it runs in slices; fewer rows at a time
+    where MEMORY_LIMIT_BYTES says so."""
+    slices = row_slices(storage, reference.dtype)
+    if MEMORY_LIMIT_BYTES is None or reference.device.type != "cuda" or not storage.materializes:
+        return slices
+    # the allocator's count, no synchronisation; under CUDA graph capture, the capture's (replays reuse its memory)
+    headroom = MEMORY_LIMIT_BYTES - torch.cuda.memory_allocated(reference.device)
+    experts, out_features, in_features = storage.shape
+    if len(slices) == 1 and experts * out_features * in_features * reference.element_size() + whole_bytes <= headroom:
+        limited_calls["whole"] += 1
+        return slices
+    limited_calls["sliced"] += 1
+    return row_slices(storage, reference.dtype, min(DEQUANTIZED_SLICE_BYTES, headroom - sliced_bytes), extra_row_bytes)
+
+
+def row_slices(storage: ExpertStorage, dtype: torch.dtype, budget: int | None = None, extra_row_bytes: int = 0) -> list[tuple[int, int]]:
+    """[(start, end)] rows of the (experts, out, in) projection dequantized at a time: each slice's 16-bit weight, and
+    `extra_row_bytes` per row of a slice, within `budget` bytes (never under SLICE_ROWS rows)."""
     budget = DEQUANTIZED_SLICE_BYTES if budget is None else budget
     experts, out_features, in_features = storage.shape
-    row_bytes = experts * in_features * torch.finfo(dtype).bits // 8
+    row_bytes = experts * in_features * torch.finfo(dtype).bits // 8 + extra_row_bytes
     if not storage.materializes or out_features * row_bytes <= budget:
         return [(0, out_features)]
     step = max(SLICE_ROWS, budget // row_bytes // SLICE_ROWS * SLICE_ROWS)
@@ -146,18 +172,21 @@ class _FrozenExpertLinear(torch.autograd.Function):
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets, hidden, scaled_b)
         ctx.in_kernel = grouped and storage.multiplies_grouped(inputs)
-        slices = ctx.slices = row_slices(storage, inputs.dtype)
         if not output_needed:
             return inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out), never read
         if ctx.in_kernel:  # the GEMM reads the quantized weight itself, and adds h (s B_e)^T to its tiles
             return storage.grouped_matmul(inputs, offsets, hidden=hidden, scaled_b=scaled_b)
         stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
+        output_bytes = inputs.shape[0] * storage.shape[1] * inputs.element_size()
+        # whole: the product is the output; in slices: the output, and each slice's product
+        slices = _slices_within_limit(storage, inputs, output_bytes, output_bytes, extra_row_bytes=inputs.shape[0] * inputs.element_size())
         if len(slices) == 1:
             return _grouped_mm(stacked, _frozen_weight(storage, scaled_b, slices[0], inputs.dtype).transpose(1, 2), offsets, grouped)
         outputs = inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out)
         for rows in slices:
             weight = _frozen_weight(storage, scaled_b, rows, inputs.dtype)  # (experts, end - start, in [+ r])
             outputs[:, rows[0] : rows[1]] = _grouped_mm(stacked, weight.transpose(1, 2), offsets, grouped)
+            del weight  # before the next slice is dequantized: one slice at a time
         return outputs
 
     @staticmethod
@@ -173,10 +202,13 @@ class _FrozenExpertLinear(torch.autograd.Function):
                 grad_hidden = _grouped_mm(grad_output, scaled_b, offsets, ctx.grouped)  # (rows, r)
         elif needs_inputs or needs_hidden:
             grad_stacked = None  # (rows, in [+ r]): sum over row slices of grad_output[:, slice] @ [W | s B][:, slice]
-            for start, end in ctx.slices:
+            grad_bytes = grad_output.shape[0] * (ctx.storage.shape[2] + (0 if hidden is None else hidden.shape[1])) * grad_output.element_size()
+            slices = _slices_within_limit(ctx.storage, grad_output, grad_bytes, 2 * grad_bytes)  # in slices: the sum and a part
+            for start, end in slices:
                 weight = _frozen_weight(ctx.storage, scaled_b, (start, end), grad_output.dtype)
                 part = _grouped_mm(_aligned_or_copied(grad_output[:, start:end]), weight, offsets, ctx.grouped)
                 grad_stacked = part if grad_stacked is None else grad_stacked.add_(part)
+                del weight, part  # before the next slice is dequantized: one slice at a time
             in_features = ctx.storage.shape[2]
             grad_inputs = grad_stacked[:, :in_features]
             grad_hidden = grad_stacked[:, in_features:].contiguous() if hidden is not None else None

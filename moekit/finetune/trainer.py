@@ -44,6 +44,7 @@ from moekit.errors import (
 )
 from moekit.finetune.adapter import has_lora
 from moekit.finetune.options import FinetuneOptions
+from moekit.units import format_size
 
 LOG_FILE = "training_log.jsonl"
 SETTINGS_FILE = "run-settings.json"  # in OUT.partial: what --resume must keep the same
@@ -141,6 +142,15 @@ def _finetune(model: str | Path, out: str | Path, options: FinetuneOptions, echo
             echo("--nf4-gemm: its kernel needs a CUDA GPU; the expert projections are dequantized as usual")
         elif not switched:
             echo("--nf4-gemm: this model has no NF4 expert blocks; nothing changes")
+    from moekit.finetune import experts
+
+    experts.MEMORY_LIMIT_BYTES = options.memory_limit
+    experts.limited_calls.clear()
+    if options.memory_limit is not None:
+        if device.type != "cuda" or options.bits == 16:
+            echo("--memory-limit: it slices dequantized expert weights on a CUDA GPU (--bits 4 or 8); nothing changes here")
+        else:
+            echo(f"--memory-limit {format_size(options.memory_limit)}: expert projections are dequantized in row slices where a whole one would go over it")
     teacher = _load_teacher(teacher_path, compute_dtype, device_map, options) if teacher_path is not None else None
     snapshot = snapshot_trainable(peft_model)
 
@@ -951,7 +961,7 @@ class ExpertPathCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step != 1:
             return
-        from moekit.finetune.experts import path_counts, recomputations_skipped
+        from moekit.finetune.experts import limited_calls, path_counts, recomputations_skipped
         from moekit.finetune.nf4_grouped_mm import launches
 
         counts = path_counts(self.model)
@@ -960,7 +970,9 @@ class ExpertPathCallback(TrainerCallback):
             nf4 = f"; {reading} GEMMs read the NF4 weights" if reading else ""
             skipped = recomputations_skipped(self.model)
             unsaved = f"; {skipped} recomputations left out the unsaved second projection" if skipped else ""
-            self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step{nf4}{unsaved})")
+            limited = sum(limited_calls.values())
+            sliced = f"; {limited_calls['sliced']} of {limited} dequantizations in row slices under --memory-limit" if limited else ""
+            self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step{nf4}{unsaved}{sliced})")
 
 
 class JsonlLogCallback(TrainerCallback):

@@ -3,7 +3,7 @@ transients of a layer's backward pass (which depend on whether the experts run g
 
 from __future__ import annotations
 
-from moekit.finetune.expert_layout import GROUPED_CUDA_CAPABILITY, runs_grouped
+from moekit.finetune.expert_layout import GROUPED_CUDA_CAPABILITY, SLICE_ROWS, runs_grouped
 from moekit.finetune.options import TrainingOptions
 from moekit.plan.shape import ModelShape
 from moekit.plan.storage import COMPUTE_BYTES
@@ -85,6 +85,8 @@ def activations(shape: ModelShape, options: TrainingOptions, batch: int, seq: in
         dequantized = shape.experts * largest
         if options.nf4_gemm and nf4_gemm_runs_for(shape):  # only attention's linears are dequantized, one at a time
             dequantized = max(lin.weight_numel for lin in shape.attention)
+        elif options.memory_limit is not None:  # at the limit, projections are dequantized down to SLICE_ROWS rows at a time
+            dequantized = max(max(lin.weight_numel for lin in shape.attention), shape.experts * SLICE_ROWS * max(lin.in_features for lin in shape.expert_mlp))
         weights_at_once, rows_at_once = (dequantized if options.bits < 16 else 0), tokens * shape.top_k
     else:
         weights_at_once = largest if options.bits < 16 else 0  # bf16 weights are used as they are

@@ -57,6 +57,10 @@ def _advice(plan: MemoryPlan, gpu_memory: int) -> str:
         candidates.append(("--optimizer adamw_8bit (8-bit optimizer states)", {"optimizer": "adamw_8bit"}))
     if options.gradient_checkpointing and not options.offload_activations:
         candidates.append(("--offload-activations (checkpointed layer inputs in CPU memory)", {"offload_activations": True}))
+    if options.bits < 16 and options.memory_limit is None and not options.nf4_gemm and grouped_experts(shape):
+        limit = f"{gpu_memory / 1e9:.2f}GB"
+        text = f"--memory-limit {limit} (expert projections dequantized in row slices where a whole one would not fit; slower steps)"
+        candidates.append((text, {"memory_limit": gpu_memory}))
     if options.bits == 4 and not options.nf4_gemm and grouped_experts(shape) and nf4_gemm_runs_for(shape):
         candidates.append(("--nf4-gemm (expert GEMMs read the 4-bit weights: no dequantized projection; slower steps)", {"nf4_gemm": True}))
     if options.bits > 4:
