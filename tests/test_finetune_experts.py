@@ -419,13 +419,21 @@ def test_an_expert_block_whose_gemms_read_nf4_equals_the_dequantizing_one(family
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_memory_limit_slices_the_calls_that_would_go_over_it_and_keeps_the_step(monkeypatch):
-    """`--memory-limit`: with room for whole projections nothing is sliced; with none, every call dequantizes the
-    smallest slices, holds less at its peak, and gives the same loss and gradients (bf16 rounding aside)."""
+@pytest.mark.parametrize("tiled", [False, True], ids=["slices", "nf4-gemm"])
+def test_a_memory_limit_changes_only_the_calls_that_would_go_over_it_and_keeps_the_step(tiled, monkeypatch):
+    """`--memory-limit`: with room for whole projections nothing changes; with none, a call dequantizes the smallest
+    slices, or reads the 4-bit weight in the GEMM where that would take more than MOST_SLICES slices and the kernel
+    tiles the projection; the block holds less at its peak and gives the same loss and gradients (bf16 rounding aside)."""
     torch.manual_seed(0)
-    block = make_block("mixtral", 4, "cuda", torch.bfloat16)
-    router = nn.Linear(HIDDEN, EXPERTS, bias=False, device="cuda", dtype=torch.bfloat16)
-    hidden = torch.randn(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    hidden_size, inter = (256, 512) if tiled else (HIDDEN, INTER)
+    tensors = {"gate_up_proj": torch.randn(EXPERTS, 2 * inter, hidden_size) * 0.1, "down_proj": torch.randn(EXPERTS, hidden_size, inter) * 0.1}
+    block = build_expert_block("mixtral", tensors, bits=4, compute_dtype=torch.bfloat16, device="cuda", act_fn=nn.SiLU())
+    block.add_lora(RANK, 8)
+    with torch.no_grad():
+        for name in block.projections:
+            getattr(block, f"lora_B_{name}").normal_(0, 0.05)
+    router = nn.Linear(hidden_size, EXPERTS, bias=False, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(300 if tiled else TOKENS, hidden_size, device="cuda", dtype=torch.bfloat16)
     results, peaks = {}, {}
     for name, limit in (("room", 10**15), ("none", 1)):
         monkeypatch.setattr(experts_module, "MEMORY_LIMIT_BYTES", limit)
@@ -436,7 +444,9 @@ def test_a_memory_limit_slices_the_calls_that_would_go_over_it_and_keeps_the_ste
         results[name] = run(block, router, hidden, lambda b, *args: b(*args))
         peaks[name] = torch.cuda.max_memory_allocated() - start
         # both projections, forward and backward
-        assert experts_module.limited_calls == ({"whole": 4} if name == "room" else {"sliced": 4}), name
+        # no room: gate_up_proj (1,024 rows) would take 16 slices of 64 rows, down_proj (256) 4; the small block's 3 and 1
+        expected = {"whole": 4} if name == "room" else {"nf4_gemm": 2, "sliced": 2} if tiled else {"sliced": 4}
+        assert experts_module.limited_calls == expected, name
     assert peaks["none"] < peaks["room"], peaks
     (loss, grads), (sliced_loss, sliced_grads) = results["room"], results["none"]
     torch.testing.assert_close(sliced_loss, loss, rtol=1e-2, atol=0)

@@ -55,6 +55,10 @@ class ExpertStorage(nn.Module):
         dequantizes and uses a grouped GEMM."""
         return False
 
+    def can_multiply_grouped(self, inputs: torch.Tensor) -> bool:
+        """Whether `grouped_matmul` could run for `inputs`, asked for or not (a call short of memory asks for it)."""
+        return False
+
     def grouped_matmul(self, inputs: torch.Tensor, offsets: torch.Tensor, transposed: bool = False, hidden=None, scaled_b=None) -> torch.Tensor:
         """Rows of expert e (grouped by `offsets`, cumulative int32) @ W_e^T, or @ W_e if `transposed`; plus the LoRA
         term hidden_e @ scaled_b_e^T where given ((rows, r) and (experts, out, r))."""
@@ -133,7 +137,10 @@ class NF4Storage(ExpertStorage):
         return self.use_triton_kernel and nf4_kernel.available(self.weight)
 
     def multiplies_grouped(self, inputs):
-        return self.use_grouped_mm_kernel and nf4_grouped_mm.supports(self.shape, inputs.dtype, inputs.device)
+        return self.use_grouped_mm_kernel and self.can_multiply_grouped(inputs)
+
+    def can_multiply_grouped(self, inputs):
+        return nf4_grouped_mm.supports(self.shape, inputs.dtype, inputs.device)
 
     def grouped_matmul(self, inputs, offsets, transposed=False, hidden=None, scaled_b=None):
         return nf4_grouped_mm.nf4_grouped_mm(inputs, self, offsets, transposed, hidden=hidden, scaled_b=scaled_b)

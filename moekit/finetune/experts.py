@@ -69,17 +69,26 @@ DEQUANTIZED_SLICE_BYTES = 2**30
 
 
 # `moekit finetune --memory-limit`: the bytes a step may have allocated on its GPU (None: no limit). Where a dequantized
-# projection would take the allocation over it, that call dequantizes in smaller row slices (down to SLICE_ROWS
-# rows), so only the calls made while memory is short pay for slicing: at 4x7B, the end of the backward pass, when
-# every LoRA gradient exists, or the last layers' forward, when every checkpointed input does
+# projection would take the allocation over it, that call dequantizes in smaller row slices (down to SLICE_ROWS rows),
+# or, where it would take more than MOST_SLICES and the kernel runs for the projection, multiplies with the GEMM that
+# reads the 4-bit weight (no dequantized weight at all). Only the calls made while memory is short pay: at 4x7B, the
+# end of the backward pass, when every LoRA gradient exists, or the last layers' forward, when every checkpointed
+# input does
 MEMORY_LIMIT_BYTES: int | None = None
-limited_calls: Counter = Counter()  # under a limit: dequantizations that ran "whole" or "sliced" (Python calls, not replays)
+# every slice re-reads the call's input: past this many, a call short of memory reads the 4-bit weight in the GEMM
+# instead, where that kernel runs (4x7B, 8-bit AdamW, one H200: at 15.0 GB, slices cost 0.65 ms a call with
+# --offload-activations and 2.4 ms without, where the room left is smaller; the NF4 GEMM 1.1-1.7 ms)
+MOST_SLICES = 8
+# under a limit: how the calls dequantized, "whole", "sliced" or not at all ("nf4_gemm"), Python calls (not replays)
+limited_calls: Counter = Counter()
 
 
-def _slices_within_limit(storage: ExpertStorage, reference: torch.Tensor, whole_bytes: int, sliced_bytes: int, extra_row_bytes: int = 0) -> list:
-    """Row slices of `storage` for a call that allocates, besides the dequantized weight, `whole_bytes` if it runs
-    whole, or `sliced_bytes` plus `extra_row_bytes` per row of a slice if it runs in slices; fewer rows at a time
-    where MEMORY_LIMIT_BYTES says so."""
+def _dequantization(storage: ExpertStorage, reference: torch.Tensor, grouped: bool, whole_bytes: int, sliced_bytes: int, extra_row_bytes: int = 0):
+    """How a call multiplies by `storage`: None, with the GEMM that reads the stored weight (`--nf4-gemm`, or a call
+    short of memory); else the row slices to dequantize. The call allocates, besides any dequantized weight,
+    `whole_bytes` if it runs whole, or `sliced_bytes` plus `extra_row_bytes` per row of a slice if in slices."""
+    if grouped and storage.multiplies_grouped(reference):
+        return None
     slices = row_slices(storage, reference.dtype)
     if MEMORY_LIMIT_BYTES is None or reference.device.type != "cuda" or not storage.materializes:
         return slices
@@ -89,8 +98,12 @@ def _slices_within_limit(storage: ExpertStorage, reference: torch.Tensor, whole_
     if len(slices) == 1 and experts * out_features * in_features * reference.element_size() + whole_bytes <= headroom:
         limited_calls["whole"] += 1
         return slices
+    slices = row_slices(storage, reference.dtype, min(DEQUANTIZED_SLICE_BYTES, headroom - sliced_bytes), extra_row_bytes)
+    if len(slices) > MOST_SLICES and grouped and storage.can_multiply_grouped(reference):
+        limited_calls["nf4_gemm"] += 1
+        return None
     limited_calls["sliced"] += 1
-    return row_slices(storage, reference.dtype, min(DEQUANTIZED_SLICE_BYTES, headroom - sliced_bytes), extra_row_bytes)
+    return slices
 
 
 def row_slices(storage: ExpertStorage, dtype: torch.dtype, budget: int | None = None, extra_row_bytes: int = 0) -> list[tuple[int, int]]:
@@ -159,8 +172,10 @@ class _FrozenExpertLinear(torch.autograd.Function):
     [x | h] @ [W_e | s B_e]^T. The separate LoRA product would write a (rows, out) tensor and add it to the frozen
     one; this copies the (rows, in) input instead, so it pays where out > in (gate_up, fc1).
 
-    Where the storage multiplies by itself (`multiplies_grouped`: the NF4 GEMM of `nf4_grouped_mm`), no weight is
-    dequantized at all, and h (s B_e)^T is one more step of that GEMM's accumulation.
+    Where the storage multiplies by itself (`multiplies_grouped`: the NF4 GEMM of `nf4_grouped_mm`; or, for a call
+    short of memory under MEMORY_LIMIT_BYTES, wherever that kernel runs), no weight is dequantized at all, and
+    h (s B_e)^T is one more step of that GEMM's accumulation. Forward and backward decide apart, each by the memory
+    allocated when it runs.
 
     `output_needed` False (a checkpoint's recomputation of a product that nothing saves): the product is returned
     uninitialised, without dequantizing or multiplying; what the backward pass needs (offsets, h, s B) is saved as
@@ -171,15 +186,15 @@ class _FrozenExpertLinear(torch.autograd.Function):
         # inputs (rows, in); hidden (rows, r); scaled_b (experts, out, r) in the compute dtype
         ctx.storage, ctx.grouped = storage, grouped
         ctx.save_for_backward(offsets, hidden, scaled_b)
-        ctx.in_kernel = grouped and storage.multiplies_grouped(inputs)
         if not output_needed:
             return inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out), never read
-        if ctx.in_kernel:  # the GEMM reads the quantized weight itself, and adds h (s B_e)^T to its tiles
+        # whole: the product is the output; in slices: the output and each slice's product; both: the stacked input
+        row_bytes = inputs.shape[0] * inputs.element_size()
+        new_bytes = row_bytes * storage.shape[1] + (0 if hidden is None else row_bytes * (storage.shape[2] + hidden.shape[1]))
+        slices = _dequantization(storage, inputs, grouped, new_bytes, new_bytes, extra_row_bytes=row_bytes)
+        if slices is None:  # the GEMM reads the quantized weight itself, and adds h (s B_e)^T to its tiles
             return storage.grouped_matmul(inputs, offsets, hidden=hidden, scaled_b=scaled_b)
         stacked = inputs if hidden is None else torch.cat([inputs, hidden], dim=1)  # (rows, in [+ r])
-        output_bytes = inputs.shape[0] * storage.shape[1] * inputs.element_size()
-        # whole: the product is the output; in slices: the output, and each slice's product
-        slices = _slices_within_limit(storage, inputs, output_bytes, output_bytes, extra_row_bytes=inputs.shape[0] * inputs.element_size())
         if len(slices) == 1:
             return _grouped_mm(stacked, _frozen_weight(storage, scaled_b, slices[0], inputs.dtype).transpose(1, 2), offsets, grouped)
         outputs = inputs.new_empty(inputs.shape[0], storage.shape[1])  # (rows, out)
@@ -195,15 +210,17 @@ class _FrozenExpertLinear(torch.autograd.Function):
         needs = (*ctx.needs_input_grad, False, False)  # called without hidden, scaled_b: 5 inputs
         needs_inputs, needs_hidden, needs_scaled_b = needs[0], needs[5], needs[6]
         grad_inputs = grad_hidden = grad_scaled_b = None
-        if ctx.in_kernel:
+        slices = []
+        if needs_inputs or needs_hidden:
+            grad_bytes = grad_output.shape[0] * (ctx.storage.shape[2] + (0 if hidden is None else hidden.shape[1])) * grad_output.element_size()
+            slices = _dequantization(ctx.storage, grad_output, ctx.grouped, grad_bytes, 2 * grad_bytes)  # in slices: the sum and a part
+        if slices is None:  # the GEMM reads the quantized weight itself
             if needs_inputs:
                 grad_inputs = ctx.storage.grouped_matmul(grad_output.contiguous(), offsets, transposed=True)  # (rows, in)
             if needs_hidden:
                 grad_hidden = _grouped_mm(grad_output, scaled_b, offsets, ctx.grouped)  # (rows, r)
-        elif needs_inputs or needs_hidden:
+        elif slices:
             grad_stacked = None  # (rows, in [+ r]): sum over row slices of grad_output[:, slice] @ [W | s B][:, slice]
-            grad_bytes = grad_output.shape[0] * (ctx.storage.shape[2] + (0 if hidden is None else hidden.shape[1])) * grad_output.element_size()
-            slices = _slices_within_limit(ctx.storage, grad_output, grad_bytes, 2 * grad_bytes)  # in slices: the sum and a part
             for start, end in slices:
                 weight = _frozen_weight(ctx.storage, scaled_b, (start, end), grad_output.dtype)
                 part = _grouped_mm(_aligned_or_copied(grad_output[:, start:end]), weight, offsets, ctx.grouped)

@@ -73,9 +73,9 @@ class TrainingOptions(BaseModel):
     memory_limit: int | None = Field(
         default=None,
         description="GPU memory a step may allocate (16GB, 15.5GiB): where dequantizing a whole expert projection would go "
-        "over it, that call dequantizes it in row slices, so only the calls made while memory is short pay (at 4x7B with "
-        "15GB: 12% slower with --offload-activations, 40% without). It bounds the dequantized weights, not the "
-        "activations. With --bits 4 or 8 on a GPU; off by default.",
+        "over it, that call dequantizes it in row slices (or, past 8 slices, reads the 4-bit weight in the GEMM), so only "
+        "the calls made while memory is short pay (4x7B at 15GB: 7% slower with --offload-activations, 12% without). It "
+        "bounds the dequantized weights, not the activations. With --bits 4 or 8 on a GPU; off by default.",
     )
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "sgd"] = Field(
         default="adamw_torch",

@@ -971,7 +971,8 @@ class ExpertPathCallback(TrainerCallback):
             skipped = recomputations_skipped(self.model)
             unsaved = f"; {skipped} recomputations left out the unsaved second projection" if skipped else ""
             limited = sum(limited_calls.values())
-            sliced = f"; {limited_calls['sliced']} of {limited} dequantizations in row slices under --memory-limit" if limited else ""
+            read = f", {limited_calls['nf4_gemm']} read the 4-bit weight in the GEMM" if limited_calls["nf4_gemm"] else ""
+            sliced = f"; under --memory-limit {limited_calls['sliced']} of {limited} projections in row slices{read}" if limited else ""
             self.echo(f"expert blocks: {counts['grouped']} grouped forwards, {counts['per_expert']} expert by expert (first step{nf4}{unsaved}{sliced})")
 
 
