@@ -101,7 +101,8 @@ def test_plan_advises_nf4_gemm_before_a_smaller_rank_or_sequence():
     assert not plan.fits and plan.advice.startswith("--nf4-gemm"), plan.advice
 
 
-def test_on_the_cpu_the_trainer_says_the_kernel_needs_a_gpu(random_moe, tmp_path):
+def test_on_the_cpu_the_trainer_says_the_gpu_memory_options_change_nothing(random_moe, tmp_path):
+    """--nf4-gemm and --memory-limit act on CUDA GPUs only: on the CPU the run trains and says so, once each."""
     from test_finetune_train import toy_conversations, write_jsonl
 
     from moekit.finetune.trainer import finetune
@@ -110,10 +111,13 @@ def test_on_the_cpu_the_trainer_says_the_kernel_needs_a_gpu(random_moe, tmp_path
         pytest.skip("the CPU message")
     data = write_jsonl(tmp_path / "chat.jsonl", toy_conversations(8))
     lines: list[str] = []
-    options = FinetuneOptions(data=str(data), max_steps=2, warmup_ratio=0, learning_rate=5e-3, batch_size=4, max_seq_len=64, lora_r=4, nf4_gemm=True)
+    options = FinetuneOptions(
+        data=str(data), max_steps=2, warmup_ratio=0, learning_rate=5e-3, batch_size=4, max_seq_len=64, lora_r=4, nf4_gemm=True, memory_limit="1GB"
+    )
     options.target = ["attn", "gate"]  # random routers may leave an expert without tokens in 2 steps
     finetune(random_moe, tmp_path / "out", options, echo=lines.append)
-    assert any("--nf4-gemm: its kernel needs a CUDA GPU" in line for line in lines), lines
+    assert sum("--nf4-gemm: its kernel needs a CUDA GPU" in line for line in lines) == 1, lines
+    assert sum(line.startswith("--memory-limit: it slices dequantized expert weights on a CUDA GPU") for line in lines) == 1, lines
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
