@@ -384,7 +384,7 @@ def run_cli_row(args) -> dict:
         "layers": shape["num_hidden_layers"], "steps": steps, "seq": seq, "batch": batch,
         "wall_s": wall, "train_runtime_s": runtime, "tokens_per_s": steps * batch * seq / runtime if runtime else None,
         "peak_gb": (metadata.get("peak_memory_bytes") or 0) / GB or None, "expert_paths": metadata.get("expert_paths"),
-        "expert_line": expert_line, "cuda_graphs": metadata.get("cuda_graphs"),
+        "expert_line": expert_line, "cuda_graphs": metadata.get("cuda_graphs"), "memory_limit_calls": metadata.get("memory_limit_calls"),
         "checkpoint_gb": sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB,
     }  # fmt: skip
 

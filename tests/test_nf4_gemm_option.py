@@ -4,6 +4,8 @@ kernel runs and the losses are those of the dequantizing path."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -119,6 +121,8 @@ def test_on_the_cpu_the_trainer_says_the_gpu_memory_options_change_nothing(rando
     assert sum("--nf4-gemm: its kernel needs a CUDA GPU" in line for line in lines) == 1, lines
     assert sum(line.startswith("--memory-limit: it slices dequantized expert weights on a CUDA GPU") for line in lines) == 1, lines
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    metadata = json.loads((tmp_path / "out" / "moekit-finetune.json").read_text())
+    assert metadata["options"]["memory_limit"] == 10**9 and metadata["memory_limit_calls"] == {}  # nothing limited off a GPU
 
 
 # --- GPU ---------------------------------------------------------------------------------------------------------

@@ -1019,7 +1019,7 @@ def _loss_summary(log: list[dict]) -> dict:
 def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_ref, model_path, data, table, losses, steps, peak, plan_peak) -> None:
     """`trained` is `model` itself, or under FSDP its gathered trainable parameters (`MoeSFTTrainer.trained_parameters`)."""
     from moekit.finetune.adapter import save_adapter
-    from moekit.finetune.experts import path_counts, recomputations_skipped
+    from moekit.finetune.experts import limited_calls, path_counts, recomputations_skipped
     from moekit.finetune.targets import save_routers
 
     gathered = trained if isinstance(trained, dict) else None
@@ -1051,6 +1051,8 @@ def _write_outputs(staging, model, trainer, trained, tokenizer, options, model_r
         "adapter_format": "peft" if trainer.adapter_layout is not None else None,
         "expert_paths": path_counts(model),
         "recomputations_skipped": recomputations_skipped(model),  # down_proj GEMMs left out of checkpoint recomputations
+        # --memory-limit on a GPU: projections run whole, in row slices or through the NF4 GEMM (Python calls, not replays)
+        "memory_limit_calls": dict(limited_calls),
         "cuda_graphs": trainer.cuda_graph_summary(),
     }
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
