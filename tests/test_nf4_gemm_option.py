@@ -5,6 +5,7 @@ kernel runs and the losses are those of the dequantizing path."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -183,3 +184,26 @@ def test_fsdp_with_nf4_gemm_through_the_cli_has_the_losses_of_one_gpu(tiny_token
     for want, got in zip(logged(tmp_path / "one"), logged(tmp_path / "two"), strict=True):
         for key in ("loss", "lm_loss", "aux_loss"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (got["step"], key)
+
+
+def test_the_first_step_line_counts_the_projections_a_memory_limit_changed(monkeypatch):
+    """On a GPU the counts come from the expert blocks' calls; here they are set, to check the trainer's wording."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from moekit.finetune import experts
+    from moekit.finetune.experts import build_expert_block
+    from moekit.finetune.trainer import ExpertPathCallback
+
+    tensors = {"gate_up_proj": torch.randn(4, 128, 64), "down_proj": torch.randn(4, 64, 64)}
+    block = build_expert_block("mixtral", tensors, bits=4, compute_dtype=torch.float32, device="cpu", act_fn=nn.SiLU())
+    block.path_counts["grouped"] += 3
+    lines: list[str] = []
+    callback = ExpertPathCallback(nn.Sequential(block), lines.append)
+    for counts in ({"whole": 5, "sliced": 3, "nf4_gemm": 2}, {"whole": 4, "sliced": 16}, {}):
+        monkeypatch.setattr(experts, "limited_calls", Counter(counts))
+        callback.on_step_end(None, SimpleNamespace(global_step=1), None)
+    assert lines[0].endswith("(first step; under --memory-limit 3 of 10 projections in row slices, 2 read the 4-bit weight in the GEMM)")
+    assert lines[1].endswith("(first step; under --memory-limit 16 of 20 projections in row slices)")
+    assert lines[2].endswith("(first step)")  # no limit: no mention
