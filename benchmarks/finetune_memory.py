@@ -207,7 +207,7 @@ def run_path(args) -> dict:
 
         captured = CapturedStep(step_fn, params)
     tracing = args.memory_trace is not None and device.type == "cuda" and args.warmup > 0
-    if tracing:  # the warm-up steps only (recording stacks slows the host): the first step, the capture, a replay
+    if tracing:  # the warm-up steps only: the first step, the capture, a replay
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)  # see memory_peak
         baseline = torch.cuda.memory_allocated()
     step_times, losses = [], []
@@ -424,7 +424,7 @@ def main() -> None:
     parser.add_argument("--slice-mib", type=int, help="dequantize expert projections in row slices of at most this many MiB [moekit's default: 1024]")
     parser.add_argument("--memory-limit-gb", type=float, help="moekit paths: as `moekit finetune --memory-limit` (GB, 1e9 bytes)")
     parser.add_argument("--trace-dir", type=Path, help="write each path's profiled kernels, sorted by GPU time, here")
-    parser.add_argument("--memory-trace", type=Path, help="write what is allocated at each path's peak (warm-up steps), and where, here")
+    parser.add_argument("--memory-trace", type=Path, help="write what is allocated at each path's peak (warm-up steps), by size and when, to this folder")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)

@@ -1,4 +1,4 @@
-"""What is allocated at a CUDA memory peak, and where it was allocated: read from torch's allocator trace.
+"""What is allocated at a CUDA memory peak, and when it was allocated: read from torch's allocator trace.
 
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)
     baseline = torch.cuda.memory_allocated()
@@ -7,35 +7,19 @@
     torch.cuda.memory._record_memory_history(enabled=None)
 
 Allocations made before the recording began (weights, LoRA parameters) are the baseline; the report lists the
-tensors allocated since that are alive at the highest point, grouped by the line of moekit, transformers, PEFT,
-bitsandbytes or the benchmark that allocated them where the trace has stacks, else by size, with when they were
-allocated (the fraction of the trace's allocations made before). With torch 2.11, recording Python stacks fails
-inside a checkpoint's recomputation ("SystemError: error return without exception set"), so the benchmark records
-none: sizes name the tensors well enough (a (rows, 2I) bf16 product, one dequantized projection).
+tensors allocated since that are alive at the highest point, grouped by size and by when they were allocated (the
+fraction of the trace's allocations made before). The trace records no stacks: with torch 2.11, recording Python
+stacks fails inside a checkpoint's recomputation ("SystemError: error return without exception set"). Sizes name the
+tensors well enough (a (rows, 2I) bf16 product, one dequantized projection).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-OWN_CODE = ("moekit/", "benchmarks/", "transformers/", "peft/", "bitsandbytes/", "torch/optim/", "torch/utils/checkpoint")
-
 
 def _events(snapshot: dict) -> list[dict]:
     return [event for trace in snapshot["device_traces"] for event in trace]
-
-
-def _where(frames: list[dict]) -> str:
-    """The innermost frame in code that says why (moekit, transformers, ...), and the innermost one overall."""
-    own = next((frame for frame in frames if any(part in frame["filename"] for part in OWN_CODE)), None)
-    inner = frames[0] if frames else None
-
-    def text(frame):
-        return f"{frame['filename'].rsplit('site-packages/', 1)[-1]}:{frame['line']} {frame['name']}"
-
-    if own is None:
-        return text(inner) if inner else "?"
-    return text(own) if own is inner else f"{text(own)} <- {inner['name']}"
 
 
 def peak_report(snapshot: dict, baseline: int, top: int = 25) -> str:
@@ -62,19 +46,16 @@ def peak_report(snapshot: dict, baseline: int, top: int = 25) -> str:
     allocations = [index for index, event in enumerate(events) if event["action"] == "alloc"]
     order = {index: position / len(allocations) for position, index in enumerate(allocations)}
     for index, event in live.items():
-        where = _where(event["frames"]) if event.get("frames") else f"{event['size'] / 1e6:9.1f} MB each, at {order[index]:.0%} of the trace"
-        groups[where].append(event["size"])
+        groups[f"{event['size'] / 1e6:9.1f} MB each, at {order[index]:.0%} of the trace"].append(event["size"])
     lines = [
         f"baseline (allocated before the trace) {baseline / 1e9:.3f} GB + at the peak {peak / 1e9:.3f} GB"
         f" = {(baseline + peak) / 1e9:.3f} GB; {len(live)} tensors alive from the trace",
         "",
-        "      GB  count  allocated at",
+        "      GB  count  size, allocated at",
     ]
     for where, group in sorted(groups.items(), key=lambda item: -sum(item[1]))[:top]:
         lines.append(f"{sum(group) / 1e9:8.3f} {len(group):6d}  {where}")
     if peak_index >= 0:
         position = order[peak_index]
-        lines += ["", f"the allocation that made the peak ({position:.0%} of the trace):", f"  {events[peak_index]['size'] / 1e9:.3f} GB"]
-        frames = events[peak_index].get("frames", [])[:14]
-        lines += [f"  {frame['filename'].rsplit('site-packages/', 1)[-1]}:{frame['line']} {frame['name']}" for frame in frames]
+        lines += ["", f"the allocation that made the peak ({position:.0%} of the trace): {events[peak_index]['size'] / 1e9:.3f} GB"]
     return "\n".join(lines)
