@@ -18,6 +18,7 @@ import fcntl
 import os
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,7 +119,7 @@ def lock_output(out: Path, what: str) -> OutputLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            pid = _read_pid(path)
+            pid = _holder_pid(path)
             raise OutputError(
                 f"another moekit process{f' (PID {pid})' if pid else ''} is writing {what}",
                 hint=f"wait for it to finish or stop it, or choose another -o (its lock: {path})",
@@ -147,6 +148,30 @@ def _read_pid(path: Path) -> str | None:
         return path.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
+
+
+def _holder_pid(path: Path, wait_s: float = 2.0) -> str | None:
+    """The PID of the process holding the lock at PATH. The holder writes it just after taking the lock,
+    so a lock taken a moment ago may still hold nothing, or the PID of a killed earlier holder: wait for a
+    live one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        pid = _read_pid(path)
+        if pid and _alive(pid):
+            return pid
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # alive, under another user
+        return True
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def _output_error(err: OSError, what: str) -> OutputError:

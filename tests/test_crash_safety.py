@@ -169,6 +169,37 @@ def test_second_run_into_the_same_out_is_refused_naming_the_first(tmp_path, caps
         process.communicate()
 
 
+def test_a_lock_taken_a_moment_ago_is_refused_naming_its_holder_not_a_killed_one(tmp_path):
+    """The holder writes its PID just after its flock; a run refused in between must not name nothing,
+    nor the PID a killed earlier holder left in the file."""
+    out = tmp_path / "out"
+    lock = lock_path(out.absolute())
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    lock.write_text(str(killed.pid))  # what a killed run leaves
+    locked = tmp_path / "locked"
+    holder = spawn(
+        f"""
+        import fcntl, os, time
+        from pathlib import Path
+        fd = os.open({str(lock)!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        Path({str(locked)!r}).touch()
+        time.sleep(0.5)  # the window between the lock and the PID, widened
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        time.sleep(120)
+        """
+    )
+    try:
+        wait_until(locked.exists, holder)
+        with pytest.raises(OutputError, match=f"another moekit process \\(PID {holder.pid}\\)"), staged_output(out, overwrite=True):
+            pytest.fail("the second run must not start")
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
 def test_outputs_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)
